@@ -1,0 +1,85 @@
+"""Settings: one pydantic model per stage, all loaded from one ``params.yaml``.
+
+Why one file: DVC tracks exactly the sections a stage reads (``params:`` in dvc.yaml) and Prefect
+passes the same file to the same stage functions, so a setting has one home and one meaning.
+Unknown keys are errors (``extra="forbid"``): a typo in params.yaml must not silently fall back
+to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from emm.data.spec import DatasetSpec
+from emm.errors import EMMError
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathsConfig(_Section):
+    """Where raw data, stage artifacts and the MLflow store live (relative to the working directory)."""
+
+    raw_root: Path = Path("data")
+    artifacts: Path = Path("artifacts")
+
+
+class IngestConfig(_Section):
+    """Raw files -> Parquet splits."""
+
+    seed: int = 2026
+    block_mb: int = Field(default=32, gt=0, description="CSV bytes parsed per chunk: bounds peak memory")
+    tasks: dict[str, list[str]] = Field(
+        default_factory=dict, description="dataset -> tasks to build (default: the declaration's default_tasks)"
+    )
+    leakage_auc: float = Field(
+        default=0.999, description="refuse a feature whose values alone reach this AUC on a task (a leaked label)"
+    )
+    leakage_min_class_rows: int = Field(default=50, description="run the leakage audit only with this many rows per class")
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    paths: PathsConfig = PathsConfig()
+    ingest: IngestConfig = IngestConfig()
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="user dataset declarations")
+    # Later stages add their sections here; unknown top-level sections are tolerated so that an
+    # older library can still read a newer params.yaml's ingest settings.
+    model_config = ConfigDict(extra="allow")
+
+
+def load_params(path: Path | str | None = None) -> Params:
+    """Load params.yaml; a missing default file means 'all defaults', a missing named file is an error."""
+    if path is None:
+        path = DEFAULT_PARAMS_FILE
+        if not path.exists():
+            return Params()
+    path = Path(path)
+    if not path.exists():
+        raise EMMError(f"params file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EMMError(f"params file {path} is not valid YAML: {exc}") from exc
+    for name, decl in (raw.get("datasets") or {}).items():
+        decl.setdefault("name", name)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise EMMError(f"params file {path} is invalid:\n{exc}") from exc
+
+
+def params_hash(section: BaseModel | dict[str, Any]) -> str:
+    """Stable short hash of a config section, recorded in every artifact it produced."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,110 @@
+"""``schema.json``: what the ingested data is, written by ``ingest`` and read by every later stage.
+
+Why a fingerprint: a checkpoint trained on one schema silently produces garbage on another (shifted
+embedding offsets, a missing feature). Every model artifact stores the fingerprint of the schema it was
+trained on, and loading compares it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from emm.errors import EMMError
+from emm.io import read_json, write_json
+
+SCHEMA_FILE = "schema.json"
+VOCAB_FILE = "vocabulary.parquet"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparseFeature(_Frozen):
+    name: str
+    vocab_size: int = Field(description="known values + 1: index 0 is reserved for unseen values")
+    offset: int = Field(description="where this feature's rows start in the one shared embedding table")
+
+
+class DenseFeature(_Frozen):
+    name: str
+    min: float
+    max: float
+
+
+class TaskInfo(_Frozen):
+    name: str
+    column: str
+    rule: dict[str, Any]
+    positives: dict[str, int]
+    positive_rate: dict[str, float]
+
+
+class RawFile(_Frozen):
+    key: str
+    path: str
+    sha256: str
+    bytes: int
+    rows: int
+
+
+class Schema(_Frozen):
+    dataset: str
+    sparse: list[SparseFeature]
+    dense: list[DenseFeature]
+    tasks: list[TaskInfo]
+    rows: dict[str, int]
+    raw_files: list[RawFile]
+    encoding: dict[str, Any]
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def n_sparse(self) -> int:
+        return len(self.sparse)
+
+    @property
+    def n_dense(self) -> int:
+        return len(self.dense)
+
+    @property
+    def total_vocab(self) -> int:
+        return sum(f.vocab_size for f in self.sparse)
+
+    def fingerprint(self) -> str:
+        """Hash of everything a trained model depends on: features, their order, vocab sizes, tasks."""
+        core = {
+            "sparse": [(f.name, f.vocab_size) for f in self.sparse],
+            "dense": [f.name for f in self.dense],
+            "tasks": self.task_names,
+        }
+        return hashlib.sha256(json.dumps(core).encode()).hexdigest()[:16]
+
+    def save(self, folder: Path) -> None:
+        write_json(Path(folder) / SCHEMA_FILE, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, folder: Path) -> "Schema":
+        raw = read_json(Path(folder) / SCHEMA_FILE)
+        try:
+            return cls.model_validate(raw)
+        except Exception as exc:  # pydantic's ValidationError, with the file named
+            raise EMMError(f"{Path(folder) / SCHEMA_FILE} is not a valid EMM schema ({exc}); rerun `emm ingest`") from exc
+
+
+def check_fingerprint(expected: str, schema: Schema, what: str) -> None:
+    """Raise a clear error when an artifact was built on another schema."""
+    if expected != schema.fingerprint():
+        raise EMMError(
+            f"{what} was trained on a different data schema (fingerprint {expected}) than "
+            f"{schema.dataset!r} now has ({schema.fingerprint()}): features, vocabularies or tasks changed. "
+            f"Retrain it (`emm pretrain`) on the current data, or re-ingest the data it was trained on."
+        )

@@ -1,0 +1,38 @@
+"""The pipeline's stage functions: the one place where params.yaml turns into library calls.
+
+Why a module of its own: the CLI (and so ``dvc repro``) and the Prefect flow must run the *same* code
+with the same defaults; each of them only forwards its arguments here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emm.config import Params, load_params
+from emm.data.schema import Schema
+
+
+def stage_dir(cfg: Params, dataset: str, stage: str) -> Path:
+    """artifacts/<dataset>/<stage>/ : each stage owns exactly one folder."""
+    return cfg.paths.artifacts / dataset / stage
+
+
+def ingest_stage(dataset: str, params: Path | str | None = None, *, raw_dir: Path | None = None,
+                 out_dir: Path | None = None, tasks: list[str] | None = None) -> Schema:
+    from emm.data.ingest import ingest
+    from emm.data.spec import resolve_dataset
+
+    cfg = load_params(params)
+    spec = resolve_dataset(dataset, cfg.datasets)
+    return ingest(spec, raw_dir or cfg.paths.raw_root / dataset, out_dir or stage_dir(cfg, dataset, "data"),
+                  cfg.ingest, tasks)
+
+
+def fetch_stage(dataset: str, params: Path | str | None = None, *, mirror: Path | None = None,
+                dest: Path | None = None) -> list[str]:
+    from emm.data.fetch import fetch_data
+    from emm.data.spec import resolve_dataset
+
+    cfg = load_params(params)
+    spec = resolve_dataset(dataset, cfg.datasets)
+    return fetch_data(spec, dest or cfg.paths.raw_root / dataset, mirror)

@@ -1,0 +1,1 @@
+"""Prefect flows: thin orchestration over ``emm.stages``; no logic of their own."""

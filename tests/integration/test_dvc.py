@@ -1,0 +1,53 @@
+"""Real `dvc repro` in a temporary copy of the repository: first run executes, second does nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+
+def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture
+def repo_copy(tmp_path, census_small_raw) -> Path:
+    """Tracked files of this checkout + a small real Census slice as data/census-income."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    dst = tmp_path / "repo"
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    shutil.copytree(census_small_raw, dst / "data" / "census-income")
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    (dst / "data.dvc").unlink()  # the real data.dvc describes the full raw folder; this copy has a slice
+    return dst
+
+
+def test_repro_runs_once_then_nothing(repo_copy):
+    first = dvc(["repro"], repo_copy)
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert "Running stage 'ingest'" in first.stdout
+    assert (repo_copy / "artifacts/census-income/data/train.parquet").exists()
+    second = dvc(["repro"], repo_copy)
+    assert second.returncode == 0, second.stderr
+    assert "Running stage" not in second.stdout
+    assert "didn't change" in second.stdout or "up to date" in second.stdout
+    # a changed ingest parameter reruns ingest
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["ingest"]["seed"] = 7
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    third = dvc(["repro"], repo_copy)
+    assert third.returncode == 0 and "Running stage 'ingest'" in third.stdout

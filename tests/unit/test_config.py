@@ -1,0 +1,52 @@
+"""params.yaml and dataset declarations: typos and inconsistent declarations are errors."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from emm.config import load_params
+from emm.data.spec import DatasetSpec, resolve_dataset
+from emm.errors import EMMError
+
+BASE = {"name": "d", "files": {"train": "a.csv", "test": "b.csv"},
+        "carve": {"source": "test", "into": ["val", "test"], "fraction": 0.5},
+        "tasks": {"y": {"column": "label", "threshold": 0.5}}, "default_tasks": ["y"]}
+
+
+def test_repo_params_load():
+    cfg = load_params("params.yaml")
+    assert cfg.ingest.tasks["census-income"] == ["income", "marital"]
+
+
+def test_typo_in_section_is_an_error(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("ingest:\n  block_mbb: 4\n")
+    with pytest.raises(EMMError, match=r"(?s)params file .* is invalid:.*ingest.block_mbb"):
+        load_params(p)
+
+
+def test_user_declaration_overrides_and_is_checked(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("datasets:\n  mine:\n    files: {train: t.csv, val: v.csv, test: s.csv}\n"
+                 "    tasks: {y: {column: c, threshold: 0}}\n    default_tasks: [y]\n")
+    cfg = load_params(p)
+    assert resolve_dataset("mine", cfg.datasets).name == "mine"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"carve": None}, "must produce exactly train/val/test"),
+    ({"files": {"test": "b.csv"}}, "a 'train' file is required"),
+    ({"default_tasks": ["z"]}, "undeclared task"),
+    ({"tasks": {"y": {"column": "label"}}}, "exactly one of positive_values or threshold"),
+    ({"header": False}, "needs the list of columns"),
+])
+def test_inconsistent_declarations(change, message):
+    with pytest.raises(ValidationError, match=message):
+        DatasetSpec.model_validate({**BASE, **change})
+
+
+def test_builtins_are_valid():
+    for name in ("census-income", "aliexpress", "ali-ccp"):
+        spec = resolve_dataset(name)
+        assert len(spec.default_tasks) == 2
