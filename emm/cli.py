@@ -92,6 +92,29 @@ def ingest_cmd(
                   f"{schema.n_dense} dense, tasks {schema.task_names}")
 
 
+@app.command("pretrain")
+@user_errors
+def pretrain_cmd(
+    dataset: Annotated[str, typer.Argument(help="an ingested dataset")],
+    resume: Annotated[bool, typer.Option("--resume", help="skip finished models, continue an interrupted one")] = False,
+    only: Annotated[Optional[str], typer.Option(help="comma-separated pool model names to train")] = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Train the single-task model pool (params.yaml pretrain.pool), log to MLflow, write pool/."""
+    from emm.stages import pretrain_stage
+
+    entries = pretrain_stage(dataset, params, resume=resume, only=only.split(",") if only else None,
+                             track=not no_track, progress=sys.stderr.isatty())
+    table = Table(title=f"{dataset}: single-task pool")
+    for col in ("model", "task", "params", "epochs", "val AUC", "test AUC", "seconds"):
+        table.add_column(col, justify="left" if col in ("model", "task") else "right")
+    for e in entries:
+        table.add_row(e.name, e.task, f"{e.params:,}", f"{e.best_epoch}/{e.epochs_run}", f"{e.val_auc:.5f}",
+                      f"{e.test_auc:.5f}", f"{e.seconds:.0f}")
+    console.print(table)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -47,11 +47,44 @@ class IngestConfig(_Section):
     leakage_min_class_rows: int = Field(default=50, description="run the leakage audit only with this many rows per class")
 
 
+class TrainConfig(_Section):
+    """Optimisation settings shared by every trained model (paper IV-C: Census 1e-3 / 1e-6 / 1024)."""
+
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-6, ge=0)
+    batch_size: int = Field(default=1024, gt=0)
+    eval_batch_size: int = Field(default=65536, gt=0)
+    max_epochs: int = Field(default=30, gt=0)
+    patience: int = Field(default=3, gt=0, description="epochs without val-AUC gain before stopping")
+    min_delta: float = Field(default=1e-5, ge=0)
+    seed: int = 2026
+    device: str = Field(default="auto", description="auto = CUDA when present, else CPU")
+
+
+class PretrainConfig(_Section):
+    """The single-task model pool: which models, trained how."""
+
+    train: TrainConfig = TrainConfig()
+    pool: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict,
+        description="dataset -> list of model specs (emm.models.ModelSpec fields); default: DEFAULT_POOL",
+    )
+
+
+class TrackingConfig(_Section):
+    """MLflow: a local SQLite store under mlruns/ unless MLFLOW_TRACKING_URI says otherwise."""
+
+    store: Path = Path("mlruns")
+    log_models: bool = True
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
     paths: PathsConfig = PathsConfig()
     ingest: IngestConfig = IngestConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="user dataset declarations")
     # Later stages add their sections here; unknown top-level sections are tolerated so that an
     # older library can still read a newer params.yaml's ingest settings.

@@ -15,6 +15,7 @@ QUIET_ENV = {
     "DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

@@ -36,3 +36,13 @@ def fetch_stage(dataset: str, params: Path | str | None = None, *, mirror: Path 
     cfg = load_params(params)
     spec = resolve_dataset(dataset, cfg.datasets)
     return fetch_data(spec, dest or cfg.paths.raw_root / dataset, mirror)
+
+
+def pretrain_stage(dataset: str, params: Path | str | None = None, *, resume: bool = False,
+                   only: list[str] | None = None, track: bool = True, progress: bool = True):
+    from emm.train.pretrain import pretrain
+
+    cfg = load_params(params)
+    return pretrain(dataset, stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
+                    stage_dir(cfg, dataset, "pool-work"), cfg.pretrain,
+                    tracking=cfg.tracking if track else None, resume=resume, only=only, progress=progress)

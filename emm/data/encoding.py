@@ -126,6 +126,17 @@ class Encoder:
             out[col] = self.scale_dense(x, col)
         return pd.DataFrame(out)
 
+    def decode(self, encoded: pd.DataFrame) -> pd.DataFrame:
+        """Encoded rows back to raw-like values (index 0 -> '<unseen>'): input examples for scoring."""
+        out: dict[str, object] = {}
+        for col in self.sparse:
+            vocab = np.array(["<unseen>", *self.vocab[col]], dtype=object)
+            out[col] = vocab[encoded[col].to_numpy()]
+        for col in self.dense:
+            lo, hi = self.minimum[col], self.maximum[col]
+            out[col] = encoded[col].to_numpy(dtype=np.float64) * (hi - lo) + lo
+        return pd.DataFrame(out)
+
     # ---- persistence ---------------------------------------------------------------------------------
     def save_vocabulary(self, path: Path) -> None:
         feats, values, idx = [], [], []

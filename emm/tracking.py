@@ -1,0 +1,166 @@
+"""Where do runs and models go? MLflow, and only this module imports it.
+
+- Store: ``sqlite:///<tracking.store>/mlflow.db`` (runs, registry, aliases) with artifacts under
+  ``<tracking.store>/artifacts``; ``MLFLOW_TRACKING_URI`` wins when set.
+- Experiments: one per dataset, ``emm-<dataset>``.
+- Models are logged as an MLflow *pyfunc* that rebuilds the torch module from a JSON spec and a
+  safetensors file (no pickled module), and scores raw feature rows: the same encoder as ingestion maps
+  values to indices (unseen -> reserved 0), so ``mlflow.pyfunc.load_model(uri).predict(df)`` returns one
+  probability column per task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
+
+from emm.errors import EMMError
+
+log = logging.getLogger(__name__)
+PIP_REQUIREMENTS = ["torch", "pandas", "pyarrow", "safetensors", "scikit-learn", "pydantic"]
+
+
+def tracking_uri(store: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"
+
+
+def configure(store: Path) -> str:
+    """Point MLflow at the project's store (created on first use)."""
+    uri = tracking_uri(store)
+    if uri.startswith("sqlite:///"):
+        Path(store).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return uri
+
+
+def use_experiment(dataset: str, store: Path) -> str:
+    """Create (once) and select the experiment ``emm-<dataset>``; artifacts go under the store."""
+    configure(store)
+    name = f"emm-{dataset}"
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        location = (Path(store).resolve() / "artifacts").as_uri()
+        exp_id = mlflow.create_experiment(name, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+@contextlib.contextmanager
+def run(name: str, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """A run, nested under the active run if any, else under ``parent_run_id`` (e.g. from another process)."""
+    tags = dict(tags or {})
+    nested = mlflow.active_run() is not None
+    if not nested and parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=name, nested=nested, tags=tags or None) as active:
+        yield active.info.run_id
+
+
+def log_params(params: dict[str, Any]) -> None:
+    flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()}
+    mlflow.log_params(flat)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+    mlflow.log_metrics(clean, step=step)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+# ---- the pyfunc model -------------------------------------------------------------------------------------
+class EMMScorer(mlflow.pyfunc.PythonModel):
+    """Raw feature rows -> one probability column per task, rebuilt from spec + safetensors."""
+
+    def load_context(self, context) -> None:  # noqa: ANN001 - mlflow's type
+        from safetensors.torch import load_file
+
+        from emm.data.encoding import Encoder
+        from emm.data.schema import Schema
+
+        folder = Path(context.artifacts["bundle"])
+        meta = json.loads((folder / "model.json").read_text())
+        self.schema = Schema.load(folder)
+        self.encoder = Encoder.load(folder, self.schema)
+        module_name, fn_name = meta["builder"].split(":")
+        builder = getattr(importlib.import_module(module_name), fn_name)
+        self.model = builder(meta["config"], self.schema)
+        self.model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+        self.model.eval()
+        self.outputs = meta["outputs"]
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:  # noqa: ANN001
+        from emm.data.tensors import frame_to_tensors
+        from emm.train.trainer import predict_proba
+
+        encoded = self.encoder.transform(model_input, source="model input", first_line=None)
+        tensors = frame_to_tensors(encoded, self.schema, with_labels=False)
+        probs = predict_proba(self.model, tensors)
+        return pd.DataFrame(probs, columns=[f"score_{t}" for t in self.outputs])
+
+
+def write_bundle(folder: Path, *, builder: str, config: dict[str, Any], outputs: list[str],
+                 state_dict: dict, data_dir: Path) -> None:
+    """Everything the pyfunc needs: model.json, weights.safetensors, schema.json, vocabulary.parquet."""
+    from safetensors.torch import save_file
+
+    from emm.data.schema import SCHEMA_FILE, VOCAB_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.json").write_text(json.dumps({"builder": builder, "config": config, "outputs": outputs},
+                                                  indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / "weights.safetensors"))
+    for name in (SCHEMA_FILE, VOCAB_FILE):
+        shutil.copyfile(Path(data_dir) / name, folder / name)
+
+
+def log_scorer(name: str, *, builder: str, config: dict[str, Any], outputs: list[str], state_dict: dict,
+               data_dir: Path, input_example: pd.DataFrame, registered_name: str | None = None):
+    """Log an EMMScorer pyfunc with signature and input example; optionally register a new version."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "bundle"
+        write_bundle(bundle, builder=builder, config=config, outputs=outputs, state_dict=state_dict,
+                     data_dir=data_dir)
+        scorer = EMMScorer()
+        scorer.load_context(type("Ctx", (), {"artifacts": {"bundle": str(bundle)}})())
+        output_example = scorer.predict(None, input_example)
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=scorer, artifacts={"bundle": str(bundle)},
+            signature=infer_signature(input_example, output_example), input_example=input_example,
+            pip_requirements=PIP_REQUIREMENTS, registered_model_name=registered_name,
+        )
+    return info
+
+
+def raw_example(data_dir: Path, split: str = "test", rows: int = 5) -> pd.DataFrame:
+    """A few rows of an ingested split decoded back to raw values: the pyfunc's input example."""
+    import pyarrow.parquet as pq
+
+    from emm.data.encoding import Encoder
+    from emm.data.schema import Schema
+
+    schema = Schema.load(data_dir)
+    encoder = Encoder.load(data_dir, schema)
+    frame = pq.read_table(Path(data_dir) / f"{split}.parquet").slice(0, rows).to_pandas()
+    if frame.empty:
+        raise EMMError(f"{data_dir}/{split}.parquet has no rows for an input example")
+    return encoder.decode(frame)
