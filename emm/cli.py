@@ -115,6 +115,19 @@ def pretrain_cmd(
     console.print(table)
 
 
+@app.command("decompose")
+@user_errors
+def decompose_cmd(
+    dataset: Annotated[str, typer.Argument(help="a dataset with a trained pool")],
+    params: ParamsOpt = None,
+) -> None:
+    """Cut every pool model at the layers they all share (Algorithm 1); write and print the plan."""
+    from emm.stages import decompose_stage
+
+    plan, _ = decompose_stage(dataset, params)
+    console.print(plan.report(), highlight=False, soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

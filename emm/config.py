@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -71,6 +71,37 @@ class PretrainConfig(_Section):
     )
 
 
+class DecomposeConfig(_Section):
+    """Algorithm 1 settings."""
+
+    align: Literal["identical", "project"] = Field(
+        default="identical", description="identical = the paper; project = cut at equal relative depth + adapters"
+    )
+    levels: int | None = Field(default=None, description="project only: number of levels (default: the fewest cuts)")
+    head: str | None = Field(default="tower", description="sub-module never cut into: each model's head")
+    example_rows: int = Field(default=256, gt=0, description="rows of the batch used to trace shapes")
+
+
+class FuseConfig(_Section):
+    """The fused (AKF) model and its training. See emm/fusion/akf.py for what each switch does."""
+
+    embedding: Literal["retrain", "reuse"] = Field(
+        default="retrain", description="retrain = the paper (a fresh shared embedding); reuse = the pool's own, frozen"
+    )
+    fusion_gate: Literal["hard", "scaled", "ste"] = Field(
+        default="scaled", description="hard = paper argmax (no gradient); scaled/ste give the gate a gradient"
+    )
+    attention: Literal["task_query", "self_score"] = "task_query"
+    ablation: Literal["full", "baseline", "+mtm", "+pretrained"] = Field(
+        default="full", description="Table II: baseline = random trainable components, no MTM; +mtm; +pretrained "
+        "= trained frozen components, no MTM; full = EMM"
+    )
+    qkv_dim: int | None = Field(default=None, description="Q/K width (default: the level's width)")
+    tower: list[int] = Field(default_factory=lambda: [8])
+    vectorize: bool = True
+    train: TrainConfig = TrainConfig()
+
+
 class TrackingConfig(_Section):
     """MLflow: a local SQLite store under mlruns/ unless MLFLOW_TRACKING_URI says otherwise."""
 
@@ -84,6 +115,8 @@ class Params(_Section):
     paths: PathsConfig = PathsConfig()
     ingest: IngestConfig = IngestConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    decompose: DecomposeConfig = DecomposeConfig()
+    fuse: FuseConfig = FuseConfig()
     tracking: TrackingConfig = TrackingConfig()
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="user dataset declarations")
     # Later stages add their sections here; unknown top-level sections are tolerated so that an

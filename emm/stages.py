@@ -46,3 +46,11 @@ def pretrain_stage(dataset: str, params: Path | str | None = None, *, resume: bo
     return pretrain(dataset, stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
                     stage_dir(cfg, dataset, "pool-work"), cfg.pretrain,
                     tracking=cfg.tracking if track else None, resume=resume, only=only, progress=progress)
+
+
+def decompose_stage(dataset: str, params: Path | str | None = None):
+    from emm.fusion.pool_plan import decompose_pool
+
+    cfg = load_params(params)
+    return decompose_pool(stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
+                          stage_dir(cfg, dataset, "components"), cfg.decompose)

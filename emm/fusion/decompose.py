@@ -68,6 +68,8 @@ Exactness
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
@@ -246,6 +248,7 @@ class Plan:
     traces: list[ModelTrace]
     adapters: nn.ModuleList | None = None
     inverse_adapters: nn.ModuleList | None = None
+    head: str | None = None  # the sub-module name never cut into (see decompose)
 
     @property
     def num_levels(self) -> int:
@@ -282,6 +285,7 @@ class Plan:
         return {
             "format": PLAN_FORMAT,
             "align": self.align,
+            "head": self.head,
             "models": list(self.names),
             "num_levels": self.num_levels,
             "input_shapes": [list(s) for s in self.input_shapes],
@@ -327,30 +331,42 @@ def decompose(
     names: Sequence[str] | None = None,
     align: str = "identical",
     levels: int | None = None,
+    head: str | None = None,
 ) -> Plan:
     """Algorithm 1: cut every model after each common layer into L aligned components plus a head.
 
     ``example_input`` is one batch in the models' calling convention, e.g. ``(sparse, dense)``;
-    it fixes the shapes in the signatures. ``levels`` is only for ``align="project"``.
+    it fixes the shapes in the signatures. ``levels`` is only for ``align="project"``. ``head`` is a
+    sub-module name (e.g. ``"tower"``): no cut is made inside it, so each model's head is at least that
+    whole module (identical tower layers would otherwise become a level of their own).
     """
     inputs = as_inputs(example_input)
     names = _check_names(models, names)
     _check_align(align, levels)
-    traces = [trace_model(model, inputs, name=name) for model, name in zip(models, names)]
-    return plan_from_traces(traces, inputs, align=align, levels=levels)
+    traces = [trace_model(model, inputs, name=name, head=head) for model, name in zip(models, names)]
+    plan = plan_from_traces(traces, inputs, align=align, levels=levels)
+    plan.head = head
+    return plan
 
 
-def trace_model(model: nn.Module, example_input: tuple[Tensor, ...] | Tensor, *, name: str = "model") -> ModelTrace:
-    """Read one model into signed layers and cut points (fx, else forward hooks), in eval mode."""
+def trace_model(model: nn.Module, example_input: tuple[Tensor, ...] | Tensor, *, name: str = "model",
+                head: str | None = None) -> ModelTrace:
+    """Read one model into signed layers and cut points (fx, else forward hooks), in eval mode.
+
+    Layers inside the sub-module ``head`` are signed but never cut after."""
     inputs = as_inputs(example_input)
     with _eval_mode(model):
         expected = _run_example(model, inputs, name)
         program = _read_program(model, inputs, expected, name)
+    layers = program.layers()
+    if head:
+        layers = [dataclasses.replace(layer, cut_shape=None, no_cut=f"inside the head module {head!r}")
+                  if layer.name == head or layer.name.startswith(f"{head}.") else layer for layer in layers]
     return ModelTrace(
         name=name,
         model_type=type(model).__name__,
         method=program.method,
-        layers=program.layers(),
+        layers=layers,
         opaque=list(program.opaque),
         input_shapes=tuple(_strip_batch(tuple(x.shape)) for x in inputs),
         expected=expected,
@@ -494,6 +510,10 @@ def _check_exact(trace: ModelTrace, pieces: list[nn.Module], head: nn.Module, in
 
 
 # --------------------------------------------------------------------------------------------- #
+_LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd,
+                nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
 # Reading a model: torch.fx program, or a hook-verified chain of leaf modules
 # --------------------------------------------------------------------------------------------- #
 
@@ -566,7 +586,9 @@ class _Tracer(fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.extra_leaves or super().is_leaf_module(m, module_qualified_name)
+        # subclasses of torch's own parametric layers (e.g. a faster Embedding) are still layers
+        return (module_qualified_name in self.extra_leaves or isinstance(m, _LAYER_TYPES)
+                or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:

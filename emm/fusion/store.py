@@ -93,11 +93,12 @@ def load_plan(folder: str | Path, models: Sequence[nn.Module], example_input: tu
     _check_input_shapes(folder, saved, inputs)
     traces = []
     for i, (model, name) in enumerate(zip(models, names)):
-        trace = trace_model(model, inputs, name=name)
+        trace = trace_model(model, inputs, name=name, head=saved.get("head"))
         _check_trace(folder, saved["traces"][i], trace.to_dict(), name)
         traces.append(trace)
     levels = saved["num_levels"] if saved["align"] == "project" else None
     plan = plan_from_traces(traces, inputs, align=saved["align"], levels=levels)
+    plan.head = saved.get("head")
     _check_same_plan(folder, saved, plan.to_dict())
     for entry in manifest["entries"]:
         load_module(_entry_module(plan, entry, folder), folder / entry["file"])

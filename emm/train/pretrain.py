@@ -95,7 +95,7 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
             mt.log_params({"task": spec.task, "params": n_params, **spec.model_dump(), **cfg.train.model_dump()})
             result, val_m, test_m = fit_and_score(
                 lambda epoch, row: mt.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch))
-            mt.log_metrics({"val_auc": val_m["auc"], "test_auc": test_m["auc"], "val_logloss": val_m["logloss"],
+            mt.log_metrics({"best_val_auc": val_m["auc"], "test_auc": test_m["auc"], "best_val_logloss": val_m["logloss"],
                             "test_logloss": test_m["logloss"], "best_epoch": result.best_epoch,
                             "epochs_run": result.epochs_run, "train_seconds": result.seconds})
             if tracking.log_models:

@@ -33,21 +33,31 @@ def repo_copy(tmp_path, census_small_raw) -> Path:
     shutil.copytree(census_small_raw, dst / "data" / "census-income")
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
     (dst / "data.dvc").unlink()  # the real data.dvc describes the full raw folder; this copy has a slice
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["pretrain"]["train"].update(max_epochs=2, lr=0.005, batch_size=512)
+    for spec in params["pretrain"]["pool"]["census-income"]:
+        spec["hidden"] = [16, 8, 4]
+    params["tracking"]["log_models"] = False
+    (dst / "params.yaml").write_text(yaml.safe_dump(params))
     return dst
 
 
 def test_repro_runs_once_then_nothing(repo_copy):
     first = dvc(["repro"], repo_copy)
     assert first.returncode == 0, first.stderr + first.stdout
-    assert "Running stage 'ingest'" in first.stdout
+    for stage in ("ingest", "pretrain", "decompose"):
+        assert f"Running stage '{stage}'" in first.stdout
     assert (repo_copy / "artifacts/census-income/data/train.parquet").exists()
+    assert (repo_copy / "artifacts/census-income/components/plan.json").exists()
     second = dvc(["repro"], repo_copy)
     assert second.returncode == 0, second.stderr
     assert "Running stage" not in second.stdout
     assert "didn't change" in second.stdout or "up to date" in second.stdout
-    # a changed ingest parameter reruns ingest
+    # a changed pretraining parameter reruns pretrain and what depends on it, not ingest
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
-    params["ingest"]["seed"] = 7
+    params["pretrain"]["train"]["seed"] = 7
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
     third = dvc(["repro"], repo_copy)
-    assert third.returncode == 0 and "Running stage 'ingest'" in third.stdout
+    assert third.returncode == 0, third.stderr
+    assert "Running stage 'pretrain'" in third.stdout and "Running stage 'decompose'" in third.stdout
+    assert "Running stage 'ingest'" not in third.stdout

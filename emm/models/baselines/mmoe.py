@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from emm.data.schema import Schema
-from emm.models.bodies import MLPBody
 from emm.models.embedding import FeatureEmbedding
+from emm.models.experts import ExpertGroup
 from emm.models.single_task import Tower
 
 
@@ -22,13 +22,13 @@ class MMoE(nn.Module):
         expert_hidden = expert_hidden or [16]
         self.embedding = embedding
         d = embedding.out_dim
-        self.experts = nn.ModuleList([MLPBody(d, expert_hidden, dropout) for _ in range(n_experts)])
+        self.experts = ExpertGroup(n_experts, d, expert_hidden, dropout)
         self.gates = nn.ModuleList([nn.Linear(d, n_experts) for _ in range(n_tasks)])
         self.towers = nn.ModuleList([Tower(expert_hidden[-1], tower or [8]) for _ in range(n_tasks)])
 
     def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         x = self.embedding(sparse, dense)
-        experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, H]
+        experts = self.experts(x)  # [B, E, H]
         outs = []
         for gate, tower in zip(self.gates, self.towers):
             w = torch.softmax(gate(x), dim=-1).unsqueeze(-1)  # [B, E, 1]
