@@ -128,6 +128,78 @@ def decompose_cmd(
     console.print(plan.report(), highlight=False, soft_wrap=True)
 
 
+@app.command("fuse")
+@user_errors
+def fuse_cmd(
+    dataset: Annotated[str, typer.Argument(help="a dataset with a decomposed pool")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last epoch checkpoint")] = False,
+    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Build the AKF model on the frozen components and train it; write fused/."""
+    from emm.stages import fuse_stage
+
+    result = fuse_stage(dataset, params, resume=resume, track=not no_track, progress=sys.stderr.isatty())
+    for task, m in result.test.items():
+        console.print(f"  {task}: test AUC {m['auc']:.5f}  logloss {m['logloss']:.5f}")
+    console.print(f"  {result.fit.epochs_run} epochs (best {result.fit.best_epoch}), {result.fit.seconds:.0f}s")
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    dataset: Annotated[str, typer.Argument(help="a dataset with a fused model")],
+    no_register: Annotated[bool, typer.Option("--no-register", help="do not register in MLflow")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Test AUC and Gain per task vs the pool; metrics.json, plot; register as emm-<dataset> @challenger."""
+    from emm.stages import evaluate_stage
+
+    summary = evaluate_stage(dataset, params, register=not no_register)
+    table = Table(title=f"{dataset}: fused model vs its pool (test, {summary['rows_test']:,} rows)")
+    for col in ("task", "EMM AUC", "pool mean", "pool best", "Gain", "Gain %"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, r in summary["tasks"].items():
+        table.add_row(task, f"{r['auc']:.5f}", f"{r['pool_mean_auc']:.5f}", f"{r['pool_best_auc']:.5f}",
+                      f"{r['gain']:+.5f}", f"{r['gain_pct']:+.3f}")
+    console.print(table)
+    if summary.get("registered_version"):
+        console.print(f"registered emm-{dataset} version {summary['registered_version']} (alias challenger)")
+
+
+@app.command("promote")
+@user_errors
+def promote_cmd(
+    dataset: Annotated[str, typer.Argument(help="dataset whose registered model to promote")],
+    version: Annotated[Optional[str], typer.Option(help="version to promote (default: the challenger)")] = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Move alias champion to the challenger only if its mean test AUC beats the champion's."""
+    from emm.stages import promote_stage
+
+    promoted, reason = promote_stage(dataset, params, version=version)
+    console.print(reason)
+    if not promoted:
+        raise typer.Exit(code=1)
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    model_uri: Annotated[str, typer.Option("--model-uri", help="e.g. models:/emm-census-income@champion")],
+    input: Annotated[Path, typer.Option("--input", help="CSV or Parquet of raw feature columns")],
+    output: Annotated[Path, typer.Option("--output", help="CSV or Parquet of score_<task> columns")],
+    params: ParamsOpt = None,
+) -> None:
+    """Batch-score raw rows; unscorable rows go to <output>.rejected.csv with the reason."""
+    from emm.stages import predict_stage
+
+    report = predict_stage(model_uri, input, output, params)
+    console.print(f"scored {report.scored:,} rows -> {report.output}")
+    if report.rejected:
+        console.print(f"[yellow]rejected {report.rejected:,} rows[/] -> {report.rejects}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

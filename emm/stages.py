@@ -54,3 +54,38 @@ def decompose_stage(dataset: str, params: Path | str | None = None):
     cfg = load_params(params)
     return decompose_pool(stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
                           stage_dir(cfg, dataset, "components"), cfg.decompose)
+
+
+def fuse_stage(dataset: str, params: Path | str | None = None, *, resume: bool = False, track: bool = True,
+               progress: bool = True):
+    from emm.fusion.fused_io import fuse
+
+    cfg = load_params(params)
+    return fuse(dataset, stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
+                stage_dir(cfg, dataset, "components"), stage_dir(cfg, dataset, "fused"),
+                stage_dir(cfg, dataset, "fused-work"), cfg.fuse, cfg.decompose,
+                tracking=cfg.tracking if track else None, resume=resume, progress=progress)
+
+
+def evaluate_stage(dataset: str, params: Path | str | None = None, *, register: bool = True):
+    from emm.fusion.evaluate import evaluate
+
+    cfg = load_params(params)
+    return evaluate(dataset, stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
+                    stage_dir(cfg, dataset, "fused"), stage_dir(cfg, dataset, "eval"),
+                    tracking=cfg.tracking if register else None)
+
+
+def promote_stage(dataset: str, params: Path | str | None = None, *, version: str | None = None):
+    from emm.tracking import promote
+
+    cfg = load_params(params)
+    return promote(dataset, cfg.tracking.store, version)
+
+
+def predict_stage(model_uri: str, input_path: Path, output_path: Path, params: Path | str | None = None):
+    from emm.predict import predict_file
+    from emm.tracking import load_scorer
+
+    cfg = load_params(params)
+    return predict_file(load_scorer(model_uri, cfg.tracking.store), input_path, output_path)

@@ -164,3 +164,68 @@ def raw_example(data_dir: Path, split: str = "test", rows: int = 5) -> pd.DataFr
     if frame.empty:
         raise EMMError(f"{data_dir}/{split}.parquet has no rows for an input example")
     return encoder.decode(frame)
+
+
+# ---- registry: challenger / champion ------------------------------------------------------------------------
+CHALLENGER, CHAMPION = "challenger", "champion"
+SCORE_TAG = "mean_test_auc"
+
+
+def registered_name(dataset: str) -> str:
+    return f"emm-{dataset}"
+
+
+def tag_version(name: str, version: str, tags: dict[str, Any]) -> None:
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+
+
+def _version_by_alias(client, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _score(version) -> float:
+    try:
+        return float(version.tags[SCORE_TAG])
+    except (KeyError, ValueError) as exc:
+        raise EMMError(f"model version {version.version} of {version.name!r} has no {SCORE_TAG!r} tag; "
+                       f"it was not registered by `emm fuse`") from exc
+
+
+def promote(dataset: str, store: Path, version: str | None = None) -> tuple[bool, str]:
+    """Move ``champion`` to ``version`` (default: the challenger) only if its mean test AUC beats the
+    current champion's. Returns (promoted, reason); changes nothing when not promoted."""
+    configure(store)
+    client = mlflow.MlflowClient()
+    name = registered_name(dataset)
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        raise EMMError(f"no registered model {name!r} in {tracking_uri(store)}: run `emm fuse {dataset}` first") from exc
+    candidate = client.get_model_version(name, str(version)) if version else _version_by_alias(client, name, CHALLENGER)
+    if candidate is None:
+        raise EMMError(f"{name!r} has no {CHALLENGER!r} alias: name a version with --version")
+    champion = _version_by_alias(client, name, CHAMPION)
+    new = _score(candidate)
+    if champion is not None and str(champion.version) == str(candidate.version):
+        return False, f"version {candidate.version} is already the champion"
+    if champion is not None and new <= _score(champion):
+        return False, (f"not promoted: version {candidate.version} mean test AUC {new:.5f} does not beat champion "
+                       f"version {champion.version} ({_score(champion):.5f})")
+    client.set_registered_model_alias(name, CHAMPION, str(candidate.version))
+    before = f"version {champion.version} ({_score(champion):.5f})" if champion else "no champion"
+    return True, f"promoted version {candidate.version} (mean test AUC {new:.5f}) to champion over {before}"
+
+
+def load_scorer(model_uri: str, store: Path):
+    """An MLflow pyfunc by URI (models:/emm-<dataset>@champion, runs:/..., a path)."""
+    configure(store)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        raise EMMError(f"cannot load model {model_uri!r} from {tracking_uri(store)}: {exc}") from exc

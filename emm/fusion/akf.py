@@ -1,0 +1,620 @@
+"""The Adaptive Knowledge Fusion (AKF) module: one level of the fused multi-task model (paper III-B).
+
+One ``AKFLevel`` holds the level-k component of every pool model and, per task t:
+
+Task gate (eq. 2, MoE within a task)
+    ``G_t(g) = softmax(Linear(g))`` over task t's own components; ``h^t = sum_j G_tj(g) * h_j``.
+Fusion gate (eq. 3)
+    ``F_t(g) = softmax(Linear(g))`` over all T tasks. The most related *other* task is
+    ``sel = argmax_{u != t} F_t(g)_u``: task t is masked out, so a task never selects itself.
+    How ``h^sel`` enters MTM depends on ``fusion_gate``:
+
+    - ``hard`` (the paper): ``h^sel`` as is. argmax has no gradient, so F_t never learns; with two
+      tasks the choice is forced anyway (the only other task), so F_t is dead weight there.
+    - ``scaled``: ``F_t(g)_sel * h^sel``; the selection is still hard, but F_t gets a gradient through the
+      probability of the chosen task. With two tasks this learns *how much* of the other task to take
+      (``F_t(g)_other = 1 - F_t(g)_t``).
+    - ``ste``: straight-through one-hot. Forward: exactly ``h^sel``. Backward: as if the output were
+      ``sum_u F_t(g)_u * h^u`` over all tasks (task t's own entry has weight 0 in the forward pass, but
+      keeping it in the surrogate is what gives F_t a gradient when T = 2).
+MTM (eqs. 4-6)
+    Self-attention over the pair ``[h^t, h^sel]`` with per-task ``Q``, ``K`` (Linear to ``qkv_dim`` +
+    ReLU) and ``V`` (Linear back to the level width, so ``z^t`` can feed the next level's components):
+
+    - ``attention="task_query"``: ``c_w = softmax_w(<Q(h^t), K(w)> / sqrt(d))``, w in {h^t, h^sel}.
+      Task t asks how much of itself and of the selected task it wants.
+    - ``attention="self_score"``: eq. (6) read literally, ``c_w = softmax_w(<Q(w), K(w)> / sqrt(d))``:
+      each member scores itself, with no reference to the task asking.
+
+    ``z^t = sum_w c_w V(w)``. ``V`` starts as the identity (weight I, bias 0), so at initialisation
+    ``z^t`` is a convex mix of ``h^t`` and ``h^sel``: inputs of the kind the next level's frozen
+    components were trained on. V ends in a ReLU only when every component of the level ends in one
+    (non-negative activations); otherwise (e.g. the signed embedding level) V is linear, because a
+    ReLU would throw away half of the signal. Without MTM (ablations ``baseline``/``+pretrained``)
+    ``z^t = h^t`` and there is no fusion gate.
+
+Gate inputs ``g`` (what the caller passes; see ``emm.fusion.fused``)
+    At level k >= 1 task t's gate input is its own input to the level, ``z^t`` of level k-1 (the
+    paper's code gates on the level's input). At level 0 the components take the raw ``(sparse,
+    dense)``, so the gate input is the fused model's shared (retrained) embedding output ``x``; when
+    the caller passes no gate input (``embedding="reuse"``), it is the mean of the level-0 component
+    outputs.
+
+Inputs per task
+    In the fused model each task's components receive *that task's* input: model i's level-k component
+    is applied to ``z^{task(i)}`` of level k-1. ``forward`` therefore takes one input tuple per task.
+
+Vectorised components
+    Components of a level that are structurally identical -- same program, same module types and
+    hyper-parameters, same parameter/buffer shapes and dtypes once names are canonicalised (an fx
+    component's parameters are named by the *position* of the module in its graph, so ``body.stem.0``
+    and ``body.blocks.0.0`` match) -- form a group that runs as one call:
+    ``torch.func.functional_call`` of the first member with every parameter/buffer stacked along a
+    new leading dimension, under ``torch.vmap`` (inputs shared by all members are not stacked). The
+    stacking happens in every forward (a copy of the weights, small next to the batch's matmuls), so
+    gradients reach each member's own parameters when components are trainable. Unique components
+    (e.g. a DCN block) run in a Python loop; so does a group while any member has a BatchNorm in
+    training mode (running-statistic updates cannot be written back from vmap), and everything when
+    ``vectorize`` is False. The results equal the loop's (same math; float rounding may differ at the
+    1e-7 level because a batched matmul may sum in another order).
+
+Frozen components
+    With ``frozen=True`` every component parameter gets ``requires_grad=False`` and the components
+    stay in eval mode whatever ``train()`` is called with, so Dropout never acts and BatchNorm
+    running statistics never change. They stay ordinary sub-modules, so they are in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.func import functional_call
+
+from emm.errors import EMMError
+
+FUSION_GATES = ("hard", "scaled", "ste")
+ATTENTIONS = ("task_query", "self_score")
+
+# The generic vmap path costs ~0.3 ms per call in functorch dispatch; on a CPU that is more than batching
+# saves (measured on the embedding level), so there such groups loop unless this is set. The
+# grouped-matmul path has no such overhead and runs on every device.
+VMAP_ON_CPU = False
+
+_PASS_THROUGH = (nn.Dropout, nn.AlphaDropout, nn.Identity)
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS = (F.relu, torch.relu, F.relu6)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Multi-Task Merge
+# --------------------------------------------------------------------------------------------- #
+
+
+class MultiTaskMerge(nn.Module):
+    """MTM (eqs. 4-6): attention over the pair ``[own, selected]`` -> ``z`` of the level width."""
+
+    def __init__(self, width: int, qkv_dim: int, attention: str, value_relu: bool) -> None:
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise EMMError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        self.attention = attention
+        self.qkv_dim = qkv_dim
+        self.q = nn.Sequential(nn.Linear(width, qkv_dim), nn.ReLU())
+        self.k = nn.Sequential(nn.Linear(width, qkv_dim), nn.ReLU())
+        self.v = nn.Sequential(nn.Linear(width, width), nn.ReLU() if value_relu else nn.Identity())
+        with torch.no_grad():  # V starts as the identity: z is a convex mix of the two inputs
+            self.v[0].weight.copy_(torch.eye(width))
+            self.v[0].bias.zero_()
+
+    def forward(self, own: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+        """``own``, ``other``: [B, W]. Returns ``z`` [B, W] and the weights ``c`` [B, 2] (own, other)."""
+        pair = torch.stack([own, other], dim=1)  # [B, 2, W]
+        keys = self.k(pair)  # [B, 2, d]
+        queries = self.q(own).unsqueeze(1) if self.attention == "task_query" else self.q(pair)
+        scores = (queries * keys).sum(-1) / math.sqrt(self.qkv_dim)  # [B, 2]
+        c = torch.softmax(scores, dim=-1)
+        z = (c.unsqueeze(-1) * self.v(pair)).sum(dim=1)
+        return z, c
+
+
+# --------------------------------------------------------------------------------------------- #
+# One AKF level
+# --------------------------------------------------------------------------------------------- #
+
+
+class AKFLevel(nn.Module):
+    """One level of AKF: task gates, fusion gates, MTM over the level's components (see module doc).
+
+    Args:
+        components: model i's component of this level, for every pool model i (used as given: the
+            caller copies them).
+        component_tasks: task index (0..num_tasks-1) of each component's model.
+        num_tasks: T.
+        out_shape: the shape (without batch) every component outputs.
+        gate_dim: width of the gate input ``g``.
+        mtm: fuse across tasks (fusion gate + MTM); False gives ``z^t = h^t``.
+        fusion_gate, attention, qkv_dim: see the module docstring (``qkv_dim`` None: the level width).
+        frozen: freeze the components (no grad, always eval).
+        vectorize: run identical components as one vmapped call.
+        pre, post: optional per-component modules applied before/after it (``align="project"``
+            adapters); trainable, kept out of the frozen set.
+        index: the plan level this is (for reports).
+    """
+
+    def __init__(
+        self,
+        components: Sequence[nn.Module],
+        component_tasks: Sequence[int],
+        num_tasks: int,
+        out_shape: Sequence[int],
+        gate_dim: int,
+        *,
+        mtm: bool = True,
+        fusion_gate: str = "scaled",
+        attention: str = "task_query",
+        qkv_dim: int | None = None,
+        frozen: bool = True,
+        vectorize: bool = True,
+        pre: Sequence[nn.Module | None] | None = None,
+        post: Sequence[nn.Module | None] | None = None,
+        index: int = 0,
+    ) -> None:
+        super().__init__()
+        if fusion_gate not in FUSION_GATES:
+            raise EMMError(f"fusion_gate must be one of {', '.join(FUSION_GATES)}, got {fusion_gate!r}")
+        if attention not in ATTENTIONS:
+            raise EMMError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        component_tasks = [int(t) for t in component_tasks]
+        if len(component_tasks) != len(components) or not components:
+            raise EMMError(
+                f"AKF level {index}: got {len(components)} components and {len(component_tasks)} task indices; "
+                "pass one task index per component"
+            )
+        members = [[i for i, t in enumerate(component_tasks) if t == task] for task in range(num_tasks)]
+        empty = [t for t, m in enumerate(members) if not m]
+        if empty or any(not 0 <= t < num_tasks for t in component_tasks):
+            raise EMMError(
+                f"AKF level {index}: every task needs at least one component and every component a task in "
+                f"0..{num_tasks - 1}; tasks without components: {empty}"
+            )
+        if mtm and num_tasks < 2:
+            raise EMMError(
+                "cross-task fusion (MTM) needs at least two tasks; with one task use ablation '+pretrained' "
+                "or 'baseline'"
+            )
+        if qkv_dim is not None and qkv_dim < 1:
+            raise EMMError(f"qkv_dim must be a positive integer, got {qkv_dim}")
+        self.index = index
+        self.num_tasks = num_tasks
+        self.component_tasks = component_tasks
+        self.members = members
+        self.out_shape = tuple(int(d) for d in out_shape)
+        self.width = math.prod(self.out_shape)
+        self.gate_dim = gate_dim
+        self.mtm = mtm
+        self.fusion_gate = fusion_gate
+        self.attention = attention
+        self.frozen = frozen
+        self.vectorize = vectorize
+
+        self.components = nn.ModuleList(components)
+        self.pre = _optional_list(pre, len(components), "pre", index)
+        self.post = _optional_list(post, len(components), "post", index)
+        if frozen:
+            for p in self.components.parameters():
+                p.requires_grad_(False)
+            self.components.eval()
+
+        self.task_gates = nn.ModuleList(nn.Linear(gate_dim, len(m)) for m in members)
+        self.value_relu = all(_ends_in_relu(c) for c in components) and all(p is None for p in post or [])
+        if mtm:
+            d = qkv_dim or self.width
+            self.fusion_gates: nn.ModuleList | None = nn.ModuleList(nn.Linear(gate_dim, num_tasks)
+                                                                     for _ in range(num_tasks))
+            self.merges: nn.ModuleList | None = nn.ModuleList(
+                MultiTaskMerge(self.width, d, attention, self.value_relu) for _ in range(num_tasks))
+        else:
+            self.fusion_gates = None
+            self.merges = None
+        self.groups, self.singles = _group_components(list(components))
+        self.last_gates: dict[str, Any] | None = None
+
+    # -- modes ----------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> AKFLevel:
+        """Like ``nn.Module.train``, but frozen components stay in eval mode."""
+        super().train(mode)
+        if self.frozen:
+            self.components.eval()
+        return self
+
+    # -- components -----------------------------------------------------------------------------
+
+    def component_outputs(self, inputs: Sequence[tuple[Tensor, ...]]) -> list[Tensor]:
+        """Run every component on its task's input tuple (``inputs[t]``); one output per component."""
+        if len(inputs) != self.num_tasks:
+            raise EMMError(f"AKF level {self.index} expects one input per task ({self.num_tasks}), got {len(inputs)}")
+        member_inputs = []
+        for i, t in enumerate(self.component_tasks):
+            args = inputs[t]
+            if self.pre[i] is not None:
+                args = (self.pre[i](*args),)
+            member_inputs.append(tuple(args))
+        outs: list[Tensor | None] = [None] * len(self.components)
+        device = member_inputs[0][0].device
+        for group in self.groups:
+            if self.vectorize and group.usable(self.components, device):
+                for i, out in zip(group.members, group.run(self.components, [member_inputs[i] for i in group.members])):
+                    outs[i] = out
+            else:
+                for i in group.members:
+                    outs[i] = self.components[i](*member_inputs[i])
+        for i in self.singles:
+            outs[i] = self.components[i](*member_inputs[i])
+        result = []
+        for i, out in enumerate(outs):
+            assert out is not None
+            if self.post[i] is not None:
+                out = self.post[i](out)
+            result.append(out)
+        return result
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, inputs: Sequence[tuple[Tensor, ...]], gate_inputs: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """``inputs[t]``: task t's input tuple for its components; ``gate_inputs[t]``: its gate input [B, gate_dim]
+        (None: the mean of the component outputs, for every task). Returns ``z^t`` [B, *out_shape] per task."""
+        outs = self.component_outputs(inputs)
+        flat = [o.reshape(o.shape[0], -1) for o in outs]
+        if gate_inputs is None:
+            mean = torch.stack(flat).mean(0)
+            gate_inputs = [mean] * self.num_tasks
+        gate_inputs = [g.reshape(g.shape[0], -1) for g in gate_inputs]
+        if len(gate_inputs) != self.num_tasks:
+            raise EMMError(f"AKF level {self.index} expects one gate input per task, got {len(gate_inputs)}")
+
+        task_weights, fused = [], []
+        for t in range(self.num_tasks):
+            w = torch.softmax(self.task_gates[t](gate_inputs[t]), dim=-1)  # [B, m_t]
+            stacked = torch.stack([flat[i] for i in self.members[t]], dim=1)  # [B, m_t, W]
+            fused.append(torch.einsum("bm,bmw->bw", w, stacked))
+            task_weights.append(w)
+        gates: dict[str, Any] = {"task": [w.detach() for w in task_weights],
+                                 "fusion": None, "selected": None, "attention": None}
+        if not self.mtm:
+            self.last_gates = gates
+            return [h.reshape(h.shape[0], *self.out_shape) for h in fused]
+
+        assert self.fusion_gates is not None and self.merges is not None
+        H = torch.stack(fused, dim=1)  # [B, T, W]
+        rows = torch.arange(H.shape[0], device=H.device)
+        zs, probs_all, selected, attention = [], [], [], []
+        for t in range(self.num_tasks):
+            logits = self.fusion_gates[t](gate_inputs[t])  # [B, T]
+            probs = torch.softmax(logits, dim=-1)
+            masked = logits.detach().clone()
+            masked[:, t] = float("-inf")
+            sel = masked.argmax(dim=-1)  # never t
+            if self.fusion_gate == "hard":
+                other = H[rows, sel]
+            elif self.fusion_gate == "scaled":
+                other = H[rows, sel] * probs.gather(1, sel.unsqueeze(1))
+            else:  # ste: forward one-hot, backward softmax
+                one_hot = F.one_hot(sel, self.num_tasks).to(probs.dtype)
+                weights = one_hot + probs - probs.detach()
+                other = torch.einsum("bt,btw->bw", weights, H)
+            z, c = self.merges[t](fused[t], other)
+            zs.append(z.reshape(z.shape[0], *self.out_shape))
+            probs_all.append(probs.detach())
+            selected.append(sel)
+            attention.append(c.detach())
+        gates["fusion"] = torch.stack(probs_all)  # [T, B, T]
+        gates["selected"] = torch.stack(selected)  # [T, B]
+        gates["attention"] = torch.stack(attention)  # [T, B, 2]: weight of (own, selected)
+        self.last_gates = gates
+        return zs
+
+    def extra_repr(self) -> str:
+        return (f"level={self.index}, tasks={self.num_tasks}, components={len(self.components)}, "
+                f"out_shape={list(self.out_shape)}, gate_dim={self.gate_dim}, mtm={self.mtm}, "
+                f"fusion_gate={self.fusion_gate!r}, attention={self.attention!r}, frozen={self.frozen}, "
+                f"vectorized_groups={[g.members for g in self.groups]}")
+
+
+# --------------------------------------------------------------------------------------------- #
+# Vectorised groups of identical components
+# --------------------------------------------------------------------------------------------- #
+
+
+class _Group:
+    """Structurally identical components run as one call.
+
+    Fast path (``recipe`` set): a plain chain of Linear / ReLU / Dropout / Identity / BatchNorm1d (eval)
+    runs as grouped matmuls -- one ``addmm`` against the members' concatenated weights when every member
+    gets the same input, else one ``baddbmm`` over the stacked inputs. Any other identical structure runs
+    as a vmapped ``functional_call`` of the first member with every tensor stacked.
+    """
+
+    def __init__(self, members: list[int], names: list[list[str]], batchnorms: list[list[str]],
+                 recipe: list[tuple[str, str, tuple[int, ...]]] | None) -> None:
+        self.members = members
+        self.names = names  # per member: its parameter/buffer names in canonical order
+        self.batchnorms = batchnorms  # per member: names of its BatchNorm-like modules
+        self.recipe = recipe  # (kind, module path in the first member, canonical tensor positions)
+
+    def usable(self, components: nn.ModuleList, device: torch.device) -> bool:
+        """Whether to run the group batched now (else the caller loops over its members)."""
+        if self.recipe is None and device.type == "cpu" and not VMAP_ON_CPU:
+            return False
+        for i, bns in zip(self.members, self.batchnorms):
+            for name in bns:
+                if components[i].get_submodule(name).training:
+                    return False
+        return True
+
+    def _stacked(self, modules: list[nn.Module], pos: int) -> Tensor:
+        return torch.stack([_get_tensor(m, names[pos]) for m, names in zip(modules, self.names)])
+
+    def run(self, components: nn.ModuleList, inputs: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        modules = [components[i] for i in self.members]
+        if self.recipe is not None:
+            return self._run_chain(modules, inputs)
+        base = modules[0]
+        state = {key: self._stacked(modules, pos) for pos, key in enumerate(self.names[0])}
+        args, in_dims = [], []
+        for a in range(len(inputs[0])):
+            first = inputs[0][a]
+            if all(member[a] is first for member in inputs):
+                args.append(first)
+                in_dims.append(None)
+            else:
+                args.append(torch.stack([member[a] for member in inputs]))
+                in_dims.append(0)
+
+        def call(params: dict[str, Tensor], *xs: Tensor) -> Tensor:
+            return functional_call(base, params, xs)
+
+        out = torch.vmap(call, in_dims=(0, *in_dims), randomness="different")(state, *args)
+        return list(out.unbind(0))
+
+    def _run_chain(self, modules: list[nn.Module], inputs: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        assert self.recipe is not None
+        G = len(modules)
+        first = inputs[0][0]
+        shared = all(member[0] is first for member in inputs)
+        h = first if shared else torch.stack([member[0] for member in inputs])  # [B, D] or [G, B, D]
+        for kind, path, pos in self.recipe:
+            if kind == "linear":
+                weight = self._stacked(modules, pos[0])  # [G, O, I]
+                bias = self._stacked(modules, pos[1]) if len(pos) > 1 else None  # [G, O]
+                if h.dim() == 2:  # shared input: one matmul against all members' weights
+                    flat = h @ weight.reshape(-1, weight.shape[-1]).t() if bias is None else \
+                        torch.addmm(bias.reshape(-1), h, weight.reshape(-1, weight.shape[-1]).t())
+                    h = flat.view(h.shape[0], G, weight.shape[1]).transpose(0, 1)
+                elif bias is None:
+                    h = torch.bmm(h, weight.transpose(1, 2))
+                else:
+                    h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            elif kind == "relu":
+                h = torch.relu(h)
+            elif kind == "dropout":
+                module = modules[0].get_submodule(path)
+                h = F.dropout(h, module.p, module.training)
+            elif kind == "batchnorm":
+                module = modules[0].get_submodule(path)
+                mean, var = self._stacked(modules, pos[0]), self._stacked(modules, pos[1])
+                scale = torch.rsqrt(var + module.eps)
+                if len(pos) > 2:
+                    scale = scale * self._stacked(modules, pos[2])
+                shift = -mean * scale
+                if len(pos) > 3:
+                    shift = shift + self._stacked(modules, pos[3])
+                if h.dim() == 2:
+                    h = h.unsqueeze(0)
+                h = torch.addcmul(shift.unsqueeze(1), h, scale.unsqueeze(1))
+            # "identity": nothing
+        if h.dim() == 2:  # a chain without any Linear on a shared input
+            h = h.unsqueeze(0).expand(G, *h.shape)
+        return list(h.unbind(0))
+
+
+def _get_tensor(module: nn.Module, name: str) -> Tensor:
+    owner, _, leaf = name.rpartition(".")
+    sub = module.get_submodule(owner) if owner else module
+    return getattr(sub, leaf)
+
+
+def _group_components(components: list[nn.Module]) -> tuple[list[_Group], list[int]]:
+    """Partition components into vectorisable groups (2+ identical members) and singles."""
+    keyed: dict[Any, list[int]] = {}
+    names: dict[int, list[str]] = {}
+    singles = []
+    for i, component in enumerate(components):
+        canon = _canonical(component)
+        if canon is None:
+            singles.append(i)
+            continue
+        key, names[i] = canon
+        keyed.setdefault(key, []).append(i)
+    groups = []
+    for members in keyed.values():
+        if len(members) < 2:
+            singles.extend(members)
+            continue
+        bns = [[n for n, m in components[i].named_modules() if _has_running_stats(m)] for i in members]
+        groups.append(_Group(members, [names[i] for i in members], bns, _chain_recipe(components[members[0]],
+                                                                                        names[members[0]])))
+    return groups, sorted(singles)
+
+
+def _chain_recipe(component: nn.Module, names: list[str]) -> list[tuple[str, str, tuple[int, ...]]] | None:
+    """The component as a chain of grouped-matmul-able steps, or None (then vmap is used)."""
+    steps: list[tuple[str, nn.Module | None]] = []
+    if isinstance(component, fx.GraphModule):
+        nodes = list(component.graph.nodes)
+        if len(nodes) < 2 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+            return None
+        prev = nodes[0]
+        for node in nodes[1:-1]:
+            if node.args != (prev,) or node.kwargs not in ({}, {"inplace": False}):
+                return None
+            if node.op == "call_module":
+                steps.append((str(node.target), component.get_submodule(str(node.target))))
+            elif node.op == "call_function" and node.target in (F.relu, torch.relu):
+                steps.append(("", nn.ReLU()))
+            else:
+                return None
+            prev = node
+        if nodes[-1].args != (prev,):
+            return None
+    else:
+        return None
+    position = {name: i for i, name in enumerate(names)}
+    recipe: list[tuple[str, str, tuple[int, ...]]] = []
+    for path, module in steps:
+        prefix = f"{path}." if path else ""
+        if type(module) is nn.Linear:
+            keys = ["weight"] + (["bias"] if module.bias is not None else [])
+            recipe.append(("linear", path, tuple(position[prefix + k] for k in keys)))
+        elif type(module) is nn.ReLU:
+            recipe.append(("relu", path, ()))
+        elif type(module) is nn.Dropout:
+            recipe.append(("dropout", path, ()))
+        elif type(module) is nn.Identity:
+            recipe.append(("identity", path, ()))
+        elif type(module) is nn.BatchNorm1d and module.track_running_stats:
+            keys = ["running_mean", "running_var"] + (["weight", "bias"] if module.affine else [])
+            recipe.append(("batchnorm", path, tuple(position[prefix + k] for k in keys)))
+        else:
+            return None
+    return recipe
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+
+
+def _canonical(component: nn.Module) -> tuple[Any, list[str]] | None:
+    """A hashable structural key and the tensor names in canonical order, or None if not groupable.
+
+    fx components: the graph with module/attribute targets replaced by their first-use position, each
+    module described by type, hyper-parameters and tensor shapes. Other modules: their class and full
+    named structure (names matter: their forward refers to them).
+    """
+    try:
+        if isinstance(component, fx.GraphModule):
+            key, names = _canonical_graph(component)
+        else:
+            key, names = _describe_module(component, ""), _tensor_names(component, "")
+    except Exception:  # anything unexpected: just do not vectorise this component
+        return None
+    everything = {n for n, _ in component.named_parameters(remove_duplicate=False)}
+    everything |= {n for n, _ in component.named_buffers(remove_duplicate=False)}
+    if set(names) != everything:  # a tensor the canonical walk missed: loop, never run with the wrong one
+        return None
+    return key, names
+
+
+def _canonical_graph(gm: fx.GraphModule) -> tuple[Any, list[str]]:
+    position: dict[str, int] = {}
+    index: dict[fx.Node, int] = {}
+    nodes = []
+    names: list[str] = []
+    for n, node in enumerate(gm.graph.nodes):
+        index[node] = n
+        target: Any
+        if node.op == "call_module":
+            first = node.target not in position
+            target = ("module", position.setdefault(node.target, len(position)))
+            if first:
+                sub = gm.get_submodule(node.target)
+                target += (_describe_module(sub, ""),)
+                names += _tensor_names(sub, f"{node.target}.")
+        elif node.op == "get_attr":
+            first = node.target not in position
+            target = ("attr", position.setdefault(node.target, len(position)))
+            if first:
+                value = _get_tensor(gm, node.target)
+                if isinstance(value, Tensor):
+                    target += (tuple(value.shape), str(value.dtype))
+                    names.append(node.target)
+                else:
+                    target += (repr(value),)
+        elif node.op == "call_function":
+            target = (getattr(node.target, "__module__", None), getattr(node.target, "__qualname__", repr(node.target)))
+        else:  # placeholder, call_method, output
+            target = node.target if node.op != "placeholder" else None
+        args = fx.node.map_arg((node.args, node.kwargs), lambda a: ("node", index[a]))
+        nodes.append((node.op, target, repr(args)))
+    seen: set[str] = set()
+    ordered = [n for n in names if not (n in seen or seen.add(n))]  # type: ignore[func-returns-value]
+    return tuple(nodes), ordered
+
+
+def _describe_module(module: nn.Module, prefix: str) -> Any:
+    parts = []
+    for name, sub in module.named_modules():
+        cls = type(sub)
+        tensors = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in sub.named_parameters(recurse=False))
+        tensors += tuple((n, tuple(t.shape), str(t.dtype)) for n, t in sub.named_buffers(recurse=False))
+        parts.append((name, cls.__module__, cls.__qualname__, sub.extra_repr(), tensors))
+    return tuple(parts)
+
+
+def _tensor_names(module: nn.Module, prefix: str) -> list[str]:
+    names = [prefix + n for n, _ in module.named_parameters(remove_duplicate=False)]
+    names += [prefix + n for n, _ in module.named_buffers(remove_duplicate=False)]
+    return names
+
+
+def _optional_list(mods: Sequence[nn.Module | None] | None, n: int, what: str, index: int) -> nn.ModuleList:
+    if mods is None:
+        return nn.ModuleList([None] * n)  # type: ignore[list-item]
+    if len(mods) != n:
+        raise EMMError(f"AKF level {index}: got {len(mods)} {what} modules for {n} components; pass one per component")
+    return nn.ModuleList(mods)  # type: ignore[arg-type]
+
+
+def _ends_in_relu(component: nn.Module) -> bool:
+    """Whether the component's output is a ReLU's (possibly through Dropout/Identity): non-negative."""
+    if isinstance(component, fx.GraphModule):
+        node = next(n for n in reversed(component.graph.nodes) if n.op == "output").args[0]
+        while isinstance(node, fx.Node):
+            if node.op == "call_module":
+                sub = component.get_submodule(node.target)
+                if isinstance(sub, _RELU_MODULES):
+                    return True
+                if not isinstance(sub, _PASS_THROUGH):
+                    return _ends_in_relu(sub) if not _is_leaf(sub) else False
+            elif node.op == "call_function":
+                if node.target in _RELU_FUNCTIONS:
+                    return True
+                if node.target is not F.dropout:
+                    return False
+            elif node.op == "call_method":
+                if node.target in ("relu", "relu_"):
+                    return True
+                return False
+            else:
+                return False
+            node = node.args[0] if node.args else None
+        return False
+    if isinstance(component, _RELU_MODULES):
+        return True
+    children = list(component.children())
+    if isinstance(component, nn.Sequential) or hasattr(component, "steps"):
+        steps = list(component.steps) if hasattr(component, "steps") else children  # decompose's _Chain
+        for step in reversed(steps):
+            if isinstance(step, _PASS_THROUGH):
+                continue
+            return _ends_in_relu(step)
+    return False
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None

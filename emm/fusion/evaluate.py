@@ -1,0 +1,110 @@
+"""Stage 5, ``evaluate``: score the saved fused model on the test split, compare with its pool, register it.
+
+Gain is the paper's: the fused model's test AUC minus the mean test AUC of that task's single-task
+models (also given relative, in %). We also report the gap to the *best* donor, a stricter bar.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emm.config import TrackingConfig
+from emm.data.schema import Schema
+from emm.data.tensors import load_split
+from emm.io import atomic_dir, write_json
+from emm.models.pool import read_pool
+from emm.train.metrics import mean_auc, task_metrics
+from emm.train.trainer import predict_proba
+
+log = logging.getLogger(__name__)
+
+
+def compare_with_pool(test: dict[str, dict[str, float]], pool_dir: Path) -> dict[str, dict[str, Any]]:
+    entries = read_pool(pool_dir)
+    out = {}
+    for task, m in test.items():
+        donors = {e.name: e.test_auc for e in entries if e.task == task}
+        mean, best = float(np.mean(list(donors.values()))), max(donors.values())
+        out[task] = {"auc": m["auc"], "logloss": m["logloss"], "pool": donors, "pool_mean_auc": mean,
+                     "pool_best_auc": best, "gain": m["auc"] - mean, "gain_pct": 100 * (m["auc"] - mean) / mean,
+                     "vs_best_donor": m["auc"] - best}
+    return out
+
+
+def plot_auc(per_task: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(per_task), figsize=(4.5 * len(per_task), 3.6), squeeze=False)
+    for ax, (task, row) in zip(axes[0], per_task.items()):
+        names = [*row["pool"], "EMM (fused)"]
+        values = [*row["pool"].values(), row["auc"]]
+        colors = ["#9aa5b1"] * len(row["pool"]) + ["#d9480f"]
+        ax.barh(names, values, color=colors)
+        lo = min(values)
+        ax.set_xlim(lo - (max(values) - lo) * 1.5 - 1e-3, max(values) + (max(values) - lo) * 0.5 + 1e-4)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.4f}", va="center", fontsize=8)
+        ax.set_title(f"{task}: test AUC")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_dir: Path, *,
+             tracking: TrackingConfig | None = None) -> dict[str, Any]:
+    from emm.fusion.fused_io import FUSED_JSON, FUSED_WEIGHTS, load_fused
+
+    schema = Schema.load(data_dir)
+    model, meta = load_fused(fused_dir, schema)
+    test = load_split(data_dir, "test", schema)
+    metrics = task_metrics(test.labels.numpy(), predict_proba(model, test), schema.task_names)
+    per_task = compare_with_pool(metrics, pool_dir)
+    summary = {"dataset": dataset, "rows_test": len(test), "mean_test_auc": mean_auc(metrics), "tasks": per_task,
+               "mlflow_run_id": meta.get("mlflow_run_id")}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "plots").mkdir()
+        write_json(tmp / "metrics.json", summary)
+        write_json(tmp / "auc.json", [{"model": name, "task": t, "auc": auc}
+                                      for t, row in per_task.items()
+                                      for name, auc in [*row["pool"].items(), ("emm", row["auc"])]])
+        plot_auc(per_task, tmp / "plots" / "auc.png")
+    if tracking is not None:
+        summary["registered_version"] = register(dataset, data_dir, fused_dir, out_dir, summary, meta, tracking)
+        write_json(Path(out_dir) / "metrics.json", summary)
+    return summary
+
+
+def register(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, summary: dict[str, Any],
+             meta: dict[str, Any], tracking: TrackingConfig) -> str:
+    """Log the pyfunc into the fuse run, register a new version of emm-<dataset>, alias it challenger."""
+    from safetensors.torch import load_file
+
+    from emm import tracking as mt
+    from emm.fusion.fused_io import BUILDER, FUSED_WEIGHTS
+
+    mt.use_experiment(dataset, tracking.store)
+    import mlflow
+
+    run_id = meta.get("mlflow_run_id")
+    with mlflow.start_run(run_id=run_id) if run_id else mt.run("fused-evaluate"):
+        mt.log_metrics({"eval_mean_test_auc": summary["mean_test_auc"],
+                        **{f"gain_{t}": r["gain"] for t, r in summary["tasks"].items()}})
+        mt.log_artifact(Path(eval_dir) / "metrics.json", "eval")
+        mt.log_artifact(Path(eval_dir) / "plots" / "auc.png", "eval")
+        info = mt.log_scorer("model", builder=BUILDER, config=meta["architecture"], outputs=meta["tasks"],
+                             state_dict=load_file(str(Path(fused_dir) / FUSED_WEIGHTS)), data_dir=data_dir,
+                             input_example=mt.raw_example(data_dir), registered_name=mt.registered_name(dataset))
+    version = str(info.registered_model_version)
+    mt.tag_version(mt.registered_name(dataset), version, {
+        mt.SCORE_TAG: f"{summary['mean_test_auc']:.6f}",
+        **{f"test_auc_{t}": f"{r['auc']:.6f}" for t, r in summary["tasks"].items()},
+    })
+    log.info("registered %s version %s as %s", mt.registered_name(dataset), version, mt.CHALLENGER)
+    return version

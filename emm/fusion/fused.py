@@ -1,0 +1,376 @@
+"""The fused multi-task model (paper III-C, Algorithm 2): AKF levels stacked on a decomposition plan.
+
+``FusedModel(plan, model_tasks, task_names, cfg)`` maps ``(sparse, dense)`` to logits ``[B, T]`` in
+``task_names`` order (no sigmoid: the loss and the metrics apply it). Level by level, every task's
+input goes through the components of that level (each pool model's component receives the input of
+the model's own task), is fused within the task and across tasks by an ``AKFLevel``
+(``emm.fusion.akf``), and the per-task outputs feed the next level; after the last level one fresh,
+trainable ``Tower`` per task gives its logit. The pool models' own heads are not used.
+
+Embedding (``cfg.embedding``)
+    ``retrain`` (the paper): a fresh, trainable, shared ``FeatureEmbedding`` produces ``x``.
+    When plan level 0 is *embedding-only* (every level-0 component's parameterised layers are all
+    ``nn.Embedding``: the pool's own embeddings), ``x`` replaces level 0 entirely: it is every task's
+    input to level 1 and level 1's gate input. ``x`` must then have level 0's width. When level 0 is
+    not embedding-only, the level-0 components still take the raw ``(sparse, dense)`` and ``x`` is
+    only level 0's gate input.
+    ``reuse``: the pool's trained level-0 components (their embeddings) are kept, frozen like every
+    other component (under ``full``/``+pretrained``), and fused by AKF level 0 like any other level;
+    level 0's gate input is then the mean of the level-0 component outputs.
+
+Ablations (``cfg.ablation``, paper Table II)
+    ``full``        trained components, frozen; MTM on (EMM).
+    ``+pretrained`` trained components, frozen; no MTM (``z^t = h^t``).
+    ``+mtm``        same architecture, components randomly re-initialised and trainable; MTM on.
+    ``baseline``    random trainable components; no MTM.
+    Re-initialisation calls ``reset_parameters()`` on every module that has one (Linear, Embedding,
+    BatchNorm, ...: BatchNorm's running statistics are reset too); a parameter owned by a module without
+    one is re-drawn (Xavier-uniform for matrices, zeros otherwise). It applies to every component kept
+    in the model, including the embedding level under ``embedding="reuse"``.
+
+Frozen means frozen: components are deep copies of the plan's, all their parameters have
+``requires_grad=False``, and ``AKFLevel.train`` keeps them in eval mode when the model is put in
+train mode, so their BatchNorm statistics and Dropout never change or act. They remain sub-modules,
+so ``state_dict`` holds the whole fused model. ``trainable_parameters()`` lists what an optimiser needs.
+
+Rebuilding: ``config_dict()`` is a JSON-able description; together with the plan (``load_plan`` on
+the folder ``save_plan`` wrote) ``FusedModel.from_config(plan, config)`` rebuilds the same
+architecture, into which the saved ``state_dict`` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from emm.config import FuseConfig
+from emm.data.schema import Schema
+from emm.errors import EMMError
+from emm.fusion.akf import AKFLevel
+from emm.fusion.decompose import Plan
+from emm.models.embedding import FeatureEmbedding
+from emm.models.single_task import Tower
+
+FUSED_FORMAT = "emm.fused/1"
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+class FusedModel(nn.Module):
+    """EMM's multi-task model built from a decomposition plan (see the module docstring).
+
+    Args:
+        plan: from ``emm.fusion.decompose`` / ``load_plan``; its components are copied, not shared.
+        model_tasks: the task of each plan model, in plan order.
+        task_names: the output columns, in order; every task needs at least one pool model.
+        cfg: ``FuseConfig`` (embedding, fusion_gate, attention, ablation, qkv_dim, tower, vectorize).
+        embedding: with ``embedding="retrain"``, the fresh ``FeatureEmbedding`` to train (``build_fused``
+            builds one from the data schema); None derives its sizes from the plan's level-0 embedding.
+            Must be None with ``embedding="reuse"``.
+    """
+
+    def __init__(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], cfg: FuseConfig,
+                 embedding: FeatureEmbedding | None = None) -> None:
+        super().__init__()
+        self.model_tasks = [str(t) for t in model_tasks]
+        self.task_names = [str(t) for t in task_names]
+        self.model_names = list(plan.names)
+        self.cfg = cfg
+        _check_tasks(plan, self.model_tasks, self.task_names)
+        if plan.num_levels < 1:
+            raise EMMError("the plan has no level to fuse; decompose the pool models again")
+        for level in plan.levels:
+            if len(level.out_shape) < 1:
+                raise EMMError(f"plan level {level.index} hands on a scalar per row; AKF fuses batch tensors [B, ...]")
+        self.frozen = cfg.ablation in ("full", "+pretrained")
+        self.mtm = cfg.ablation in ("full", "+mtm")
+        self.level0_embedding_only = embedding_only_level(plan, 0)
+
+        if cfg.embedding == "retrain":
+            self.embedding: FeatureEmbedding | None = embedding if embedding is not None else _embedding_from_plan(plan)
+        else:
+            if embedding is not None:
+                raise EMMError("an embedding was passed but fuse.embedding is 'reuse' (the pool's own embeddings); "
+                               "pass embedding=None, or set fuse.embedding: retrain")
+            self.embedding = None
+        self.replaces_level0 = cfg.embedding == "retrain" and self.level0_embedding_only
+        if self.replaces_level0:
+            assert self.embedding is not None
+            if self.embedding.out_dim != _width(plan.levels[0].out_shape):
+                raise EMMError(
+                    f"the fresh embedding outputs {self.embedding.out_dim} values per row but plan level 0 (the pool's "
+                    f"embeddings) outputs {list(plan.levels[0].out_shape)}; build it with the embedding dimension the "
+                    "pool models were trained with"
+                )
+            if plan.num_levels < 2:
+                raise EMMError("the plan's only level is the embedding, so with fuse.embedding 'retrain' nothing of "
+                               "the pool would be used; set fuse.embedding: reuse or decompose deeper models")
+
+        task_index = {t: j for j, t in enumerate(self.task_names)}
+        component_tasks = [task_index[t] for t in self.model_tasks]
+        self.first_level = 1 if self.replaces_level0 else 0
+        levels = []
+        for k in range(self.first_level, plan.num_levels):
+            components = [copy.deepcopy(plan.components[i][k]) for i in range(plan.num_models)]
+            if self.frozen:
+                for c in components:
+                    c.eval()
+            else:
+                for c in components:
+                    reinitialise(c)
+                    c.requires_grad_(True)
+            pre, post = _adapters(plan, k)
+            levels.append(AKFLevel(
+                components, component_tasks, len(self.task_names), plan.levels[k].out_shape,
+                self._gate_dim(plan, k), mtm=self.mtm, fusion_gate=cfg.fusion_gate, attention=cfg.attention,
+                qkv_dim=cfg.qkv_dim, frozen=self.frozen, vectorize=cfg.vectorize, pre=pre, post=post, index=k,
+            ))
+        self.levels = nn.ModuleList(levels)
+        self.width = _width(plan.levels[-1].out_shape)
+        self.towers = nn.ModuleList(Tower(self.width, list(cfg.tower)) for _ in self.task_names)
+
+    def _gate_dim(self, plan: Plan, k: int) -> int:
+        if k == 0:
+            if self.embedding is not None:
+                return self.embedding.out_dim
+            return _width(plan.levels[0].out_shape)
+        return _width(plan.levels[k - 1].out_shape)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        """Logits [B, T] in ``task_names`` order."""
+        T = len(self.task_names)
+        x = self.embedding(sparse, dense) if self.embedding is not None else None
+        if self.replaces_level0:
+            shared = (x,)
+            inputs: list[tuple[Tensor, ...]] = [shared] * T
+            gates: list[Tensor] | None = [x] * T  # type: ignore[list-item]
+        else:
+            raw = (sparse, dense)
+            inputs = [raw] * T
+            gates = None if x is None else [x] * T
+        zs: list[Tensor] = []
+        for level in self.levels:
+            zs = level(inputs, gates)
+            inputs = [(z,) for z in zs]
+            gates = [z.reshape(z.shape[0], -1) for z in zs]
+        return torch.cat([tower(z.reshape(z.shape[0], -1)) for tower, z in zip(self.towers, zs)], dim=1)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters an optimiser should get (frozen components excluded)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def component_modules(self) -> list[nn.Module]:
+        """Every pool component held by the model (frozen under full/+pretrained)."""
+        return [c for level in self.levels for c in level.components]
+
+    def set_vectorize(self, flag: bool) -> None:
+        for level in self.levels:
+            level.vectorize = flag  # type: ignore[assignment]
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-able description; with the plan, ``FusedModel.from_config`` rebuilds the architecture."""
+        emb = None
+        if self.embedding is not None:
+            emb = {"total_vocab": self.embedding.embedding.num_embeddings, "n_sparse": self.embedding.n_sparse,
+                   "n_dense": self.embedding.n_dense, "dim": self.embedding.dim}
+        return {
+            "format": FUSED_FORMAT,
+            "plan_models": list(self.model_names),
+            "model_tasks": list(self.model_tasks),
+            "task_names": list(self.task_names),
+            "fuse": self.cfg.model_dump(mode="json"),
+            "embedding": emb,
+            "replaces_level0": self.replaces_level0,
+            "levels": [int(level.index) for level in self.levels],
+        }
+
+    @classmethod
+    def from_config(cls, plan: Plan, config: dict[str, Any]) -> FusedModel:
+        """Rebuild the architecture ``config_dict()`` described, on ``plan`` (weights: load the state_dict)."""
+        if config.get("format") != FUSED_FORMAT:
+            raise EMMError(f"fused-model config has format {config.get('format')!r}, expected {FUSED_FORMAT!r}; "
+                           "it was written by another EMM version: fuse again")
+        if list(config.get("plan_models", [])) != list(plan.names):
+            raise EMMError(f"the fused model was built on pool models {config.get('plan_models')} but the plan holds "
+                           f"{plan.names}; load the plan folder it was fused from")
+        try:
+            cfg = FuseConfig.model_validate(config["fuse"])
+        except Exception as exc:
+            raise EMMError(f"fused-model config has an invalid 'fuse' section ({exc}); fuse again") from exc
+        emb = config.get("embedding")
+        embedding = FeatureEmbedding(emb["total_vocab"], emb["n_sparse"], emb["n_dense"], emb["dim"]) if emb else None
+        model = cls(plan, config["model_tasks"], config["task_names"], cfg, embedding)
+        if model.replaces_level0 != config.get("replaces_level0", model.replaces_level0):
+            raise EMMError("the plan's level 0 is not what the fused model was built on; load the plan it was fused from")
+        return model
+
+    def gate_report(self) -> list[dict[str, Any]]:
+        """From the last forward: per level and task, the mean task-gate weight of each of its models, the
+        fraction of rows selecting each other task and the mean MTM weight kept on the task itself.
+
+        ``[{"level": k, "tasks": {task: {"task_gate": {model: w}, "selection": {other: frac} | None,
+        "attention_own": float | None}}}]``; empty before any forward.
+        """
+        report = []
+        for level in self.levels:
+            gates = level.last_gates
+            if gates is None:
+                return []
+            per_task = {}
+            for t, task in enumerate(self.task_names):
+                models = [self.model_names[i] for i in level.members[t]]
+                weights = gates["task"][t].float().mean(0).tolist()
+                entry: dict[str, Any] = {"task_gate": dict(zip(models, weights)), "selection": None,
+                                         "attention_own": None}
+                if gates["selected"] is not None:
+                    sel = gates["selected"][t]
+                    counts = torch.bincount(sel.cpu(), minlength=len(self.task_names)).float() / max(len(sel), 1)
+                    entry["selection"] = {u: float(counts[j]) for j, u in enumerate(self.task_names) if j != t}
+                    entry["attention_own"] = float(gates["attention"][t][:, 0].float().mean())
+                per_task[task] = entry
+            report.append({"level": int(level.index), "tasks": per_task})
+        return report
+
+    def selection_matrix(self, level: int = -1) -> Tensor:
+        """[T, T]: row t = fraction of last-forward rows where task t selected each task (diagonal 0)."""
+        gates = self.levels[level].last_gates
+        if gates is None or gates["selected"] is None:
+            raise EMMError("no selection recorded: run a forward first, with an ablation that uses MTM (full or +mtm)")
+        T = len(self.task_names)
+        sel = gates["selected"].cpu()
+        return torch.stack([torch.bincount(sel[t], minlength=T).float() / sel.shape[1] for t in range(T)])
+
+
+def build_fused(plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], cfg: FuseConfig,
+                schema: Schema) -> FusedModel:
+    """A ``FusedModel`` whose fresh embedding (``retrain``) is sized from the data schema."""
+    shapes = [tuple(s) for s in plan.input_shapes]
+    if shapes != [(schema.n_sparse,), (schema.n_dense,)]:
+        raise EMMError(
+            f"the plan's models take inputs of per-row shapes {[list(s) for s in shapes]} but dataset "
+            f"{schema.dataset!r} has {schema.n_sparse} sparse and {schema.n_dense} dense features; fuse a pool "
+            "trained on this dataset"
+        )
+    missing = [t for t in task_names if t not in schema.task_names]
+    if missing:
+        raise EMMError(f"tasks {missing} are not tasks of dataset {schema.dataset!r} ({schema.task_names}); "
+                       "fix fuse task names or re-ingest")
+    embedding = None
+    if cfg.embedding == "retrain":
+        table = _level0_embedding(plan)
+        if table is not None and table.num_embeddings != schema.total_vocab:
+            raise EMMError(
+                f"the pool's embedding table has {table.num_embeddings} rows but dataset {schema.dataset!r} has "
+                f"{schema.total_vocab} sparse values; the pool was trained on another schema: pretrain it again"
+            )
+        dim = table.embedding_dim if table is not None else _dim_from_width(plan, schema)
+        embedding = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, dim)
+    return FusedModel(plan, model_tasks, task_names, cfg, embedding)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Helpers
+# --------------------------------------------------------------------------------------------- #
+
+
+def embedding_only_level(plan: Plan, k: int) -> bool:
+    """Whether every level-k component's parameterised layers are all embedding tables."""
+    for per_model in plan.components:
+        leaves = [m for m in per_model[k].modules()
+                  if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None]
+        if not leaves or not all(isinstance(m, _EMBEDDING_TYPES) for m in leaves):
+            return False
+    return True
+
+
+def reinitialise(module: nn.Module) -> None:
+    """Random re-initialisation: ``reset_parameters()`` where a module has one, a generic draw elsewhere."""
+    covered: set[int] = set()
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            covered.update(id(p) for p in m.parameters())
+    with torch.no_grad():
+        for p in module.parameters():
+            if id(p) in covered:
+                continue
+            if p.dim() >= 2:
+                nn.init.xavier_uniform_(p)
+            else:
+                p.zero_()
+
+
+def _check_tasks(plan: Plan, model_tasks: list[str], task_names: list[str]) -> None:
+    if len(model_tasks) != plan.num_models:
+        raise EMMError(f"got {len(model_tasks)} model tasks for a plan of {plan.num_models} models "
+                       f"({', '.join(plan.names)}); pass the task of each plan model, in plan order")
+    if not task_names or len(set(task_names)) != len(task_names):
+        raise EMMError(f"task_names must be a non-empty list of distinct tasks, got {task_names}")
+    unknown = sorted(set(model_tasks) - set(task_names))
+    if unknown:
+        raise EMMError(f"plan models are for tasks {unknown} that are not in task_names {task_names}; "
+                       "add them or fuse a pool without those models")
+    lonely = [t for t in task_names if t not in model_tasks]
+    if lonely:
+        raise EMMError(f"tasks {lonely} have no model in the pool ({dict(zip(plan.names, model_tasks))}); "
+                       "pretrain at least one model per task")
+
+
+def _width(shape: Sequence[int]) -> int:
+    width = 1
+    for d in shape:
+        width *= int(d)
+    return width
+
+
+def _level0_embedding(plan: Plan) -> nn.Embedding | None:
+    for per_model in plan.components:
+        for m in per_model[0].modules():
+            if isinstance(m, nn.Embedding):
+                return m
+    return None
+
+
+def _embedding_from_plan(plan: Plan) -> FeatureEmbedding:
+    table = _level0_embedding(plan)
+    shapes = [tuple(s) for s in plan.input_shapes]
+    if table is None or len(shapes) != 2 or len(shapes[0]) != 1 or len(shapes[1]) != 1:
+        raise EMMError(
+            "fuse.embedding 'retrain' needs a fresh FeatureEmbedding, and none can be derived from this plan (no "
+            "embedding table at level 0, or inputs other than (sparse [B, n], dense [B, m])); pass embedding=... "
+            "or use build_fused(..., schema)"
+        )
+    return FeatureEmbedding(table.num_embeddings, shapes[0][0], shapes[1][0], table.embedding_dim)
+
+
+def _dim_from_width(plan: Plan, schema: Schema) -> int:
+    width = _width(plan.levels[0].out_shape)
+    dim, rest = divmod(width - schema.n_dense, max(schema.n_sparse, 1))
+    if not embedding_only_level(plan, 0):
+        return 8
+    if rest or dim < 1:
+        raise EMMError(f"plan level 0 outputs {width} values per row, which is not n_sparse*dim + n_dense for "
+                       f"{schema.n_sparse} sparse and {schema.n_dense} dense features; fuse a pool trained on "
+                       f"dataset {schema.dataset!r}")
+    return dim
+
+
+def _adapters(plan: Plan, k: int) -> tuple[list[nn.Module | None] | None, list[nn.Module | None] | None]:
+    """align="project": model i's component at level k takes its own width (unadapt from the common one)
+    and its output is adapted to the common width. Copies, trainable."""
+    if plan.adapters is None or plan.inverse_adapters is None:
+        return None, None
+    post = [copy.deepcopy(plan.adapters[i][k]) for i in range(plan.num_models)]
+    pre = [copy.deepcopy(plan.inverse_adapters[i][k - 1]) if k > 0 else None for i in range(plan.num_models)]
+    for mod in [*post, *pre]:
+        if mod is not None:
+            mod.requires_grad_(True)
+    return pre, post
