@@ -47,16 +47,24 @@ Inputs per task
 Vectorised components
     Components of a level that are structurally identical -- same program, same module types and
     hyper-parameters, same parameter/buffer shapes and dtypes once names are canonicalised (an fx
-    component's parameters are named by the *position* of the module in its graph, so ``body.stem.0``
-    and ``body.blocks.0.0`` match) -- form a group that runs as one call:
-    ``torch.func.functional_call`` of the first member with every parameter/buffer stacked along a
-    new leading dimension, under ``torch.vmap`` (inputs shared by all members are not stacked). The
-    stacking happens in every forward (a copy of the weights, small next to the batch's matmuls), so
-    gradients reach each member's own parameters when components are trainable. Unique components
-    (e.g. a DCN block) run in a Python loop; so does a group while any member has a BatchNorm in
-    training mode (running-statistic updates cannot be written back from vmap), and everything when
-    ``vectorize`` is False. The results equal the loop's (same math; float rounding may differ at the
-    1e-7 level because a batched matmul may sum in another order).
+    component's tensors are named by the *position* of their module in its graph, so ``body.stem.0``
+    and ``body.blocks.0.0`` match) -- form a group that runs as one batched call:
+
+    - a plain chain of Linear / ReLU / Dropout / Identity / BatchNorm1d (the MLP blocks of every pool
+      model) runs as grouped matmuls: one ``addmm`` against the members' concatenated weights when all
+      members get the same input (level 1 under ``retrain``), else one ``baddbmm`` over the stacked
+      per-member inputs;
+    - any other identical structure (embedding levels, residual blocks) runs as a ``torch.vmap`` of
+      ``torch.func.functional_call`` on the first member with every tensor stacked.
+
+    Weight stacks are rebuilt in every forward for tensors that need a gradient (so each member's own
+    parameters receive it) and cached otherwise (frozen components; invalidated when a tensor changes).
+    Unique components (a DCN block, a deeper MLP's double block) run in a Python loop; so does a group
+    while any member has a BatchNorm in training mode (running-statistic updates cannot be written
+    back from a batched call), everything when ``vectorize`` is False, and -- unless ``BATCH_ON_CPU``
+    is set -- every group whose inputs are on a CPU, where batching measured no faster than the loop
+    (it saves kernel launches, which only cost on accelerators). Batched and looped outputs agree to
+    float rounding (a batched matmul may sum in another order).
 
 Frozen components
     With ``frozen=True`` every component parameter gets ``requires_grad=False`` and the components
@@ -80,10 +88,11 @@ from emm.errors import EMMError
 FUSION_GATES = ("hard", "scaled", "ste")
 ATTENTIONS = ("task_query", "self_score")
 
-# The generic vmap path costs ~0.3 ms per call in functorch dispatch; on a CPU that is more than batching
-# saves (measured on the embedding level), so there such groups loop unless this is set. The
-# grouped-matmul path has no such overhead and runs on every device.
-VMAP_ON_CPU = False
+# Batched groups only pay off where every kernel launch costs (GPUs). On a CPU a level is compute-bound:
+# measured on a Census-like level (4 x Linear(263,128)+ReLU+Dropout, batch 1024, one thread) the
+# grouped matmul ran at 0.8-1.0x the loop's speed and the vmap path adds ~0.3 ms per call. So on CPU
+# tensors groups loop unless this is set (the tests set it to check batched == loop).
+BATCH_ON_CPU = False
 
 _PASS_THROUGH = (nn.Dropout, nn.AlphaDropout, nn.Identity)
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
@@ -249,7 +258,8 @@ class AKFLevel(nn.Module):
         device = member_inputs[0][0].device
         for group in self.groups:
             if self.vectorize and group.usable(self.components, device):
-                for i, out in zip(group.members, group.run(self.components, [member_inputs[i] for i in group.members])):
+                batched = group.run(self.components, [member_inputs[i] for i in group.members])
+                for i, out in zip(group.members, batched):
                     outs[i] = out
             else:
                 for i in group.members:
@@ -266,9 +276,14 @@ class AKFLevel(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def forward(self, inputs: Sequence[tuple[Tensor, ...]], gate_inputs: Sequence[Tensor] | None = None) -> list[Tensor]:
-        """``inputs[t]``: task t's input tuple for its components; ``gate_inputs[t]``: its gate input [B, gate_dim]
-        (None: the mean of the component outputs, for every task). Returns ``z^t`` [B, *out_shape] per task."""
+    def forward(self, inputs: Sequence[tuple[Tensor, ...]],
+                gate_inputs: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """``inputs[t]``: task t's input tuple for its components; ``gate_inputs[t]``: its gate input
+        [B, gate_dim] (None: the mean of the component outputs, for every task). Returns ``z^t``
+        [B, *out_shape] per task. The gate values of this call are left in ``last_gates`` (detached):
+        ``task`` (per task [B, m_t]), ``fusion`` ([T, B, T] probabilities), ``selected`` ([T, B] task
+        index, never the row's own task) and ``attention`` ([T, B, 2] MTM weights of (own, selected));
+        the last three are None without MTM."""
         outs = self.component_outputs(inputs)
         flat = [o.reshape(o.shape[0], -1) for o in outs]
         if gate_inputs is None:
@@ -346,10 +361,11 @@ class _Group:
         self.names = names  # per member: its parameter/buffer names in canonical order
         self.batchnorms = batchnorms  # per member: names of its BatchNorm-like modules
         self.recipe = recipe  # (kind, module path in the first member, canonical tensor positions)
+        self._cache: dict[int, tuple[Any, Tensor]] = {}
 
     def usable(self, components: nn.ModuleList, device: torch.device) -> bool:
         """Whether to run the group batched now (else the caller loops over its members)."""
-        if self.recipe is None and device.type == "cpu" and not VMAP_ON_CPU:
+        if device.type == "cpu" and not BATCH_ON_CPU:
             return False
         for i, bns in zip(self.members, self.batchnorms):
             for name in bns:
@@ -358,7 +374,17 @@ class _Group:
         return True
 
     def _stacked(self, modules: list[nn.Module], pos: int) -> Tensor:
-        return torch.stack([_get_tensor(m, names[pos]) for m, names in zip(modules, self.names)])
+        """Member tensors at canonical position ``pos``, stacked. Stacks of tensors that need no gradient
+        (frozen components, buffers) are cached until a member tensor changes (in place or replaced)."""
+        tensors = [_get_tensor(m, names[pos]) for m, names in zip(modules, self.names)]
+        if any(t.requires_grad for t in tensors):
+            return torch.stack(tensors)  # rebuilt every forward so gradients reach each member
+        key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
+        cached = self._cache.get(pos)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.stack(tensors))
+            self._cache[pos] = cached
+        return cached[1]
 
     def run(self, components: nn.ModuleList, inputs: list[tuple[Tensor, ...]]) -> list[Tensor]:
         modules = [components[i] for i in self.members]

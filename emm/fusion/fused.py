@@ -208,7 +208,8 @@ class FusedModel(nn.Module):
         embedding = FeatureEmbedding(emb["total_vocab"], emb["n_sparse"], emb["n_dense"], emb["dim"]) if emb else None
         model = cls(plan, config["model_tasks"], config["task_names"], cfg, embedding)
         if model.replaces_level0 != config.get("replaces_level0", model.replaces_level0):
-            raise EMMError("the plan's level 0 is not what the fused model was built on; load the plan it was fused from")
+            raise EMMError("the plan's level 0 is not what the fused model was built on; "
+                           "load the plan it was fused from")
         return model
 
     def gate_report(self) -> list[dict[str, Any]]:
