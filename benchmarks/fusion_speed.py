@@ -2,7 +2,7 @@
 and the EMM trainer vs a per-row Dataset + DataLoader of dicts, all in one run on the same data.
 
 Needs the pipeline's artifacts (ingest, pretrain, decompose):
-    python benchmarks/fusion_speed.py [--dataset census-income] [--train-rows 100000] [--peer-rows 20000]
+    python -m benchmarks.fusion_speed [--dataset census-income] [--train-rows 100000] [--peer-rows 20000]
 """
 
 from __future__ import annotations
@@ -56,11 +56,15 @@ def main() -> None:
     print(f"{args.dataset}: {plan.num_models} pool models, {plan.num_levels} levels; torch threads "
           f"{torch.get_num_threads()}; batch {train_cfg.batch_size}")
     rates = {}
+    import emm.fusion.akf as akf
+
     for vectorize in (True, False):
+        akf.BATCH_ON_CPU = vectorize  # measure real batching on CPU too (the default there is the loop)
         torch.manual_seed(0)
         model = build_fused(plan, [e.task for e in entries], schema.task_names,
                             cfg.fuse.model_copy(update={"vectorize": vectorize}), schema)
         rates[vectorize] = (train_rate(model, train, train_cfg), score_rate(model.eval(), test))
+    akf.BATCH_ON_CPU = False
     torch.manual_seed(0)
     peer_model = build_fused(plan, [e.task for e in entries], schema.task_names, cfg.fuse, schema)
     peer = peer_epoch(peer_model, train.head(args.peer_rows), schema, train_cfg.batch_size)

@@ -5,7 +5,7 @@ collated by DataLoader into a dict of batch tensors. Both train the same MMoE-si
 width 16, Census-Income features) with the same optimiser and batch size in the same process; the peer
 is timed on a slice (it is slow) and both are reported as samples/second, with the ratio.
 
-    python benchmarks/train_throughput.py [--data artifacts/census-income/data] [--peer-rows 60000]
+    python -m benchmarks.train_throughput [--data artifacts/census-income/data] [--peer-rows 60000]
 """
 
 from __future__ import annotations

@@ -73,6 +73,17 @@ def run(name: str, *, parent_run_id: str | None = None, tags: dict[str, str] | N
         yield active.info.run_id
 
 
+@contextlib.contextmanager
+def reopen_run(run_id: str | None, name: str) -> Iterator[str]:
+    """Continue an earlier run (e.g. the fuse run, to add evaluation and the model), or start one."""
+    if run_id:
+        with mlflow.start_run(run_id=run_id) as active:
+            yield active.info.run_id
+    else:
+        with run(name) as new_id:
+            yield new_id
+
+
 def log_params(params: dict[str, Any]) -> None:
     flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()}
     mlflow.log_params(flat)

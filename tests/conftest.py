@@ -74,3 +74,15 @@ def copy_raw(tmp_path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def census_three_task_schema(tmp_path_factory, census_small_raw):
+    """The same slice ingested with a third task (sex): another schema, for 'trained on other data' checks."""
+    from emm.config import IngestConfig
+    from emm.data.ingest import ingest
+    from emm.data.spec import resolve_dataset
+
+    out = tmp_path_factory.mktemp("census-three") / "data"
+    return ingest(resolve_dataset("census-income"), census_small_raw, out, IngestConfig(),
+                  tasks=["income", "marital", "sex"])

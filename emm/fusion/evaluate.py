@@ -59,7 +59,7 @@ def plot_auc(per_task: dict[str, dict[str, Any]], path: Path) -> None:
 
 def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_dir: Path, *,
              tracking: TrackingConfig | None = None) -> dict[str, Any]:
-    from emm.fusion.fused_io import FUSED_JSON, FUSED_WEIGHTS, load_fused
+    from emm.fusion.fused_io import load_fused
 
     schema = Schema.load(data_dir)
     model, meta = load_fused(fused_dir, schema)
@@ -90,10 +90,7 @@ def register(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, summ
     from emm.fusion.fused_io import BUILDER, FUSED_WEIGHTS
 
     mt.use_experiment(dataset, tracking.store)
-    import mlflow
-
-    run_id = meta.get("mlflow_run_id")
-    with mlflow.start_run(run_id=run_id) if run_id else mt.run("fused-evaluate"):
+    with mt.reopen_run(meta.get("mlflow_run_id"), "fused-evaluate"):
         mt.log_metrics({"eval_mean_test_auc": summary["mean_test_auc"],
                         **{f"gain_{t}": r["gain"] for t, r in summary["tasks"].items()}})
         mt.log_artifact(Path(eval_dir) / "metrics.json", "eval")

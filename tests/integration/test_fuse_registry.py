@@ -135,13 +135,7 @@ def _without(rows: pd.DataFrame, column: str, tmp_path):
     return path
 
 
-def test_fused_checkpoint_from_other_schema_refused(pipeline, census_small_raw, tmp_path):
-    from emm.config import IngestConfig
-    from emm.data.ingest import ingest
-    from emm.data.spec import resolve_dataset
-
+def test_fused_checkpoint_from_other_schema_refused(pipeline, census_three_task_schema):
     root, _, _ = pipeline
-    other = ingest(resolve_dataset("census-income"), census_small_raw, tmp_path / "three", IngestConfig(),
-                   tasks=["income", "marital", "sex"])
     with pytest.raises(EMMError, match=r"fused model in .* was trained on a different data schema"):
-        load_fused(root / "fused", other)
+        load_fused(root / "fused", census_three_task_schema)

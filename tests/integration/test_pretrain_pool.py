@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from emm.config import DecomposeConfig, IngestConfig, PretrainConfig, TrackingConfig, TrainConfig
-from emm.data.ingest import ingest
+from emm.config import DecomposeConfig, PretrainConfig, TrackingConfig, TrainConfig
 from emm.data.schema import Schema
-from emm.data.spec import resolve_dataset
 from emm.data.tensors import load_split
 from emm.errors import EMMError
 from emm.fusion.pool_plan import decompose_pool, load_pool_plan
@@ -91,12 +89,10 @@ def test_resume_skips_finished_models(trained, census_small_data):
     assert [e.model_dump() for e in again] == [e.model_dump() for e in entries]
 
 
-def test_pool_from_another_schema_is_refused(trained, census_small_raw, tmp_path):
+def test_pool_from_another_schema_is_refused(trained, census_three_task_schema):
     root, _, _ = trained
-    other = ingest(resolve_dataset("census-income"), census_small_raw, tmp_path / "three", IngestConfig(),
-                   tasks=["income", "marital", "sex"])
     with pytest.raises(EMMError, match=r"pool model 'income-mlp' was trained on a different data schema"):
-        load_pool(root / "pool", other)
+        load_pool(root / "pool", census_three_task_schema)
 
 
 def test_decompose_trained_pool_round_trip(trained, census_small_data, tmp_path):
