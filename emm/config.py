@@ -109,8 +109,14 @@ class TrackingConfig(_Section):
     log_models: bool = True
 
 
+class PipelineConfig(_Section):
+    """What `dvc repro` and the Prefect flow run on."""
+
+    dataset: str = "census-income"
+
+
 class Params(_Section):
-    """The whole params.yaml."""
+    """The whole params.yaml; an unknown section or key anywhere is an error."""
 
     paths: PathsConfig = PathsConfig()
     ingest: IngestConfig = IngestConfig()
@@ -119,9 +125,7 @@ class Params(_Section):
     fuse: FuseConfig = FuseConfig()
     tracking: TrackingConfig = TrackingConfig()
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="user dataset declarations")
-    # Later stages add their sections here; unknown top-level sections are tolerated so that an
-    # older library can still read a newer params.yaml's ingest settings.
-    model_config = ConfigDict(extra="allow")
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 def load_params(path: Path | str | None = None) -> Params:

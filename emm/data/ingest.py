@@ -63,6 +63,10 @@ def plan_features(spec: DatasetSpec, tasks: dict[str, TaskSpec], columns: list[s
                 f"declared as a feature; a task's label must never be a feature (it makes the task trivial). "
                 f"Remove it from dense/sparse in the declaration."
             )
+    clash = sorted(set(tasks) & (set(sparse) | set(spec.dense)))
+    if clash:
+        raise EMMError(f"dataset {spec.name!r}: task name(s) {clash} equal feature column names; the Parquet splits "
+                       f"hold labels under the task names, so rename the task(s)")
     overlap = set(sparse) & set(spec.dense)
     if overlap:
         raise EMMError(f"dataset {spec.name!r}: column(s) {sorted(overlap)} are declared both dense and sparse")

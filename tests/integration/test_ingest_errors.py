@@ -161,6 +161,13 @@ def test_leaked_label_copy_is_caught_by_the_audit(tmp_path):
         run_ingest(raw, tmp_path / "out", spec)
 
 
+def test_task_named_like_a_feature_is_refused(raw, tmp_path):
+    spec = CENSUS.model_copy(update={"tasks": {**CENSUS.tasks, "age": CENSUS.tasks["income"]},
+                                     "default_tasks": ["age", "marital"]})
+    with pytest.raises(EMMError, match=r"task name\(s\) \['age'\] equal feature column names"):
+        run_ingest(raw, tmp_path / "out", spec)
+
+
 def test_header_mismatch_named(tmp_path, shared_data):
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -50,3 +50,10 @@ def test_builtins_are_valid():
     for name in ("census-income", "aliexpress", "ali-ccp"):
         spec = resolve_dataset(name)
         assert len(spec.default_tasks) == 2
+
+
+def test_unknown_top_level_section_is_an_error(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("fusee:\n  ablation: full\n")
+    with pytest.raises(EMMError, match=r"(?s)invalid:.*fusee"):
+        load_params(p)
