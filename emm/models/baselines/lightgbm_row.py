@@ -1,0 +1,50 @@
+"""What a practitioner would pick instead: one LightGBM model per task on the same splits.
+
+Sparse features are given to LightGBM as categorical (their ingested indices), dense ones as numbers;
+early stopping watches the validation AUC. This is the bar the fused model must clear (issue 6).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from emm.data.schema import Schema
+from emm.errors import EMMError
+from emm.train.metrics import auc
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "objective": "binary", "learning_rate": 0.05, "num_leaves": 63, "min_data_in_leaf": 50,
+    "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "verbose": -1, "num_threads": 2,
+}
+
+
+def lightgbm_per_task(data_dir: Path, *, seed: int = 2026, rounds: int = 2000, early_stop: int = 50,
+                      params: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """{task: {"val_auc", "test_auc", "best_iteration", "seconds"}} for every task of the ingested data."""
+    try:
+        import lightgbm as lgb
+    except ImportError as exc:  # an optional extra
+        raise EMMError("the LightGBM row needs the `lightgbm` package: pip install -e '.[baselines]'") from exc
+    schema = Schema.load(data_dir)
+    features = [f.name for f in schema.sparse] + [f.name for f in schema.dense]
+    frames = {s: pq.read_table(Path(data_dir) / f"{s}.parquet").to_pandas() for s in ("train", "val", "test")}
+    categorical = [f.name for f in schema.sparse]
+    out = {}
+    for task in schema.task_names:
+        started = time.perf_counter()
+        train = lgb.Dataset(frames["train"][features], frames["train"][task], categorical_feature=categorical,
+                            free_raw_data=False)
+        val = lgb.Dataset(frames["val"][features], frames["val"][task], reference=train,
+                          categorical_feature=categorical)
+        booster = lgb.train({**DEFAULT_PARAMS, **(params or {}), "seed": seed, "metric": "auc"}, train,
+                            num_boost_round=rounds, valid_sets=[val],
+                            callbacks=[lgb.early_stopping(early_stop, verbose=False)])
+        scores = {s: booster.predict(frames[s][features], num_iteration=booster.best_iteration) for s in ("val", "test")}
+        out[task] = {"val_auc": auc(frames["val"][task].to_numpy(), scores["val"]),
+                     "test_auc": auc(frames["test"][task].to_numpy(), scores["test"]),
+                     "best_iteration": int(booster.best_iteration), "seconds": time.perf_counter() - started}
+    return out
