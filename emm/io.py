@@ -68,7 +68,11 @@ def provenance(params_hash: str, data_hash: str | None = None) -> dict[str, Any]
 
 
 def write_json(path: Path, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write JSON atomically (a temporary sibling renamed over the target): readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:

@@ -103,10 +103,9 @@ class EMMScorer(mlflow.pyfunc.PythonModel):
     """Raw feature rows -> one probability column per task, rebuilt from spec + safetensors."""
 
     def load_context(self, context) -> None:  # noqa: ANN001 - mlflow's type
-        from safetensors.torch import load_file
-
         from emm.data.encoding import Encoder
         from emm.data.schema import Schema
+        from emm.weights import load_module
 
         folder = Path(context.artifacts["bundle"])
         meta = json.loads((folder / "model.json").read_text())
@@ -115,7 +114,7 @@ class EMMScorer(mlflow.pyfunc.PythonModel):
         module_name, fn_name = meta["builder"].split(":")
         builder = getattr(importlib.import_module(module_name), fn_name)
         self.model = builder(meta["config"], self.schema)
-        self.model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+        load_module(self.model, folder / "weights.safetensors", what="logged model", fix="log the model again")
         self.model.eval()
         self.outputs = meta["outputs"]
 
@@ -130,26 +129,25 @@ class EMMScorer(mlflow.pyfunc.PythonModel):
 
 
 def write_bundle(folder: Path, *, builder: str, config: dict[str, Any], outputs: list[str],
-                 state_dict: dict, data_dir: Path) -> None:
-    """Everything the pyfunc needs: model.json, weights.safetensors, schema.json, vocabulary.parquet."""
-    from safetensors.torch import save_file
-
+                 weights: Path, data_dir: Path) -> None:
+    """Everything the pyfunc needs: model.json, weights.safetensors (a copy of ``weights``),
+    schema.json and vocabulary.parquet."""
     from emm.data.schema import SCHEMA_FILE, VOCAB_FILE
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.json").write_text(json.dumps({"builder": builder, "config": config, "outputs": outputs},
                                                   indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / "weights.safetensors"))
+    shutil.copyfile(weights, folder / "weights.safetensors")
     for name in (SCHEMA_FILE, VOCAB_FILE):
         shutil.copyfile(Path(data_dir) / name, folder / name)
 
 
-def log_scorer(name: str, *, builder: str, config: dict[str, Any], outputs: list[str], state_dict: dict,
+def log_scorer(name: str, *, builder: str, config: dict[str, Any], outputs: list[str], weights: Path,
                data_dir: Path, input_example: pd.DataFrame, registered_name: str | None = None):
     """Log an EMMScorer pyfunc with signature and input example; optionally register a new version."""
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
-        write_bundle(bundle, builder=builder, config=config, outputs=outputs, state_dict=state_dict,
+        write_bundle(bundle, builder=builder, config=config, outputs=outputs, weights=weights,
                      data_dir=data_dir)
         scorer = EMMScorer()
         scorer.load_context(type("Ctx", (), {"artifacts": {"bundle": str(bundle)}})())

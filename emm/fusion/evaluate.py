@@ -84,8 +84,6 @@ def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_
 def register(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, summary: dict[str, Any],
              meta: dict[str, Any], tracking: TrackingConfig) -> str:
     """Log the pyfunc into the fuse run, register a new version of emm-<dataset>, alias it challenger."""
-    from safetensors.torch import load_file
-
     from emm import tracking as mt
     from emm.fusion.fused_io import BUILDER, FUSED_WEIGHTS
 
@@ -96,7 +94,7 @@ def register(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, summ
         mt.log_artifact(Path(eval_dir) / "metrics.json", "eval")
         mt.log_artifact(Path(eval_dir) / "plots" / "auc.png", "eval")
         info = mt.log_scorer("model", builder=BUILDER, config=meta["architecture"], outputs=meta["tasks"],
-                             state_dict=load_file(str(Path(fused_dir) / FUSED_WEIGHTS)), data_dir=data_dir,
+                             weights=Path(fused_dir) / FUSED_WEIGHTS, data_dir=data_dir,
                              input_example=mt.raw_example(data_dir), registered_name=mt.registered_name(dataset))
     version = str(info.registered_model_version)
     mt.tag_version(mt.registered_name(dataset), version, {

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from emm.config import DecomposeConfig, FuseConfig, TrackingConfig, params_hash
 from emm.data.schema import Schema, check_fingerprint
@@ -24,10 +23,10 @@ from emm.fusion.decompose import decompose
 from emm.fusion.fused import FusedModel, build_fused
 from emm.fusion.pool_plan import load_pool_plan
 from emm.io import atomic_dir, provenance, read_json, write_json
-from emm.models.pool import load_weights
 from emm.models.single_task import ModelSpec, build_model
 from emm.train.metrics import mean_auc
 from emm.train.trainer import FitResult, Trainer
+from emm.weights import load_module, save_module
 
 log = logging.getLogger(__name__)
 FUSED_JSON, FUSED_WEIGHTS = "fused.json", "fused.safetensors"
@@ -49,7 +48,7 @@ def load_fused(fused_dir: Path, schema: Schema) -> tuple[FusedModel, dict[str, A
     meta = read_json(Path(fused_dir) / FUSED_JSON)
     check_fingerprint(meta["schema_fingerprint"], schema, f"fused model in {fused_dir}")
     model = build_from_config(meta["architecture"], schema)
-    load_weights(model, Path(fused_dir) / FUSED_WEIGHTS, f"fused model in {fused_dir}")
+    load_module(model, Path(fused_dir) / FUSED_WEIGHTS, what=f"fused model in {fused_dir}", fix="run `emm fuse` again")
     return model.eval(), meta
 
 
@@ -104,7 +103,7 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
         fit, val_m, test_m = train_and_score()
 
     with atomic_dir(out_dir) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / FUSED_WEIGHTS))
+        save_module(model, tmp / FUSED_WEIGHTS)
         write_json(tmp / FUSED_JSON, {
             "dataset": dataset, "tasks": schema.task_names, "schema_fingerprint": schema.fingerprint(),
             "architecture": architecture, "trainable_params": n_trainable,

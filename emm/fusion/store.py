@@ -22,20 +22,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from emm.errors import EMMError
 from emm.fusion.decompose import PLAN_FORMAT, Plan, as_inputs, plan_from_traces, trace_model
 from emm.io import atomic_dir
+from emm.weights import _dedupe_state, load_module, save_module  # noqa: F401 (re-exported)
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "emm.components/1"
 ADAPTERS_FILE = "adapters.safetensors"
-_ALIASES_KEY = "emm_aliases"
 
 
 def save_plan(
@@ -105,80 +102,6 @@ def load_plan(folder: str | Path, models: Sequence[nn.Module], example_input: tu
     if manifest.get("adapters"):
         load_module(_adapter_bundle(plan), folder / manifest["adapters"])
     return plan
-
-
-# --------------------------------------------------------------------------------------------- #
-# One module <-> one safetensors file
-# --------------------------------------------------------------------------------------------- #
-
-
-def save_module(module: nn.Module, path: Path) -> None:
-    """Write ``module.state_dict()`` to ``path``; tied tensors are stored once and recorded as aliases."""
-    tensors, aliases = _dedupe_state(module.state_dict())
-    save_file(tensors, str(path), metadata={_ALIASES_KEY: json.dumps(aliases)})
-
-
-def load_module(module: nn.Module, path: Path) -> None:
-    """Load ``path`` into ``module`` strictly: every key present, none extra, every shape equal."""
-    if not path.is_file():
-        raise EMMError(f"weights file {path} is missing; the plan folder is incomplete: save the plan again")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-        aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
-    except Exception as exc:
-        raise EMMError(f"cannot read weights file {path} ({type(exc).__name__}: {exc}); save the plan again") from exc
-    for alias, canonical in aliases.items():
-        if canonical not in tensors:
-            raise EMMError(
-                f"weights file {path}: alias {alias!r} points to missing key {canonical!r}; save the plan again"
-            )
-        tensors[alias] = tensors[canonical]
-    expected = module.state_dict()
-    other = "it was saved from another architecture"
-    for key in expected:
-        if key not in tensors:
-            raise EMMError(f"weights file {path} lacks key {key!r} that the component needs; {other}")
-    for key in tensors:
-        if key not in expected:
-            raise EMMError(f"weights file {path} has key {key!r} that the component does not have; {other}")
-    for key, tensor in expected.items():
-        if tuple(tensors[key].shape) != tuple(tensor.shape):
-            raise EMMError(
-                f"weights file {path}: key {key!r} has shape {list(tensors[key].shape)}, the component expects "
-                f"{list(tensor.shape)}; {other}"
-            )
-    module.load_state_dict(tensors, strict=True)
-
-
-def _dedupe_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Contiguous, unshared tensors for safetensors (which refuses shared memory), plus alias map.
-
-    Keys naming the very same view (tied weights) become aliases of the first key; other tensors that
-    merely share storage with an earlier one, or are views into a larger storage, are copied.
-    """
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    views: dict[tuple[Any, ...], str] = {}
-    storages: set[int] = set()
-    for key, tensor in state.items():
-        tensor = tensor.detach()
-        if tensor.numel() == 0:
-            tensors[key] = tensor.clone().contiguous().cpu()
-            continue
-        ptr = tensor.untyped_storage().data_ptr()
-        view = (ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
-        if view in views:
-            aliases[key] = views[view]
-            continue
-        views[view] = key
-        whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-        if ptr in storages or not whole or not tensor.is_contiguous():
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
-        storages.add(ptr)
-        tensors[key] = tensor.cpu()
-    return tensors, aliases
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from emm.data.schema import Schema, check_fingerprint
 from emm.errors import EMMError
 from emm.io import read_json
 from emm.models.single_task import ModelSpec, SingleTaskModel, build_model
+from emm.weights import load_module
 
 POOL_FILE = "pool.json"
 
@@ -45,25 +44,6 @@ def build_from_config(config: dict[str, Any], schema: Schema) -> SingleTaskModel
     return build_model(ModelSpec.model_validate(config), schema)
 
 
-def load_weights(model, path: Path, what: str) -> None:
-    """Strict, shape-checked load from safetensors with the mismatch named."""
-    if not path.exists():
-        raise EMMError(f"{what}: weights file {path} is missing")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise EMMError(f"{what}: {path} is not a readable safetensors file ({exc})") from exc
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise EMMError(f"{what}: {path} does not match the architecture: missing {missing[:5]}, unexpected "
-                       f"{unexpected[:5]}, shape mismatches {shapes[:5]}")
-    model.load_state_dict(state)
-
-
 def read_pool(pool_dir: Path) -> list[PoolEntry]:
     raw = read_json(Path(pool_dir) / POOL_FILE)
     try:
@@ -81,6 +61,7 @@ def load_pool(pool_dir: Path, schema: Schema) -> list[tuple[PoolEntry, SingleTas
             raise EMMError(f"pool model {entry.name!r} is for task {entry.task!r}, which the data does not have "
                            f"(tasks: {schema.task_names})")
         model = build_model(entry.spec, schema)
-        load_weights(model, Path(pool_dir) / entry.weights, f"pool model {entry.name!r}")
+        load_module(model, Path(pool_dir) / entry.weights, what=f"pool model {entry.name!r}",
+                    fix="run `emm pretrain` again")
         out.append((entry, model.eval()))
     return out

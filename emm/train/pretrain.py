@@ -13,7 +13,6 @@ import logging
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
 
 from emm.config import PretrainConfig, TrackingConfig, params_hash
 from emm.data.schema import Schema
@@ -23,6 +22,7 @@ from emm.io import atomic_dir, provenance, write_json
 from emm.models.pool import POOL_FILE, PoolEntry
 from emm.models.single_task import ModelSpec, build_model
 from emm.train.trainer import Trainer
+from emm.weights import save_module
 
 log = logging.getLogger(__name__)
 ALTERNATES = ("dcn", "resmlp", "mlp-deep")
@@ -98,17 +98,17 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
             mt.log_metrics({"best_val_auc": val_m["auc"], "test_auc": test_m["auc"], "best_val_logloss": val_m["logloss"],
                             "test_logloss": test_m["logloss"], "best_epoch": result.best_epoch,
                             "epochs_run": result.epochs_run, "train_seconds": result.seconds})
+            save_module(model, work / "weights.safetensors")
             if tracking.log_models:
                 from emm.tracking import log_scorer, raw_example
 
                 log_scorer("model", builder="emm.models.pool:build_from_config", config=spec.model_dump(),
-                           outputs=[spec.task], state_dict=model.state_dict(), data_dir=data_dir,
+                           outputs=[spec.task], weights=work / "weights.safetensors", data_dir=data_dir,
                            input_example=raw_example(data_dir))
     else:
         result, val_m, test_m = fit_and_score()
+        save_module(model, work / "weights.safetensors")
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(work / "weights.safetensors"))
     entry = PoolEntry(name=spec.name, task=spec.task, spec=spec, weights=f"{spec.name}.safetensors",
                       schema_fingerprint=schema.fingerprint(), params=n_params, val_auc=val_m["auc"],
                       test_auc=test_m["auc"], val_logloss=val_m["logloss"], test_logloss=test_m["logloss"],
