@@ -105,7 +105,9 @@ def pretrain_cmd(
     from emm.stages import pretrain_stage
 
     entries = pretrain_stage(dataset, params, resume=resume, only=only.split(",") if only else None,
-                             track=not no_track, progress=sys.stderr.isatty())
+                             track=not no_track, progress=sys.stderr.isatty() and _is_main_rank())
+    if not _is_main_rank():  # under torchrun: rank 0 reports
+        return
     table = Table(title=f"{dataset}: single-task pool")
     for col in ("model", "task", "params", "epochs", "val AUC", "test AUC", "seconds"):
         table.add_column(col, justify="left" if col in ("model", "task") else "right")
@@ -113,6 +115,28 @@ def pretrain_cmd(
         table.add_row(e.name, e.task, f"{e.params:,}", f"{e.best_epoch}/{e.epochs_run}", f"{e.val_auc:.5f}",
                       f"{e.test_auc:.5f}", f"{e.seconds:.0f}")
     console.print(table)
+
+
+@app.command("benchmark")
+@user_errors
+def benchmark_cmd(
+    dataset: Annotated[str, typer.Argument(help="census-income, aliexpress, ali-ccp, or a declared dataset")],
+    profile: Annotated[Optional[str], typer.Option(help="benchmark.profiles entry (default: benchmark.profile)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="same as --profile quick: a CI-sized run")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="parallel training processes (default benchmark.workers)")] = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Pool, every baseline, the ablations and EMM over seeds (+ LightGBM, + 3/4-task runs): tables and plots
+    in results/<dataset>/. Finished runs are reused, so an interrupted benchmark resumes."""
+    from emm.stages import benchmark_stage
+
+    run = benchmark_stage(dataset, params, profile="quick" if quick else profile, workers=workers,
+                          track=not no_track)
+    console.print((run.out_dir / "table1.md").read_text(), highlight=False, soft_wrap=True)
+    console.print(f"{len(run.results)} runs in {run.seconds / 60:.1f} min; wrote:")
+    for f in run.files:
+        console.print(f"  {f}")
 
 
 @app.command("decompose")
@@ -139,7 +163,10 @@ def fuse_cmd(
     """Build the AKF model on the frozen components and train it; write fused/."""
     from emm.stages import fuse_stage
 
-    result = fuse_stage(dataset, params, resume=resume, track=not no_track, progress=sys.stderr.isatty())
+    result = fuse_stage(dataset, params, resume=resume, track=not no_track,
+                        progress=sys.stderr.isatty() and _is_main_rank())
+    if not _is_main_rank():  # under torchrun: rank 0 reports
+        return
     for task, m in result.test.items():
         console.print(f"  {task}: test AUC {m['auc']:.5f}  logloss {m['logloss']:.5f}")
     console.print(f"  {result.fit.epochs_run} epochs (best {result.fit.best_epoch}), {result.fit.seconds:.0f}s")
@@ -198,6 +225,31 @@ def predict_cmd(
     console.print(f"scored {report.scored:,} rows -> {report.output}")
     if report.rejected:
         console.print(f"[yellow]rejected {report.rejected:,} rows[/] -> {report.rejects}")
+
+
+def _is_main_rank() -> bool:
+    """False in torchrun's ranks other than 0 (pretrain/fuse run DDP there; rank 0 alone reports)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+@app.command("synth")
+@user_errors
+def synth_cmd(
+    rows: Annotated[Optional[int], typer.Option(help="total rows over train/val/test (default synth.rows)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default artifacts/<synth.dataset>/data)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="default synth.seed")] = None,
+    params: ParamsOpt = None,
+) -> None:
+    """A synthetic AliExpress-layout dataset with planted task relations, ready to train on (bounded memory)."""
+    from emm.stages import synth_stage
+
+    started = time.perf_counter()
+    schema = synth_stage(params, rows=rows, out_dir=out, seed=seed)
+    console.print(f"{schema.dataset}: {sum(schema.rows.values()):,} rows {dict(schema.rows)} in "
+                  f"{time.perf_counter() - started:.1f}s; rates "
+                  + ", ".join(f"{t.name} {t.positive_rate['train']:.4f}" for t in schema.tasks))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from emm.config import DecomposeConfig, FuseConfig, TrackingConfig, params_hash
+from emm.config import DecomposeConfig, FuseConfig, ScaleConfig, TrackingConfig, params_hash
 from emm.data.schema import Schema, check_fingerprint
-from emm.data.tensors import load_split
+from emm.data.stream import open_split
 from emm.errors import EMMError
 from emm.fusion.decompose import decompose
 from emm.fusion.fused import FusedModel, build_fused
@@ -25,6 +25,7 @@ from emm.fusion.pool_plan import load_pool_plan
 from emm.io import atomic_dir, provenance, read_json, write_json
 from emm.models.single_task import ModelSpec, build_model
 from emm.train.metrics import mean_auc
+from emm.train import distributed as ddp
 from emm.train.trainer import FitResult, Trainer
 from emm.weights import load_module, save_module
 
@@ -63,8 +64,14 @@ class FuseResult:
 
 def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out_dir: Path, work_dir: Path,
          cfg: FuseConfig, dcfg: DecomposeConfig, *, tracking: TrackingConfig | None = None, resume: bool = False,
-         progress: bool = True, run_name: str | None = None) -> FuseResult:
-    """Build the AKF model on the saved components, train it (components frozen), save ``fused/``."""
+         progress: bool = True, run_name: str | None = None, scale: ScaleConfig | None = None) -> FuseResult:
+    """Build the AKF model on the saved components, train it (components frozen), save ``fused/``.
+
+    Under torchrun every rank trains on its shard of the data; rank 0 alone tracks and writes ``fused/``.
+    """
+    ctx = ddp.current()
+    if not ctx.is_main:
+        tracking = None
     schema = Schema.load(data_dir)
     plan, entries = load_pool_plan(data_dir, pool_dir, components_dir, dcfg)
     tasks_without_models = [t for t in schema.task_names if t not in {e.task for e in entries}]
@@ -73,7 +80,8 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
                        f"add one to pretrain.pool.{dataset} and pretrain again")
     torch.manual_seed(cfg.train.seed)
     model = build_fused(plan, [e.task for e in entries], schema.task_names, cfg, schema)
-    train, val, test = (load_split(data_dir, s, schema) for s in ("train", "val", "test"))
+    rank, world = ctx.shard
+    train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world) for s in ("train", "val", "test"))
     architecture = {"pool_specs": [e.spec.model_dump(mode="json") for e in entries],
                     "decompose": dcfg.model_dump(mode="json"), "fused": model.config_dict()}
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -102,6 +110,8 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
     else:
         fit, val_m, test_m = train_and_score()
 
+    if not ctx.is_main:
+        return FuseResult(model, fit, val_m, test_m, run_id)
     with atomic_dir(out_dir) as tmp:
         save_module(model, tmp / FUSED_WEIGHTS)
         write_json(tmp / FUSED_JSON, {

@@ -11,22 +11,26 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
+import torch
 
-from emm.config import PretrainConfig, TrackingConfig, params_hash
+from emm.config import PretrainConfig, ScaleConfig, TrackingConfig, params_hash
 from emm.data.schema import Schema
-from emm.data.tensors import load_split
+from emm.data.stream import open_split
 from emm.errors import EMMError
 from emm.io import atomic_dir, provenance, write_json
 from emm.models.pool import POOL_FILE, PoolEntry
 from emm.models.single_task import ModelSpec, build_model
+from emm.train import distributed as ddp
 from emm.train.trainer import Trainer
 from emm.weights import save_module
 
 log = logging.getLogger(__name__)
 ALTERNATES = ("dcn", "resmlp", "mlp-deep")
 DEFAULT_SPINE = [128, 64, 16]
+_SEEDED_BUILD = threading.Lock()
 
 
 def default_pool(task_names: list[str], spine: list[int] | None = None) -> list[dict]:
@@ -59,26 +63,36 @@ def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[ModelS
 
 def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: PretrainConfig, *,
                      resume: bool = False, tracking: TrackingConfig | None = None,
-                     parent_run_id: str | None = None, progress: bool = True) -> PoolEntry:
-    """Train one pool member (or reuse its finished result when resuming); returns its entry."""
+                     parent_run_id: str | None = None, progress: bool = True,
+                     scale: ScaleConfig | None = None) -> PoolEntry:
+    """Train one pool member (or reuse its finished result when resuming); returns its entry.
+
+    Under torchrun every rank trains on its shard (``scale``: streamed or in memory) and only rank 0
+    writes the work folder and logs to MLflow.
+    """
+    ctx = ddp.current()
+    tracking = tracking if ctx.is_main else None
     schema = Schema.load(data_dir)
     work = Path(work_dir) / spec.name
     entry_file = work / "entry.json"
     signature = {"spec": spec.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
                  "fingerprint": schema.fingerprint()}
-    if resume and entry_file.exists():
-        done = json.loads(entry_file.read_text())
-        if done.get("signature") == signature:
+    if resume:  # rank 0 decides for everyone (the work folder may exist on its machine only)
+        done = ddp.on_main(lambda: json.loads(entry_file.read_text()) if entry_file.exists() else None)
+        if done is not None and done.get("signature") == signature:
             log.info("%s: already trained, reusing %s", spec.name, work)
             return PoolEntry.model_validate(done["entry"])
-    if not resume and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        if not resume and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
 
-    train = load_split(data_dir, "train", schema).select_tasks([spec.task])
-    val = load_split(data_dir, "val", schema).select_tasks([spec.task])
-    test = load_split(data_dir, "test", schema).select_tasks([spec.task])
-    model = build_model(spec, schema)
+    rank, world = ctx.shard
+    train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world).select_tasks([spec.task])
+                        for s in ("train", "val", "test"))
+    with _SEEDED_BUILD:  # seed + build as one step: concurrent pool tasks (Prefect threads) share torch's RNG
+        torch.manual_seed(cfg.train.seed)  # initial weights follow the configured seed, not the RNG's history
+        model = build_model(spec, schema)
     n_params = sum(p.numel() for p in model.parameters())
 
     def fit_and_score(on_epoch=None) -> tuple:
@@ -107,14 +121,16 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
                            input_example=raw_example(data_dir))
     else:
         result, val_m, test_m = fit_and_score()
-        save_module(model, work / "weights.safetensors")
+        if ctx.is_main:
+            save_module(model, work / "weights.safetensors")
 
     entry = PoolEntry(name=spec.name, task=spec.task, spec=spec, weights=f"{spec.name}.safetensors",
                       schema_fingerprint=schema.fingerprint(), params=n_params, val_auc=val_m["auc"],
                       test_auc=test_m["auc"], val_logloss=val_m["logloss"], test_logloss=test_m["logloss"],
                       epochs_run=result.epochs_run, best_epoch=result.best_epoch, seconds=round(result.seconds, 2),
                       mlflow_run_id=run_id)
-    write_json(entry_file, {"signature": signature, "entry": entry.model_dump(mode="json")})
+    if ctx.is_main:
+        write_json(entry_file, {"signature": signature, "entry": entry.model_dump(mode="json")})
     log.info("%s: test AUC %.5f (val %.5f), %d epochs, %.0fs", spec.name, test_m["auc"], val_m["auc"],
              result.epochs_run, result.seconds)
     return entry
@@ -132,8 +148,11 @@ def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: 
 
 def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: PretrainConfig, *,
              tracking: TrackingConfig | None = None, resume: bool = False, only: list[str] | None = None,
-             progress: bool = True) -> list[PoolEntry]:
-    """Train every pool model (sequentially) under one MLflow parent run and write ``pool/``."""
+             progress: bool = True, scale: ScaleConfig | None = None) -> list[PoolEntry]:
+    """Train every pool model (sequentially) under one MLflow parent run and write ``pool/``
+    (under torchrun: all ranks train, rank 0 alone tracks and writes)."""
+    if not ddp.current().is_main:
+        tracking = None
     schema = Schema.load(data_dir)
     specs = pool_specs(dataset, cfg, schema)
     if only:
@@ -143,7 +162,8 @@ def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: P
         specs = [s for s in specs if s.name in only]
     entries: list[PoolEntry] = []
     if tracking is None:
-        entries = [train_pool_model(s, data_dir, work_dir, cfg, resume=resume, progress=progress) for s in specs]
+        entries = [train_pool_model(s, data_dir, work_dir, cfg, resume=resume, progress=progress, scale=scale)
+                   for s in specs]
     else:
         from emm import tracking as mt
 
@@ -152,7 +172,8 @@ def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: P
             mt.log_params({"dataset": dataset, "models": [s.name for s in specs], "rows_train": schema.rows["train"]})
             for s in specs:
                 entries.append(train_pool_model(s, data_dir, work_dir, cfg, resume=resume, tracking=tracking,
-                                                parent_run_id=parent, progress=progress))
+                                                parent_run_id=parent, progress=progress, scale=scale))
             mt.log_metrics({f"test_auc_{e.name}": e.test_auc for e in entries})
-    assemble_pool(entries, work_dir, out_dir, cfg)
+    if ddp.current().is_main:
+        assemble_pool(entries, work_dir, out_dir, cfg)
     return entries

@@ -10,6 +10,10 @@ Design choices, and why:
   the early-stopping state. Killing after epoch k and resuming gives the same weights bit for bit.
 - Checkpoints are plain dicts of tensors and numbers, saved with ``torch.save`` and loaded with
   ``weights_only=True`` (no pickle of code).
+- Past one machine (``emm.train.distributed``, ``emm.data.stream``): the training data may also be a
+  ``ParquetStream`` (batches read row group by row group, bounded memory), and under ``torchrun`` the
+  model trains wrapped in DDP with each rank given its shard. In a single process with in-memory tensors
+  nothing of that runs: the batches, shuffles and results are the ones above, bit for bit.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +33,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from emm.config import TrainConfig
+from emm.data.stream import ParquetStream
 from emm.data.tensors import SplitTensors
 from emm.errors import EMMError
+from emm.train import distributed as ddp
 from emm.train.metrics import mean_auc, task_metrics
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
 EpochCallback = Callable[[int, dict[str, float]], None]
+Data = SplitTensors | ParquetStream  # in memory (index-sliced batches) or streamed from Parquet
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -58,31 +65,50 @@ class FitResult:
 
 
 class Trainer:
-    """Adam + BCE, early stopping on mean validation AUC, best weights kept, a checkpoint per epoch."""
+    """Adam + BCE, early stopping on mean validation AUC, best weights kept, a checkpoint per epoch.
+
+    Under an initialised process group (``dist``, default: the active ``emm.train.distributed`` session)
+    ``fit`` and ``evaluate`` take *this rank's shard* of each split; metrics are those of the whole split.
+    """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, checkpoint_dir: Path | None = None,
                  fingerprint: str | None = None, on_epoch: EpochCallback | None = None,
-                 progress: bool = True, desc: str = "train") -> None:
+                 progress: bool = True, desc: str = "train", dist: ddp.DistContext | None = None) -> None:
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        self.desc = desc
+        self.dist = dist or ddp.current()
+        self.device = self._device(cfg.device)
         self.model = model.to(self.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.fingerprint = fingerprint
         self.on_epoch = on_epoch
         self.progress = progress
-        self.desc = desc
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise EMMError(f"{desc}: the model has no trainable parameters")
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.loss_fn = nn.BCEWithLogitsLoss()
+        self._net: nn.Module = self.model  # what the training step calls: the model, or DDP around it
+        self._pad_to = 0  # rows every rank yields per epoch (fit sets it: the largest shard)
+
+    def _device(self, preference: str) -> torch.device:
+        if not self.dist.active:
+            return pick_device(preference)
+        if preference != "auto" and torch.device(preference).type != self.dist.device.type:
+            raise EMMError(f"{self.desc}: train.device is {preference!r} but this distributed run uses "
+                           f"{self.dist.device} ({self.dist.backend}); set device: auto or change scale.backend")
+        return self.dist.device
 
     # ---- training ---------------------------------------------------------------------------------------
-    def fit(self, train: SplitTensors, val: SplitTensors, *, resume: bool = False) -> FitResult:
+    def fit(self, train: Data, val: Data, *, resume: bool = False) -> FitResult:
         cfg = self.cfg
-        if len(train) == 0 or len(val) == 0:
-            raise EMMError(f"{self.desc}: empty training or validation split")
-        self._check_output_width(train)
+        if min(ddp.all_gather_ints(len(train), self.dist)) == 0 or min(ddp.all_gather_ints(len(val), self.dist)) == 0:
+            raise EMMError(f"{self.desc}: empty training or validation split"
+                           + (f" on some rank (fewer rows than the {self.dist.world_size} ranks?)"
+                              if self.dist.active else ""))
+        self._pad_to = max(ddp.all_gather_ints(len(train), self.dist))
+        probe = train.head(2)
+        self._check_output_width(probe)
         torch.manual_seed(cfg.seed)
         state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
         best_state = copy.deepcopy(self.model.state_dict())
@@ -91,12 +117,14 @@ class Trainer:
             if loaded is not None:
                 state, best_state = loaded
                 log.info("%s: resumed after epoch %d", self.desc, state["epoch"])
-        train_dev = train.to(self.device)
+        self._net = ddp.wrap(self.model, (probe.sparse.to(self.device), probe.dense.to(self.device)), self.dist)
+        train_dev = train.to(self.device) if isinstance(train, SplitTensors) else train
         started = time.perf_counter()
         stopped_early = state["bad_epochs"] >= cfg.patience
         while state["epoch"] < cfg.max_epochs and not stopped_early:
             epoch = state["epoch"] + 1
             train_loss = self._run_epoch(train_dev, epoch)
+            ddp.sync_buffers(self.model, self.dist)
             metrics = self.evaluate(val)
             val_auc = mean_auc(metrics)
             row = {"epoch": epoch, "train_loss": train_loss, "val_auc": val_auc,
@@ -116,6 +144,7 @@ class Trainer:
             log.info("%s epoch %d: loss %.5f val AUC %.5f%s", self.desc, epoch, train_loss, val_auc,
                      " (best)" if state["best_epoch"] == epoch else "")
         self.model.load_state_dict(best_state)
+        self._net = self.model
         return FitResult(best_epoch=state["best_epoch"], best_val_auc=state["best_auc"], epochs_run=state["epoch"],
                          stopped_early=stopped_early, seconds=time.perf_counter() - started,
                          history=state["history"])
@@ -130,20 +159,47 @@ class Trainer:
             raise EMMError(f"{self.desc}: the model returns {out.shape[1]} output(s) per row but the data has "
                            f"{data.labels.shape[1]} task(s) {data.task_names}; select the model's task(s) first")
 
-    def _run_epoch(self, data: SplitTensors, epoch: int) -> float:
-        self.model.train()
-        n, bs = len(data), self.cfg.batch_size
-        gen = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        order = torch.randperm(n, generator=gen).to(self.device)
-        total, seen = torch.zeros((), device=self.device), 0
-        steps = range(0, n, bs)
-        bar = tqdm(steps, desc=f"{self.desc} epoch {epoch}", leave=False, disable=not self.progress,
-                   mininterval=1.0)
-        for step, start in enumerate(bar):
+    def _epoch_batches(self, data: Data, epoch: int) -> Iterator[SplitTensors]:
+        """This rank's batches of one epoch: index slices of a seeded permutation, or the stream's own.
+
+        Distributed, every rank yields the same number of rows (``_pad_to``, the largest shard; a shorter
+        shard repeats a row) so that all ranks take the same number of DDP steps.
+        """
+        bs = self.dist.local_batch(self.cfg.batch_size)
+        rank_seed = self.cfg.seed + epoch
+        if self.dist.active:  # a different shuffle per rank; one process keeps the historical seed
+            rank_seed = int(np.random.SeedSequence([self.cfg.seed, epoch, self.dist.rank]).generate_state(1)[0])
+        if isinstance(data, ParquetStream):
+            for batch in data.batches(bs, shuffle=True, seed=rank_seed, epoch=epoch, pad_to=self._pad_to):
+                yield batch.to(self.device)
+            return
+        n = len(data)
+        gen = torch.Generator().manual_seed(rank_seed)
+        order = torch.randperm(n, generator=gen)
+        if self._pad_to > n:
+            order = torch.cat([order, order[:self._pad_to - n]])
+        order = order.to(self.device)
+        for start in range(0, len(order), bs):
             idx = order[start:start + bs]
-            logits = self.model(data.sparse[idx], data.dense[idx])
-            loss = self.loss_fn(logits, data.labels[idx]) * data.labels.shape[1]  # sum over tasks
-            if not torch.isfinite(loss):
+            yield SplitTensors(data.sparse[idx], data.dense[idx], data.labels[idx], data.task_names)
+
+    def _run_epoch(self, data: Data, epoch: int) -> float:
+        self.model.train()
+        self._net.train()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        seen = torch.zeros((), dtype=torch.float64, device=self.device)
+        bs = self.dist.local_batch(self.cfg.batch_size)
+        bar = tqdm(self._epoch_batches(data, epoch), total=math.ceil(max(self._pad_to, len(data)) / bs),
+                   desc=f"{self.desc} epoch {epoch}", leave=False, disable=not self.progress, mininterval=1.0)
+        for step, batch in enumerate(bar):
+            logits = self._net(batch.sparse, batch.dense)
+            loss = self.loss_fn(logits, batch.labels) * batch.labels.shape[1]  # sum over tasks
+            # distributed: every rank sees the global batch loss, so a NaN on any rank stops all of them
+            # (float64: a row count past 2**24 is still exact)
+            batch_sum = ddp.all_reduce_sum(torch.stack([loss.detach().double() * len(batch),
+                                                        loss.new_tensor(len(batch), dtype=torch.float64)]), self.dist)
+            if not torch.isfinite(batch_sum[0]):
+                loss = batch_sum[0] / batch_sum[1]
                 where = f"epoch {epoch}, step {step}"
                 kept = (f"the last good checkpoint (after epoch {epoch - 1}) is kept in {self.checkpoint_dir}"
                         if self.checkpoint_dir else "no checkpoint directory was set")
@@ -152,23 +208,35 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += loss.detach() * len(idx)
-            seen += len(idx)
+            total += batch_sum[0]
+            seen += batch_sum[1]
             if self.progress and step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-        return float(total) / seen
+        return float(total) / float(seen)
 
     # ---- inference ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, data: SplitTensors) -> np.ndarray:
+    def predict(self, data: Data) -> np.ndarray:
+        """Probabilities [N, T] for the rows given (distributed: this rank's shard only)."""
+        if isinstance(data, ParquetStream):
+            return predict_stream(self.model, data, self.cfg.eval_batch_size, self.device)[0]
         return predict_proba(self.model, data, self.cfg.eval_batch_size, self.device)
 
-    def evaluate(self, data: SplitTensors) -> dict[str, dict[str, float]]:
-        return task_metrics(data.labels.numpy(), self.predict(data), data.task_names)
+    def evaluate(self, data: Data) -> dict[str, dict[str, float]]:
+        """Per-task AUC/logloss of the whole split (distributed: shards gathered, computed on rank 0 and
+        broadcast, so every rank takes the same early-stopping decision)."""
+        if isinstance(data, ParquetStream):
+            probs, labels = predict_stream(self.model, data, self.cfg.eval_batch_size, self.device)
+        else:
+            probs, labels = self.predict(data), data.labels.numpy()
+        if not self.dist.active:
+            return task_metrics(labels, probs, data.task_names)
+        probs, labels = ddp.gather_rows(probs, self.dist), ddp.gather_rows(labels, self.dist)
+        return ddp.on_main(lambda: task_metrics(labels, probs, data.task_names), self.dist)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _save_checkpoint(self, state: dict[str, Any], best_state: dict[str, torch.Tensor]) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not self.dist.is_main:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -179,15 +247,25 @@ class Trainer:
         torch.save(payload, tmp)
         tmp.replace(self.checkpoint_dir / CHECKPOINT)  # atomic: a kill mid-save keeps the previous epoch
 
-    def _load_checkpoint(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    def _read_checkpoint(self) -> dict[str, Any] | None:
         path = (self.checkpoint_dir or Path("/nonexistent")) / CHECKPOINT
         if not path.exists():
             log.info("%s: no checkpoint at %s, starting fresh", self.desc, path)
             return None
-        payload = torch.load(path, map_location=self.device, weights_only=True)
+        # distributed: read on CPU, since the payload is pickled to the other ranks
+        payload = torch.load(path, map_location="cpu" if self.dist.active else self.device, weights_only=True)
         if self.fingerprint and payload.get("fingerprint") not in ("", self.fingerprint):
             raise EMMError(f"{path} was written for data schema {payload['fingerprint']}, but the data now has "
                            f"schema {self.fingerprint}; delete the checkpoint or re-ingest the matching data")
+        payload["path"] = str(path)
+        return payload
+
+    def _load_checkpoint(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """Rank 0 reads the checkpoint and every rank applies it (one process: just read and apply)."""
+        payload = ddp.on_main(self._read_checkpoint, self.dist)
+        if payload is None:
+            return None
+        path = payload["path"]
         try:
             self.model.load_state_dict(payload["model"])
         except RuntimeError as exc:
@@ -212,3 +290,21 @@ def predict_proba(model: nn.Module, data: SplitTensors, batch_size: int = 65536,
         out.append(torch.sigmoid(logits).float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, data.labels.shape[1]), np.float32)
+
+
+@torch.no_grad()
+def predict_stream(model: nn.Module, data: ParquetStream, batch_size: int = 65536,
+                   device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [N, T], labels [N, T]) over a stream, in file order; memory: one batch + the outputs."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    for batch in data.batches(batch_size):
+        probs.append(torch.sigmoid(model(batch.sparse.to(device), batch.dense.to(device))).float().cpu())
+        labels.append(batch.labels)
+    model.train(was_training)
+    if not probs:
+        empty = np.zeros((0, len(data.task_names)), np.float32)
+        return empty, empty
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
