@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,18 +49,24 @@ def configure(store: Path) -> str:
     return uri
 
 
+_EXPERIMENT_LOCK = threading.Lock()
+
+
 def use_experiment(dataset: str, store: Path) -> str:
-    """Create (once) and select the experiment ``emm-<dataset>``; artifacts go under the store."""
-    configure(store)
-    name = f"emm-{dataset}"
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is None:
-        location = (Path(store).resolve() / "artifacts").as_uri()
-        exp_id = mlflow.create_experiment(name, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
+    """Create (once) and select the experiment ``emm-<dataset>``; artifacts go under the store.
+
+    Locked: concurrent pool trainings (threads) must not both try to create the experiment."""
+    with _EXPERIMENT_LOCK:
+        configure(store)
+        name = f"emm-{dataset}"
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            location = (Path(store).resolve() / "artifacts").as_uri()
+            exp_id = mlflow.create_experiment(name, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        mlflow.set_experiment(experiment_id=exp_id)
+        return exp_id
 
 
 @contextlib.contextmanager
@@ -82,6 +89,76 @@ def reopen_run(run_id: str | None, name: str) -> Iterator[str]:
     else:
         with run(name) as new_id:
             yield new_id
+
+
+# ---- runs addressed by id (no fluent active-run stack): parents of runs made in other threads ------------------
+def start_detached_run(dataset: str, store: Path, name: str, *, tags: dict[str, str] | None = None,
+                       params: dict[str, Any] | None = None) -> str:
+    """Create a RUNNING run in ``emm-<dataset>`` and return its id without making it the active run.
+
+    Why: the fluent API keeps one active-run stack per thread, so a parent opened with ``run()`` in the
+    flow's thread is invisible to pool members training in worker threads. They nest under it through
+    ``run(name, parent_run_id=...)`` instead, and this run is ended with ``end_detached_run``.
+    """
+    exp_id = use_experiment(dataset, store)
+    client = mlflow.MlflowClient()
+    created = client.create_run(exp_id, run_name=name, tags=dict(tags or {}))
+    for key, value in (params or {}).items():
+        client.log_param(created.info.run_id, key, json.dumps(value) if isinstance(value, (list, dict)) else value)
+    return created.info.run_id
+
+
+def end_detached_run(run_id: str, store: Path, *, metrics: dict[str, float] | None = None,
+                     status: str = "FINISHED") -> None:
+    """Log final metrics to a run made by ``start_detached_run`` and end it (FINISHED or FAILED)."""
+    configure(store)
+    client = mlflow.MlflowClient()
+    for key, value in (metrics or {}).items():
+        if value is not None and np.isfinite(value):
+            client.log_metric(run_id, key, float(value))
+    if client.get_run(run_id).info.status == "RUNNING":  # a reused (cached) parent keeps its first ending
+        client.set_terminated(run_id, status=status)
+
+
+def child_runs(dataset: str, store: Path, parent_run_id: str) -> list[dict[str, str]]:
+    """Name, status and parent of every run nested under ``parent_run_id`` (for checks and reports)."""
+    configure(store)
+    exp = mlflow.get_experiment_by_name(registered_name(dataset))
+    if exp is None:
+        return []
+    runs = mlflow.MlflowClient().search_runs([exp.experiment_id],
+                                             filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+             "parent": r.data.tags.get("mlflow.parentRunId", "")} for r in runs]
+
+
+def model_version_exists(dataset: str, store: Path, version: str | None) -> bool:
+    """Whether ``emm-<dataset>`` still has ``version`` in the registry (a cached registration is void if not)."""
+    if not version:
+        return False
+    configure(store)
+    try:
+        mlflow.MlflowClient().get_model_version(registered_name(dataset), str(version))
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error may pass on a retry: network/OS trouble, a locked SQLite store, a 5xx/429 from a
+    tracking server. Never an EMMError (a user's mistake fails the same way every time).
+    """
+    if isinstance(exc, (EMMError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+        return True
+    text = str(exc).lower()
+    if "database is locked" in text or "temporarily unavailable" in text:
+        return True
+    if isinstance(exc, mlflow.exceptions.MlflowException):
+        return exc.error_code in {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED",
+                                  "RESOURCE_EXHAUSTED"}
+    return False
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -185,10 +262,17 @@ def registered_name(dataset: str) -> str:
 
 
 def tag_version(name: str, version: str, tags: dict[str, Any]) -> None:
+    """Tag a just-registered version and alias it challenger, or delete it: a version without its score
+    tag would sit in the registry half-registered (promote could never rank it)."""
     client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, str(value))
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    except Exception:
+        log.error("tagging %s version %s failed; deleting the half-registered version", name, version)
+        client.delete_model_version(name, version)
+        raise
 
 
 def _version_by_alias(client, name: str, alias: str):

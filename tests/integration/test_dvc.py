@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,10 @@ def test_repro_runs_once_then_nothing(repo_copy):
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["pretrain"]["train"]["seed"] = 7
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    status = dvc(["status"], repo_copy)  # what DVC sees before running anything: pretrain's params, not ingest
+    assert status.returncode == 0, status.stderr
+    assert "pretrain:" in status.stdout and re.search(r"modified:\s+pretrain\b", status.stdout), status.stdout
+    assert "ingest:" not in status.stdout, status.stdout
     third = dvc(["repro"], repo_copy)
     assert third.returncode == 0, third.stderr
     assert "Running stage 'pretrain'" in third.stdout and "Running stage 'decompose'" in third.stdout
