@@ -1,0 +1,13 @@
+"""`emm benchmark`: the paper's experiments (Table I, Table II, Figure 3) on one dataset, with one command.
+
+- ``data``: the task sets' ingested data (optionally the first N raw rows, for quick profiles);
+- ``jobs``: one training run each (a pool model, a baseline, LightGBM, a fused variant), run in worker
+  processes and cached on disk, so an interrupted benchmark resumes where it stopped;
+- ``runner``: schedules the jobs over the seeds, decomposes each seed's pool, logs to MLflow;
+- ``report``: tables (markdown + CSV), plots, the fusion-gate selection heat maps;
+- ``paper``: the published numbers printed beside ours.
+"""
+
+from emm.benchmark.runner import run_benchmark
+
+__all__ = ["run_benchmark"]

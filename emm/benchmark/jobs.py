@@ -1,0 +1,190 @@
+"""One benchmark training run = one ``Job``: plain data, so it can cross into a worker process, and a
+signature, so its finished result is reused when the benchmark is run again with the same inputs.
+
+Every job trains on the shared ``Trainer`` with early stopping on validation AUC and reports validation and
+test AUC per task. Why worker processes with one torch thread each: the models are small, and two
+single-threaded processes train ~1.7x faster on 2 cores than one process using both (measured).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from emm.config import params_hash
+from emm.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+Kind = Literal["pool", "decompose", "baseline", "lightgbm", "fused"]
+PRIORITY = {"decompose": 0, "fused": 1, "pool": 2, "baseline": 3, "lightgbm": 4}  # critical path first
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: Kind
+    method: str                   # pool model name, baseline name, "lightgbm", an ablation, or "decompose"
+    seed: int
+    task_set: str                 # e.g. "income+marital"
+    dataset: str
+    data_dir: str
+    seed_dir: str                 # <work>/<task set>/seed-<seed>/: this seed's pool, components, fused models
+    config: dict[str, Any] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()   # keys of jobs that must finish first
+
+    @property
+    def key(self) -> str:
+        return f"{self.task_set}/seed-{self.seed}/{self.kind}-{self.method}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.method} (seed {self.seed}, {self.task_set})"
+
+    @property
+    def result_path(self) -> Path:
+        safe = self.method.replace("+", "plus-")
+        return Path(self.seed_dir) / "results" / f"{self.kind}-{safe}.json"
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.seed_dir) / "work" / f"{self.kind}-{self.method.replace('+', 'plus-')}"
+
+    def signature(self, data_fingerprint: str) -> str:
+        return params_hash({"job": asdict(self) | {"needs": list(self.needs)}, "data": data_fingerprint})
+
+
+def cached_result(job: Job, signature: str) -> dict[str, Any] | None:
+    """The job's stored result when it was produced by the very same inputs, else None."""
+    if not job.result_path.exists():
+        return None
+    stored = read_json(job.result_path)
+    return stored["result"] if stored.get("signature") == signature else None
+
+
+def init_worker(threads: int) -> None:
+    """Runs once in each worker process: bound torch's threads so parallel jobs do not fight over cores."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    from emm.runtime import set_quiet_env
+
+    set_quiet_env()
+    logging.basicConfig(level=logging.WARNING)
+
+
+def run_job(job: Job, signature: str) -> dict[str, Any]:
+    """Run one job (resuming its own interrupted attempt when the inputs are unchanged), store its result."""
+    started_file = job.result_path.with_suffix(".started")
+    started_file.parent.mkdir(parents=True, exist_ok=True)
+    resume = started_file.exists() and started_file.read_text() == signature
+    if not resume and job.work_dir.exists():
+        shutil.rmtree(job.work_dir)
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    started_file.write_text(signature)
+    t0 = time.perf_counter()
+    result = RUNNERS[job.kind](job, resume)
+    result.update(kind=job.kind, method=job.method, seed=job.seed, task_set=job.task_set,
+                  wall_seconds=round(time.perf_counter() - t0, 1))
+    write_json(job.result_path, {"signature": signature, "result": result})
+    started_file.unlink(missing_ok=True)
+    return result
+
+
+# ---- the five kinds ------------------------------------------------------------------------------------------
+def _train_cfg(job: Job):
+    from emm.config import TrainConfig
+
+    return TrainConfig.model_validate(job.config["train"])
+
+
+def _scores(val: dict, test: dict) -> dict[str, dict[str, float]]:
+    return {t: {"val_auc": val[t]["auc"], "test_auc": test[t]["auc"], "test_logloss": test[t]["logloss"]} for t in test}
+
+
+def _run_pool(job: Job, resume: bool) -> dict[str, Any]:
+    from emm.config import PretrainConfig
+    from emm.models.single_task import ModelSpec
+    from emm.train.pretrain import train_pool_model
+
+    spec = ModelSpec.model_validate(job.config["spec"])
+    entry = train_pool_model(spec, Path(job.data_dir), job.work_dir.parent / "pool-work",
+                             PretrainConfig(train=_train_cfg(job)), resume=resume, progress=False)
+    return {"tasks": {entry.task: {"val_auc": entry.val_auc, "test_auc": entry.test_auc,
+                                   "test_logloss": entry.test_logloss}},
+            "entry": entry.model_dump(mode="json"), "params": entry.params, "epochs_run": entry.epochs_run,
+            "best_epoch": entry.best_epoch, "seconds": entry.seconds}
+
+
+def _run_decompose(job: Job, resume: bool) -> dict[str, Any]:
+    from emm.config import DecomposeConfig, PretrainConfig
+    from emm.fusion.pool_plan import decompose_pool
+    from emm.models.pool import PoolEntry
+    from emm.train.pretrain import assemble_pool
+
+    seed_dir = Path(job.seed_dir)
+    entries = [PoolEntry.model_validate(read_json(Path(p))["result"]["entry"]) for p in job.config["pool_results"]]
+    assemble_pool(entries, seed_dir / "work" / "pool-work", seed_dir / "pool",
+                  PretrainConfig(train=_train_cfg(job)))
+    plan, _ = decompose_pool(Path(job.data_dir), seed_dir / "pool", seed_dir / "components",
+                             DecomposeConfig.model_validate(job.config["decompose"]))
+    return {"tasks": {}, "levels": plan.num_levels, "report": plan.report()}
+
+
+def _run_baseline(job: Job, resume: bool) -> dict[str, Any]:
+    import torch
+
+    from emm.data.schema import Schema
+    from emm.data.tensors import load_split
+    from emm.models.baselines.registry import build_baseline
+    from emm.train.trainer import Trainer
+
+    data_dir = Path(job.data_dir)
+    schema = Schema.load(data_dir)
+    train, val, test = (load_split(data_dir, s, schema) for s in ("train", "val", "test"))
+    torch.manual_seed(job.seed)
+    model = build_baseline(job.method, schema, **job.config.get("kwargs", {}))
+    trainer = Trainer(model, _train_cfg(job), checkpoint_dir=job.work_dir / "checkpoint",
+                      fingerprint=schema.fingerprint(), progress=False, desc=job.method)
+    fit = trainer.fit(train, val, resume=resume)
+    return {"tasks": _scores(trainer.evaluate(val), trainer.evaluate(test)),
+            "params": sum(p.numel() for p in model.parameters()), "epochs_run": fit.epochs_run,
+            "best_epoch": fit.best_epoch, "seconds": round(fit.seconds, 1)}
+
+
+def _run_lightgbm(job: Job, resume: bool) -> dict[str, Any]:
+    from emm.models.baselines.lightgbm_row import lightgbm_per_task
+
+    started = time.perf_counter()
+    out = lightgbm_per_task(Path(job.data_dir), seed=job.seed, params={"num_threads": job.config.get("threads", 1)})
+    return {"tasks": {t: {"val_auc": r["val_auc"], "test_auc": r["test_auc"]} for t, r in out.items()},
+            "best_iteration": {t: r["best_iteration"] for t, r in out.items()},
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _run_fused(job: Job, resume: bool) -> dict[str, Any]:
+    from emm.config import DecomposeConfig, FuseConfig
+    from emm.fusion.fused_io import fuse
+
+    seed_dir = Path(job.seed_dir)
+    cfg = FuseConfig.model_validate(job.config["fuse"])
+    res = fuse(job.dataset, Path(job.data_dir), seed_dir / "pool", seed_dir / "components", job.work_dir / "fused",
+               job.work_dir / "train", cfg, DecomposeConfig.model_validate(job.config["decompose"]),
+               resume=resume, progress=False)
+    return {"tasks": _scores(res.val, res.test), "gates": res.model.gate_report(),
+            "params": sum(p.numel() for p in res.model.parameters() if p.requires_grad),
+            "epochs_run": res.fit.epochs_run, "best_epoch": res.fit.best_epoch, "seconds": round(res.fit.seconds, 1)}
+
+
+RUNNERS = {"pool": _run_pool, "decompose": _run_decompose, "baseline": _run_baseline, "lightgbm": _run_lightgbm,
+           "fused": _run_fused}
+
+
+def describe(result: dict[str, Any]) -> str:
+    aucs = ", ".join(f"{t} {m['test_auc']:.5f}" for t, m in result.get("tasks", {}).items())
+    return aucs or json.dumps({k: result[k] for k in ("levels",) if k in result})

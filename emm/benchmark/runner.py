@@ -1,0 +1,219 @@
+"""Schedule the benchmark's jobs over worker processes, reuse finished ones, log everything to MLflow.
+
+The job graph per task set and seed: pool models -> decompose (assemble ``pool/``, cut components) ->
+fused variants (Table II ablations; ``full`` is EMM). Baselines and LightGBM depend on nothing. The
+scheduler keeps ``workers`` jobs in flight and always starts the ready job on the critical path first
+(decompose, then fused, then pool models), so the long fused trainings do not queue behind baselines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from emm.benchmark.data import prepare_task_set, task_set_key
+from emm.benchmark.jobs import PRIORITY, Job, cached_result, describe, init_worker, run_job
+from emm.config import BASELINE_NAMES, BenchmarkProfile, Params, load_params
+from emm.data.schema import Schema
+from emm.errors import EMMError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchmarkRun:
+    dataset: str
+    profile: str
+    out_dir: Path
+    results: list[dict[str, Any]]
+    files: list[Path]
+    seconds: float
+    mlflow_run_id: str | None
+
+
+def output_dir(cfg: Params, dataset: str, profile: str) -> Path:
+    """results/<dataset>/ for the default profile (what the README shows), results/<dataset>/<profile>/ else."""
+    base = cfg.benchmark.out / dataset
+    return base if profile == cfg.benchmark.profile else base / profile
+
+
+def benchmark_pool(dataset: str, cfg: Params, schema: Schema) -> list[dict[str, Any]]:
+    """The configured pool for the tasks it covers, plus two default models for any task it does not
+    (the 3- and 4-task runs add tasks the 2-task pool has no model for)."""
+    from emm.train.pretrain import default_pool
+
+    configured = [s for s in cfg.pretrain.pool.get(dataset, []) if s["task"] in schema.task_names]
+    covered = {s["task"] for s in configured}
+    missing = [t for t in schema.task_names if t not in covered]
+    spine = next((s["hidden"] for s in configured if s.get("hidden")), None)  # share layers with the rest
+    return configured + (default_pool(missing, spine) if missing else [])
+
+
+def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict[str, Path], main_set: str,
+              work: Path) -> list[Job]:
+    """Every job of the benchmark, with its dependencies."""
+    from emm.models.single_task import ModelSpec
+
+    def train_cfg(base, seed: int) -> dict[str, Any]:
+        update = {"seed": seed, **({"max_epochs": prof.max_epochs} if prof.max_epochs else {})}
+        return base.model_copy(update=update).model_dump(mode="json")
+
+    size = cfg.benchmark.baseline_size.get(dataset) or (
+        {"expert_hidden": [16], "tower": [8]} if dataset == "census-income" else {"expert_hidden": [128], "tower": [128]})
+    jobs: list[Job] = []
+    for ts, data_dir in data_dirs.items():
+        is_main = ts == main_set
+        schema = Schema.load(data_dir)
+        seeds = prof.seeds if is_main else prof.seeds[:prof.task_set_seeds]
+        baselines = prof.baselines if is_main else [b for b in prof.task_set_methods if b in BASELINE_NAMES]
+        ablations = sorted(set(prof.ablations) | {"full"}, key=["baseline", "+mtm", "+pretrained", "full"].index) \
+            if is_main else ["full"]
+        specs = [ModelSpec.model_validate(s) for s in benchmark_pool(dataset, cfg, schema)]
+        for seed in seeds:
+            seed_dir = str(work / ts / f"seed-{seed}")
+            common = {"seed": seed, "task_set": ts, "dataset": dataset, "data_dir": str(data_dir), "seed_dir": seed_dir}
+            pool_jobs = [Job("pool", s.name, config={"spec": s.model_dump(mode="json"),
+                                                      "train": train_cfg(cfg.pretrain.train, seed)}, **common)
+                         for s in specs]
+            decompose = Job("decompose", "pool", config={
+                "pool_results": [str(j.result_path) for j in pool_jobs], "train": train_cfg(cfg.pretrain.train, seed),
+                "decompose": cfg.decompose.model_dump(mode="json")}, needs=tuple(j.key for j in pool_jobs), **common)
+            fused = [Job("fused", ab, config={
+                "fuse": cfg.fuse.model_copy(update={"ablation": ab, "train": cfg.fuse.train.model_copy(
+                    update=train_cfg(cfg.fuse.train, seed))}).model_dump(mode="json"),
+                "decompose": cfg.decompose.model_dump(mode="json")}, needs=(decompose.key,), **common)
+                for ab in ablations]
+            others = [Job("baseline", b, config={"train": train_cfg(cfg.pretrain.train, seed), "kwargs": size
+                                                 if b != "shared_bottom" else {"tower": size["tower"]}}, **common)
+                      for b in baselines]
+            if prof.lightgbm:
+                others.append(Job("lightgbm", "lightgbm", config={"threads": 1}, **common))
+            jobs += [*pool_jobs, decompose, *fused, *others]
+    return jobs
+
+
+def execute(jobs: list[Job], fingerprints: dict[str, str], workers: int, on_result) -> list[dict[str, Any]]:
+    """Run the job graph; finished jobs with unchanged inputs are not run again."""
+    by_key = {j.key: j for j in jobs}
+    done: dict[str, dict[str, Any]] = {}
+    recomputed: set[str] = set()
+    pending = list(jobs)
+    running: dict[Future, Job] = {}
+    threads = 1 if workers > 1 else 0  # one worker may use every core
+    started = time.perf_counter()
+
+    def signature(job: Job) -> str:
+        return job.signature(fingerprints[job.task_set] + "".join(sorted(
+            by_key[n].signature(fingerprints[job.task_set]) for n in job.needs)))
+
+    ctx = get_context("spawn")  # fork after torch started its thread pools can deadlock
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
+                             initargs=(threads or _all_cores(),)) as pool:
+        while pending or running:
+            reused = True
+            while reused:  # reuse what an earlier run finished with the same inputs (and its dependants)
+                reused = False
+                for job in [j for j in pending if all(n in done for n in j.needs)]:
+                    if any(n in recomputed for n in job.needs):
+                        continue
+                    cached = cached_result(job, signature(job))
+                    if cached is not None:
+                        pending.remove(job)
+                        done[job.key] = cached
+                        on_result(job, cached, True)
+                        reused = True
+            ready = sorted((j for j in pending if all(n in done for n in j.needs)), key=lambda j: PRIORITY[j.kind])
+            while ready and len(running) < workers:
+                job = ready.pop(0)
+                pending.remove(job)
+                running[pool.submit(run_job, job, signature(job))] = job
+            if not running:
+                if pending:
+                    continue
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as exc:
+                    for other in running:
+                        other.cancel()
+                    raise EMMError(f"benchmark job {job.label} failed: {exc}. Finished jobs are kept; "
+                                   f"run the benchmark again to resume") from exc
+                done[job.key] = result
+                recomputed.add(job.key)
+                on_result(job, result, False)
+                n_done, n_all = len(done), len(jobs)
+                elapsed = time.perf_counter() - started
+                log.info("[%d/%d %.0f min] %s: %s (%.0f s)", n_done, n_all, elapsed / 60, job.label, describe(result),
+                         result.get("wall_seconds", 0))
+    return [done[j.key] for j in jobs]
+
+
+def _all_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_benchmark(dataset: str, params: Path | str | None = None, *, profile: str | None = None,
+                  workers: int | None = None, track: bool = True) -> BenchmarkRun:
+    """Table I, Table II and Figure 3 for ``dataset``: data, jobs, tables, plots, one MLflow parent run."""
+    from emm.benchmark.report import write_reports
+    from emm.data.spec import resolve_dataset
+
+    started = time.perf_counter()
+    cfg = load_params(params)
+    profile = profile or cfg.benchmark.profile
+    prof = cfg.benchmark.pick(profile)
+    spec = resolve_dataset(dataset, cfg.datasets)
+    out_dir = output_dir(cfg, dataset, profile)
+    work = cfg.benchmark.out / dataset / "raw" / profile
+    main_tasks = list(cfg.ingest.tasks.get(dataset) or spec.default_tasks)
+    task_sets = [main_tasks] + [list(t) for t in prof.task_sets.get(dataset, []) if list(t) != main_tasks]
+    raw_dir = cfg.paths.raw_root / dataset
+    data_dirs = {task_set_key(t): prepare_task_set(spec, raw_dir, t, work, cfg.ingest, prof.raw_rows)
+                 for t in task_sets}
+    main_set = task_set_key(main_tasks)
+    schemas = {ts: Schema.load(d) for ts, d in data_dirs.items()}
+    jobs = plan_jobs(dataset, cfg, prof, data_dirs, main_set, work)
+    n_workers = workers or cfg.benchmark.workers
+    log.info("benchmark %s (profile %s): %d jobs on %d worker(s), task sets %s", dataset, profile, len(jobs),
+             n_workers, list(data_dirs))
+
+    run_id = None
+    if track:
+        from emm import tracking as mt
+
+        mt.use_experiment(dataset, cfg.tracking.store)
+        with mt.run(f"benchmark-{profile}", tags={"emm.stage": "benchmark"}) as run_id:
+            mt.log_params({"dataset": dataset, "profile": profile, "seeds": prof.seeds, "workers": n_workers,
+                           "task_sets": list(data_dirs), **{f"rows_{s}": n for s, n in schemas[main_set].rows.items()}})
+
+            def log_child(job: Job, result: dict[str, Any], cached: bool) -> None:
+                if job.kind == "decompose":
+                    return
+                with mt.run(f"{job.method}-s{job.seed}" + ("" if job.task_set == main_set else f"-{job.task_set}"),
+                            tags={"emm.benchmark.kind": job.kind, "emm.benchmark.cached": str(cached)}):
+                    mt.log_params({"kind": job.kind, "method": job.method, "seed": job.seed, "task_set": job.task_set})
+                    mt.log_metrics({f"{k}_{t}": v for t, m in result["tasks"].items() for k, v in m.items()}
+                                   | {k: result[k] for k in ("seconds", "epochs_run") if k in result})
+
+            results = execute(jobs, {ts: s.fingerprint() for ts, s in schemas.items()}, n_workers, log_child)
+            seconds = time.perf_counter() - started
+            files = write_reports(dataset, profile, results, schemas, main_set, out_dir, seconds)
+            mt.log_metrics({"benchmark_seconds": seconds})
+            for f in files:
+                mt.log_artifact(f, "benchmark")
+    else:
+        results = execute(jobs, {ts: s.fingerprint() for ts, s in schemas.items()}, n_workers, lambda *a: None)
+        seconds = time.perf_counter() - started
+        files = write_reports(dataset, profile, results, schemas, main_set, out_dir, seconds)
+    log.info("benchmark %s done in %.1f min: %s", dataset, seconds / 60, out_dir)
+    return BenchmarkRun(dataset, profile, out_dir, results, files, seconds, run_id)
