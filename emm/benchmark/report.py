@@ -206,6 +206,8 @@ def _plt():
 def plot_table1(rows: list[Row], tasks: list[str], path: Path, title: str) -> Path:
     """One panel per task: horizontal bars with ± std error bars, EMM highlighted, zoomed to the spread."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 0.42 * len(rows) + 1.6), squeeze=False)
     colors = {"pool": "#adb5bd", "reference": "#6c757d", "baseline": "#4c6ef5", "lightgbm": "#2b8a3e",
               "emm": "#d9480f"}
@@ -220,6 +222,7 @@ def plot_table1(rows: list[Row], tasks: list[str], path: Path, title: str) -> Pa
             pad = max(hi - lo, 1e-4)
             ax.set_xlim(lo - pad * 0.6, hi + pad * 0.6)
         ax.invert_yaxis()
+        ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.set_title(f"{task}: test AUC")
     fig.suptitle(title)
     fig.tight_layout()
@@ -340,8 +343,13 @@ def write_reports(dataset: str, profile: str, results: list[dict[str, Any]], sch
     out_dir.mkdir(parents=True, exist_ok=True)
     main_tasks = schemas[main_set].task_names
     seeds = sorted({r["seed"] for r in results if r["task_set"] == main_set})
-    header = data_line(schemas[main_set], seeds) + f" Profile `{profile}`" + (
-        f", wall time {seconds / 60:.1f} min." if seconds is not None else ".")
+    trained = [r for r in results if r["kind"] != "decompose"]
+    reused = sum(1 for r in trained if r.get("reused"))
+    compute_min = sum(r.get("wall_seconds", 0) for r in trained) / 60
+    header = data_line(schemas[main_set], seeds) + f" Profile `{profile}`: {len(trained)} training runs, " \
+        f"{compute_min:.0f} worker-minutes in all" + (
+            f"; this report's run took {seconds / 60:.1f} min wall" if seconds is not None else "") + (
+            f" and reused {reused} finished runs from an earlier one." if reused else ".")
     rows = table1_rows(results, main_set, main_tasks)
     files = [*write_table1(dataset, rows, main_tasks, header, out_dir)]
     files.append(plot_table1(rows, main_tasks, out_dir / "table1.png", f"{dataset}: test AUC over seeds {seeds}"))

@@ -124,7 +124,7 @@ def execute(jobs: list[Job], fingerprints: dict[str, str], workers: int, on_resu
                     cached = cached_result(job, signature(job))
                     if cached is not None:
                         pending.remove(job)
-                        done[job.key] = cached
+                        cached = done[job.key] = {**cached, "reused": True}
                         on_result(job, cached, True)
                         reused = True
             ready = sorted((j for j in pending if all(n in done for n in j.needs)), key=lambda j: PRIORITY[j.kind])
