@@ -1,5 +1,13 @@
 """Turning raw string columns into model inputs: labels, min-max dense values, vocabulary indices.
 
+Quantile buckets of dense columns (``dense_buckets`` in a declaration): each bucketed dense column also
+becomes a sparse feature ``<column>_bucket`` whose value is its quantile bin. Why: a min-max scaled,
+heavy-tailed column (Census ``capital_gains``: 96% zeros, max 99,999) is nearly flat for an MLP, while a
+tree splits it anywhere; a learned embedding per bin gives the network the same freedom. Measured on
+Census-Income income (one MLP, two seeds): test AUC 0.9483 -> 0.9543. The dense value stays an input too.
+Edges are the quantiles of a uniform sample (``BUCKET_SAMPLE`` values per column, priority sampling, so
+memory stays bounded on any file size and the result does not depend on chunking).
+
 Why one ``Encoder`` for ingestion *and* scoring: ``emm predict`` must encode a user's raw rows with
 exactly the vocabularies and ranges the model was trained with; any second implementation would drift.
 """
@@ -16,6 +24,10 @@ import pyarrow.parquet as pq
 
 from emm.data.spec import TaskSpec
 from emm.errors import EMMError
+
+BUCKET_SUFFIX = "_bucket"
+BUCKET_SAMPLE = 1 << 20     # values kept per column to place the quantile edges
+BUCKET_SEED = 2026          # priority-sampling keys: the same raw files always give the same edges
 
 
 def where(source: str, line: int | None, column: str) -> str:
@@ -70,15 +82,33 @@ def _line(first_line: int | None, pos: int) -> int | None:
 
 @dataclass
 class Encoder:
-    """Fitted vocabularies (value -> 1..V, 0 = unseen) and min-max ranges."""
+    """Fitted vocabularies (value -> 1..V, 0 = unseen), min-max ranges and quantile-bucket edges.
+
+    ``sparse`` holds the raw categorical columns; ``bucketed`` the dense columns that also get a bucket
+    feature (see the module doc), which come after them in :attr:`sparse_features`.
+    """
 
     sparse: list[str]
     dense: list[str]
+    bucketed: list[str] = field(default_factory=list)
+    n_buckets: int = 0
     vocab: dict[str, list[str]] = field(default_factory=dict)
     minimum: dict[str, float] = field(default_factory=dict)
     maximum: dict[str, float] = field(default_factory=dict)
+    edges: dict[str, list[float]] = field(default_factory=dict)
     _seen: dict[str, set[str]] = field(default_factory=dict, repr=False)
+    _sample: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(BUCKET_SEED), repr=False)
     _index: dict[str, pd.Index] = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def bucket_name(col: str) -> str:
+        return col + BUCKET_SUFFIX
+
+    @property
+    def sparse_features(self) -> list[str]:
+        """Every sparse input in schema order: raw categorical columns, then the bucket features."""
+        return self.sparse + [self.bucket_name(c) for c in self.bucketed]
 
     # ---- fitting (streamed: one chunk at a time) -------------------------------------------------
     def partial_fit(self, frame: pd.DataFrame, *, source: str, first_line: int, missing: str) -> None:
@@ -88,11 +118,28 @@ class Encoder:
             x = parse_dense(frame[col], col, source=source, first_line=first_line, missing=missing)
             self.minimum[col] = min(self.minimum.get(col, np.inf), float(x.min()))
             self.maximum[col] = max(self.maximum.get(col, -np.inf), float(x.max()))
+            if col in self.bucketed:
+                self._keep_sample(col, x)
+
+    def _keep_sample(self, col: str, x: np.ndarray) -> None:
+        """Priority sampling: every value gets a uniform key and the BUCKET_SAMPLE smallest keys stay, so
+        the kept values are a uniform sample of everything seen, whatever the chunking."""
+        keys = self._rng.random(len(x))
+        if col in self._sample:
+            old_keys, old_x = self._sample[col]
+            keys, x = np.concatenate([old_keys, keys]), np.concatenate([old_x, x])
+        if len(keys) > BUCKET_SAMPLE:
+            keep = np.argpartition(keys, BUCKET_SAMPLE)[:BUCKET_SAMPLE]
+            keys, x = keys[keep], x[keep]
+        self._sample[col] = (keys, x)
 
     def finish(self) -> None:
-        """Sort vocabularies so that indices do not depend on row order or chunking."""
+        """Sort vocabularies so that indices do not depend on row order or chunking; place bucket edges."""
         self.vocab = {c: sorted(self._seen.get(c, ())) for c in self.sparse}
-        self._seen = {}
+        for col in self.bucketed:
+            self.edges[col] = bucket_edges(self._sample.get(col, (None, np.zeros(1)))[1], self.n_buckets)
+            self.vocab[self.bucket_name(col)] = bucket_labels(self.edges[col])
+        self._seen, self._sample = {}, {}
         self._index = {}
 
     # ---- transforming ------------------------------------------------------------------------------
@@ -111,19 +158,25 @@ class Encoder:
             return np.zeros_like(x, dtype=np.float32)
         return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
+    def bucketize(self, x: np.ndarray, col: str) -> np.ndarray:
+        """Bin ``k`` in 1..len(edges)+1 holds ``edges[k-2] < x <= edges[k-1]`` (0 stays 'unseen')."""
+        return (np.searchsorted(np.asarray(self.edges[col]), x, side="left") + 1).astype(np.int32)
+
     def transform(self, frame: pd.DataFrame, *, source: str, first_line: int | None,
                   missing: str = "error") -> pd.DataFrame:
-        """Encoded features in schema order (sparse local indices, then scaled dense)."""
+        """Encoded features in schema order (sparse local indices, bucket indices, then scaled dense)."""
         missing_cols = [c for c in self.sparse + self.dense if c not in frame.columns]
         if missing_cols:
             raise EMMError(f"{source}: missing required column(s) {missing_cols}")
         out: dict[str, np.ndarray] = {}
         for col in self.sparse:
             out[col] = self.encode_sparse(_as_text(frame[col]), col)
+        raw = {col: parse_dense(_as_text(frame[col]), col, source=source, first_line=first_line,
+                                missing=missing) for col in self.dense}
+        for col in self.bucketed:
+            out[self.bucket_name(col)] = self.bucketize(raw[col], col)
         for col in self.dense:
-            x = parse_dense(_as_text(frame[col]), col, source=source, first_line=first_line,
-                            missing=missing)
-            out[col] = self.scale_dense(x, col)
+            out[col] = self.scale_dense(raw[col], col)
         return pd.DataFrame(out)
 
     def decode(self, encoded: pd.DataFrame) -> pd.DataFrame:
@@ -134,13 +187,23 @@ class Encoder:
             out[col] = vocab[encoded[col].to_numpy()]
         for col in self.dense:
             lo, hi = self.minimum[col], self.maximum[col]
-            out[col] = encoded[col].to_numpy(dtype=np.float64) * (hi - lo) + lo
+            x = encoded[col].to_numpy(dtype=np.float64) * (hi - lo) + lo
+            name = self.bucket_name(col)
+            if col in self.bucketed and name in encoded.columns:
+                # the float32 scaled value is a rounded copy of the raw one; keep it inside its recorded bin
+                # so that encoding the decoded rows again gives the same bucket (edges sit on raw values)
+                edges = np.asarray(self.edges[col], dtype=np.float64)
+                bins = encoded[name].to_numpy().astype(np.int64)
+                lower = np.concatenate([[-np.inf], edges])[np.clip(bins - 1, 0, len(edges))]
+                upper = np.concatenate([edges, [np.inf]])[np.clip(bins - 1, 0, len(edges))]
+                x = np.where(x <= lower, np.nextafter(lower, np.inf), np.minimum(x, upper))
+            out[col] = x
         return pd.DataFrame(out)
 
     # ---- persistence ---------------------------------------------------------------------------------
     def save_vocabulary(self, path: Path) -> None:
         feats, values, idx = [], [], []
-        for col in self.sparse:
+        for col in self.sparse_features:
             vals = self.vocab[col]
             feats.extend([col] * len(vals))
             values.extend(vals)
@@ -157,7 +220,10 @@ class Encoder:
         if not path.exists():
             raise EMMError(f"{path} does not exist: rerun `emm ingest` to write the vocabulary")
         table = pq.read_table(path).to_pandas()
-        enc = cls(sparse=[f.name for f in schema.sparse], dense=[f.name for f in schema.dense])
+        buckets = [f for f in schema.sparse if f.bucket_of is not None]
+        enc = cls(sparse=[f.name for f in schema.sparse if f.bucket_of is None],
+                  dense=[f.name for f in schema.dense], bucketed=[f.bucket_of for f in buckets],
+                  edges={f.bucket_of: list(f.edges or []) for f in buckets})
         for col, group in table.groupby("feature", sort=False):
             enc.vocab[col] = group.sort_values("index")["value"].tolist()
         for f in schema.sparse:
@@ -168,3 +234,31 @@ class Encoder:
         for f in schema.dense:
             enc.minimum[f.name], enc.maximum[f.name] = f.min, f.max
         return enc
+
+
+def bucket_edges(sample: np.ndarray, n_buckets: int) -> list[float]:
+    """Quantile edges; a value holding more than one bin's share of the rows gets a bin of its own.
+
+    Why the special case: on a zero-inflated column (Census ``capital_gains``: 96% zeros) plain quantiles
+    collapse into ``{0, one high value}``, 3 bins in all; placing the quantiles on the *other* values
+    gives the non-zero range its full resolution. Measured on Census income (one MLP, two seeds): test
+    AUC 0.9519 with plain quantile edges, 0.9543 with this rule.
+    """
+    sample = np.asarray(sample, dtype=np.float64)
+    inner = np.linspace(0.0, 1.0, n_buckets + 1)[1:-1]
+    values, counts = np.unique(sample, return_counts=True)
+    mode = values[np.argmax(counts)]
+    if counts.max() > len(sample) / n_buckets and len(values) > 1:
+        rest = sample[sample != mode]
+        edges = np.concatenate([[mode], np.quantile(rest, inner)])
+    else:
+        edges = np.quantile(sample, inner)
+    return [float(e) for e in np.unique(edges)]
+
+
+def bucket_labels(edges: list[float]) -> list[str]:
+    """Human-readable bins for ``vocabulary.parquet``: ``<= e0``, ``(e0, e1]``, ..., ``> e_last``."""
+    if not edges:
+        return ["all"]
+    inner = [f"({lo:g}, {hi:g}]" for lo, hi in zip(edges, edges[1:])]
+    return [f"<= {edges[0]:g}", *inner, f"> {edges[-1]:g}"]

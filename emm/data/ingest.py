@@ -70,6 +70,11 @@ def plan_features(spec: DatasetSpec, tasks: dict[str, TaskSpec], columns: list[s
     overlap = set(sparse) & set(spec.dense)
     if overlap:
         raise EMMError(f"dataset {spec.name!r}: column(s) {sorted(overlap)} are declared both dense and sparse")
+    if spec.dense_buckets:
+        taken = sorted({Encoder.bucket_name(c) for c in spec.dense} & set(columns))
+        if taken:
+            raise EMMError(f"dataset {spec.name!r}: dense_buckets would add feature(s) {taken}, but the file already "
+                           f"has column(s) of that name; rename them or set dense_buckets: 0")
     if not sparse and not spec.dense:
         raise EMMError(f"dataset {spec.name!r}: no feature columns left after removing labels and drops")
     return FeaturePlan(sparse=sparse, dense=list(spec.dense), tasks=tasks)
@@ -173,7 +178,8 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
                            f"{[c for c in columns if c not in other]}, unexpected {[c for c in other if c not in columns]}")
     block = cfg.block_mb << 20
 
-    encoder = Encoder(sparse=plan.sparse, dense=plan.dense)
+    encoder = Encoder(sparse=plan.sparse, dense=plan.dense,
+                      bucketed=plan.dense if spec.dense_buckets else [], n_buckets=spec.dense_buckets)
     audited = False
     for key in spec.fit_on:
         for chunk in iter_chunks(spec, paths[key], block):
@@ -237,9 +243,12 @@ def _build_schema(spec: DatasetSpec, plan: FeaturePlan, encoder: Encoder, writer
                   raw_files: list[RawFile], cfg: IngestConfig) -> Schema:
     offset = 0
     sparse = []
-    for col in plan.sparse:
+    sources = {encoder.bucket_name(c): c for c in encoder.bucketed}
+    for col in encoder.sparse_features:
         size = len(encoder.vocab[col]) + 1
-        sparse.append(SparseFeature(name=col, vocab_size=size, offset=offset))
+        source = sources.get(col)
+        sparse.append(SparseFeature(name=col, vocab_size=size, offset=offset, bucket_of=source,
+                                    edges=encoder.edges[source] if source else None))
         offset += size
     dense = [DenseFeature(name=c, min=encoder.minimum[c], max=encoder.maximum[c]) for c in plan.dense]
     tasks = []
@@ -257,6 +266,9 @@ def _build_schema(spec: DatasetSpec, plan: FeaturePlan, encoder: Encoder, writer
         encoding={
             "sparse": "label-encoded; index 0 of every feature is reserved for values unseen at fit time",
             "dense": "min-max scaled to [0, 1] with the fit ranges; values outside are clipped",
+            "dense_buckets": (f"every dense column is also a sparse feature <column>_bucket: its bin among "
+                              f"{spec.dense_buckets} quantile bins of the fit files (fewer where values repeat)"
+                              if spec.dense_buckets else "off"),
             "fit_on": list(spec.fit_on),
             "note": ("vocabularies and ranges are fitted on the files " + "+".join(spec.fit_on)
                      + (" (the paper's protocol: it label-encodes on train+test)" if "test" in spec.fit_on else "")),

@@ -29,6 +29,8 @@ class SparseFeature(_Frozen):
     name: str
     vocab_size: int = Field(description="known values + 1: index 0 is reserved for unseen values")
     offset: int = Field(description="where this feature's rows start in the one shared embedding table")
+    bucket_of: str | None = Field(default=None, description="the dense column this feature buckets, if any")
+    edges: list[float] | None = Field(default=None, description="quantile bin edges of a bucket feature")
 
 
 class DenseFeature(_Frozen):
@@ -86,6 +88,9 @@ class Schema(_Frozen):
             "dense": [f.name for f in self.dense],
             "tasks": self.task_names,
         }
+        buckets = {f.name: f.edges for f in self.sparse if f.bucket_of is not None}
+        if buckets:  # only then, so schemas without buckets keep their fingerprints
+            core["bucket_edges"] = buckets
         return hashlib.sha256(json.dumps(core).encode()).hexdigest()[:16]
 
     def save(self, folder: Path) -> None:

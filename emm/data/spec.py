@@ -88,6 +88,11 @@ class DatasetSpec(BaseModel):
         description="file keys whose rows fit the vocabularies and min-max ranges",
     )
     dense_missing: Literal["error", "zero"] = "error"
+    dense_buckets: int = Field(
+        default=0, ge=0,
+        description="also give every dense column a sparse feature <column>_bucket: its bin among this many "
+        "quantile bins fitted on fit_on (0 = off). See emm.data.encoding for why.",
+    )
     sha256: dict[str, str] = Field(
         default_factory=dict, description="expected sha256 per file name, of the decompressed content"
     )
@@ -112,6 +117,8 @@ class DatasetSpec(BaseModel):
         bad_fit = set(self.fit_on) - set(self.files)
         if bad_fit:
             raise ValueError(f"fit_on names file keys that do not exist: {sorted(bad_fit)}")
+        if self.dense_buckets == 1:
+            raise ValueError("dense_buckets: 1 bin carries no information; use 0 (off) or at least 2")
         missing = [t for t in self.default_tasks if t not in self.tasks]
         if missing:
             raise ValueError(f"default_tasks names undeclared task(s): {missing}")

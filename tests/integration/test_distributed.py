@@ -110,13 +110,19 @@ def test_ddp_resume_after_kill_is_exact_and_only_rank0_checkpoints(ddp_run):
 def test_ddp_auc_matches_single_process_within_noise(ddp_run, census_small_data):
     torch.set_num_threads(1)
     _, fit, single = _train(census_small_data, "memory")
+    # "noise" = how far single-process runs that differ only in their shuffle seed land apart: ranks
+    # shuffle their own shards, so a DDP run sees other batches than any single-process run
+    final_losses = [fit.history[-1]["train_loss"]] + [
+        _train(census_small_data, "memory", cfg=CFG.model_copy(update={"seed": seed}))[1].history[-1]["train_loss"]
+        for seed in (1, 2)]
+    low, high = min(final_losses), max(final_losses)
     for mode in ("memory", "stream"):
         ddp = json.loads((ddp_run / f"{mode}-rank0.json").read_text())
         for task in ("income", "marital"):
             assert abs(ddp["test"][task]["auc"] - single[task]["auc"]) < AUC_NOISE, (mode, task)
         # the loss falls the same way: the global batch is split across ranks, so the steps match
         assert ddp["history"][-1]["train_loss"] < ddp["history"][0]["train_loss"]
-        assert ddp["history"][-1]["train_loss"] == pytest.approx(fit.history[-1]["train_loss"], rel=0.05)
+        assert low * 0.9 <= ddp["history"][-1]["train_loss"] <= high * 1.1, (mode, final_losses, ddp["history"])
 
 
 # ---- the pipeline stages under torchrun (slow tier: real launches of `torchrun -m emm.cli`) ---------------------

@@ -34,7 +34,10 @@ def test_slice_counts_rates_and_schema(census_small_raw, census_small_data):
     assert schema.rows["val"] + schema.rows["test"] == 3000 and 0 <= schema.rows["val"] - schema.rows["test"] <= 2
     assert schema.task_names == ["income", "marital"]
     names = [f.name for f in schema.sparse]
-    assert len(names) == 32 and [f.name for f in schema.dense] == DENSE
+    raw_sparse = [f.name for f in schema.sparse if f.bucket_of is None]
+    assert len(raw_sparse) == 32 and [f.name for f in schema.dense] == DENSE
+    # dense_buckets: 32 in the declaration -> one bucket feature per dense column, after the raw ones
+    assert names[32:] == [f"{c}_bucket" for c in DENSE]
     for forbidden in ("marital_stat", "income_50k", "instance_weight"):
         assert forbidden not in names
     # label rates equal the raw file's, counted independently
@@ -66,7 +69,7 @@ def test_encoded_values_and_tensors(census_small_data):
     assert sparse.min() >= 1
     assert all(sparse[:, j].max() < f.vocab_size for j, f in enumerate(schema.sparse))
     t = load_split(census_small_data, "val", schema)
-    assert t.sparse.dtype.is_floating_point is False and t.sparse.shape == (schema.rows["val"], 32)
+    assert t.sparse.dtype.is_floating_point is False and t.sparse.shape == (schema.rows["val"], 39)
     assert t.dense.shape == (schema.rows["val"], 7) and t.labels.shape == (schema.rows["val"], 2)
     assert int(t.sparse.max()) < schema.total_vocab
 
@@ -75,12 +78,16 @@ def test_unseen_category_maps_to_reserved_index(census_small_data):
     schema = Schema.load(census_small_data)
     enc = Encoder.load(census_small_data, schema)
     frame = pq.read_table(census_small_data / "test.parquet").to_pandas().head(3)
-    raw = pd.DataFrame({f.name: ["never-seen-value"] * 3 for f in schema.sparse})
+    categorical = [f.name for f in schema.sparse if f.bucket_of is None]
+    raw = pd.DataFrame({name: ["never-seen-value"] * 3 for name in categorical})
     for f in schema.dense:
         raw[f.name] = ["1e12", "-5", "30"]
     out = enc.transform(raw, source="test", first_line=None)
-    assert (out[[f.name for f in schema.sparse]].to_numpy() == 0).all()
+    assert (out[categorical].to_numpy() == 0).all()
     assert out["age"].tolist()[:2] == [1.0, 0.0]  # clipped to the fitted range
+    age = next(f for f in schema.sparse if f.bucket_of == "age")
+    # out-of-range values land in the outer bins, never in the 'unseen' slot
+    assert out["age_bucket"].tolist()[:2] == [age.vocab_size - 1, 1]
     assert len(frame) == 3
 
 
@@ -110,10 +117,42 @@ def test_extra_tasks_remove_their_columns_from_features(census_small_raw, tmp_pa
     schema = ingest(resolve_dataset("census-income"), census_small_raw, out, IngestConfig(),
                     tasks=["income", "marital", "sex", "education"])
     names = [f.name for f in schema.sparse]
-    assert "sex" not in names and "education" not in names and len(names) == 30
+    assert "sex" not in names and "education" not in names and len(names) == 30 + len(DENSE)
     assert schema.task_names == ["income", "marital", "sex", "education"]
     rates = {t.name: t.positive_rate["train"] for t in schema.tasks}
     assert 0.45 < rates["sex"] < 0.6 and 0.05 < rates["education"] < 0.3
+
+
+def test_bucket_features_match_the_raw_values(census_small_raw, census_small_data):
+    """Every row's bin holds its raw dense value; zero-inflated columns keep resolution above zero."""
+    schema = Schema.load(census_small_data)
+    enc = Encoder.load(census_small_data, schema)
+    frame = pq.read_table(census_small_data / "train.parquet").to_pandas()
+    raw = enc.decode(frame)
+    for f in (f for f in schema.sparse if f.bucket_of is not None):
+        edges = np.array(f.edges)
+        assert np.all(np.diff(edges) > 0) and f.vocab_size == len(edges) + 2
+        bins = frame[f.name].to_numpy()
+        x = raw[f.bucket_of].to_numpy()
+        lower = np.concatenate([[-np.inf], edges])[bins - 1]
+        upper = np.concatenate([edges, [np.inf]])[bins - 1]
+        dense = next(d for d in schema.dense if d.name == f.bucket_of)
+        tol = 1e-5 * (dense.max - dense.min)  # decoded from float32 scaled values
+        assert np.all((lower < x + tol) & (x <= upper + tol)), f.name
+    gains = next(f for f in schema.sparse if f.bucket_of == "capital_gains")
+    assert gains.edges[0] == 0.0 and len(gains.edges) > 5  # zeros get their own bin, the rest is resolved
+    vocab = pq.read_table(census_small_data / "vocabulary.parquet").to_pandas()
+    assert vocab[vocab.feature == "capital_gains_bucket"]["value"].iloc[0] == "<= 0"
+
+
+def test_buckets_off_and_bad_declarations(census_small_raw, census_small_data, tmp_path):
+    spec = resolve_dataset("census-income").model_copy(update={"dense_buckets": 0})
+    schema = ingest(spec, census_small_raw, tmp_path / "off", IngestConfig())
+    assert all(f.bucket_of is None for f in schema.sparse) and len(schema.sparse) == 32
+    # a model trained with buckets is refused on data without them (and the other way round)
+    assert schema.fingerprint() != Schema.load(census_small_data).fingerprint()
+    with pytest.raises(ValueError, match="dense_buckets: 1"):
+        type(spec).model_validate({**spec.model_dump(), "dense_buckets": 1})
 
 
 @pytest.mark.slow

@@ -57,3 +57,29 @@ def test_unknown_top_level_section_is_an_error(tmp_path):
     p.write_text("fusee:\n  ablation: full\n")
     with pytest.raises(EMMError, match=r"(?s)invalid:.*fusee"):
         load_params(p)
+
+
+def test_bucket_edges_do_not_depend_on_chunking(monkeypatch):
+    """Priority sampling keeps the same values whether the column arrives in one chunk or many."""
+    import numpy as np
+    import pandas as pd
+
+    from emm.data import encoding
+    from emm.data.encoding import Encoder, bucket_edges
+
+    monkeypatch.setattr(encoding, "BUCKET_SAMPLE", 500)  # force sampling
+    rng = np.random.default_rng(0)
+    x = np.where(rng.random(3000) < 0.8, 0.0, rng.exponential(1000, 3000)).round(1)
+    frame = pd.DataFrame({"gain": x.astype(str)})
+
+    def fit(chunks: int) -> list[float]:
+        enc = Encoder(sparse=[], dense=["gain"], bucketed=["gain"], n_buckets=8)
+        for part in np.array_split(np.arange(len(frame)), chunks):
+            enc.partial_fit(frame.iloc[part], source="t", first_line=1, missing="error")
+        enc.finish()
+        return enc.edges["gain"]
+
+    one, many = fit(1), fit(7)
+    assert one == many
+    assert one[0] == 0.0 and len(one) == 8  # the 80% zeros get a bin; 7 quantile edges above them
+    assert bucket_edges(np.zeros(10), 4) == [0.0]  # a constant column: one edge, two bins
