@@ -84,6 +84,7 @@ from torch import Tensor, fx, nn
 from torch.func import functional_call
 
 from emm.errors import EMMError
+from emm.fusion.decompose import Chain
 
 FUSION_GATES = ("hard", "scaled", "ste")
 ATTENTIONS = ("task_query", "self_score")
@@ -632,9 +633,8 @@ def _ends_in_relu(component: nn.Module) -> bool:
         return False
     if isinstance(component, _RELU_MODULES):
         return True
-    children = list(component.children())
-    if isinstance(component, nn.Sequential) or hasattr(component, "steps"):
-        steps = list(component.steps) if hasattr(component, "steps") else children  # decompose's _Chain
+    if isinstance(component, (nn.Sequential, Chain)):
+        steps = list(component.steps) if isinstance(component, Chain) else list(component.children())
         for step in reversed(steps):
             if isinstance(step, _PASS_THROUGH):
                 continue

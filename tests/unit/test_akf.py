@@ -19,8 +19,11 @@ from emm.data.schema import DenseFeature, Schema, SparseFeature, TaskInfo
 from emm.errors import EMMError
 from emm.fusion import AKFLevel, FusedModel, build_fused, decompose, load_plan, save_plan
 from emm.fusion import akf as akf_module
+from emm.fusion.decompose import Chain
 from emm.fusion.fused import embedding_only_level
 from emm.models.single_task import ModelSpec, Tower, build_model
+from tests.unit.test_decompose import NaNGuardChain
+from tests.unit.test_decompose import example as chain_example
 
 N_SPARSE, VOCAB, N_DENSE = 3, 5, 2
 SPINE = [32, 16, 8]
@@ -264,6 +267,20 @@ def test_value_network_starts_as_identity():
     for t in range(2):
         expected = c[t, :, :1] * h[t] + c[t, :, 1:] * h[1 - t]
         assert torch.allclose(zs[t], expected, atol=1e-6)
+
+
+def test_hook_read_chains_keep_the_value_relu():
+    """Components of the forward-hook fallback are ``Chain``s; V keeps its ReLU when every one ends in one."""
+    torch.manual_seed(0)
+    plan = decompose([NaNGuardChain().eval() for _ in range(2)], chain_example())
+    assert [trace.method for trace in plan.traces] == ["hooks", "hooks"]
+    comps = [plan.components[i][0] for i in range(2)]
+    assert all(isinstance(c, Chain) for c in comps)
+    assert AKFLevel(comps, [0, 1], 2, plan.levels[0].out_shape, 4).value_relu
+    linear_end = [Chain(["a", "b"], [nn.Linear(4, 6), nn.ReLU()]), Chain(["a", "b"], [nn.ReLU(), nn.Linear(4, 6)])]
+    assert not AKFLevel(linear_end, [0, 1], 2, (6,), 4).value_relu
+    through_dropout = [Chain(["a", "b", "c"], [nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.1)]) for _ in range(2)]
+    assert AKFLevel(through_dropout, [0, 1], 2, (6,), 4).value_relu
 
 
 # --------------------------------------------------------------------------------------------- #

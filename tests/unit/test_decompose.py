@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from emm.errors import EMMError
 from emm.fusion import decompose, trace_model
+from emm.fusion.decompose import Chain
 
 VOCAB, DIM, N_SPARSE, N_DENSE, BATCH = 40, 4, 3, 2, 7
 EMB_OUT = N_SPARSE * DIM + N_DENSE  # 14
@@ -334,6 +335,15 @@ def test_hook_fallback_and_opaque_submodule():
     assert [layer.name for layer in chain.cut_valid()] == ["body.0", "body.2"]
     opaque = trace_model(trained(OpaqueSubmoduleModel()), example())
     assert opaque.method == "fx" and opaque.opaque == ["body.2"]
+
+
+def test_hook_fallback_pieces_are_public_chains():
+    """Consumers (AKF) recognise hook-read components by type, so every piece must be a ``Chain``."""
+    model = trained(NaNGuardChain())
+    plan = decompose([model], example())
+    assert plan.traces[0].method == "hooks"
+    assert all(isinstance(piece, Chain) for piece in [*plan.components[0], plan.heads[0]])
+    assert_plan_exact(plan, [model], example())
 
 
 def test_models_keep_their_training_flags():
