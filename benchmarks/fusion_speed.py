@@ -1,5 +1,5 @@
-"""Fused-model speed on Census-Income: training and scoring samples/s, vectorised vs loop components,
-and the EMM trainer vs a per-row Dataset + DataLoader of dicts, all in one run on the same data.
+"""Fused-model speed on Census-Income: training and scoring samples/s, and the EMM trainer vs a
+per-row Dataset + DataLoader of dicts, all in one run on the same data.
 
 Needs the pipeline's artifacts (ingest, pretrain, decompose):
     python -m benchmarks.fusion_speed [--dataset census-income] [--train-rows 100000] [--peer-rows 20000]
@@ -55,26 +55,16 @@ def main() -> None:
     train_cfg = cfg.fuse.train.model_copy(update={"device": "cpu"})
     print(f"{args.dataset}: {plan.num_models} pool models, {plan.num_levels} levels; torch threads "
           f"{torch.get_num_threads()}; batch {train_cfg.batch_size}")
-    rates = {}
-    import emm.fusion.akf as akf
-
-    for vectorize in (True, False):
-        akf.BATCH_ON_CPU = vectorize  # measure real batching on CPU too (the default there is the loop)
-        torch.manual_seed(0)
-        model = build_fused(plan, [e.task for e in entries], schema.task_names,
-                            cfg.fuse.model_copy(update={"vectorize": vectorize}), schema)
-        rates[vectorize] = (train_rate(model, train, train_cfg), score_rate(model.eval(), test))
-    akf.BATCH_ON_CPU = False
+    torch.manual_seed(0)
+    model = build_fused(plan, [e.task for e in entries], schema.task_names, cfg.fuse, schema)
+    ours, scoring = train_rate(model, train, train_cfg), score_rate(model.eval(), test)
     torch.manual_seed(0)
     peer_model = build_fused(plan, [e.task for e in entries], schema.task_names, cfg.fuse, schema)
     peer = peer_epoch(peer_model, train.head(args.peer_rows), schema, train_cfg.batch_size)
-    (tv, sv), (tl, sl) = rates[True], rates[False]
-    print(f"  training, vectorised components       : {tv:12,.0f} samples/s")
-    print(f"  training, loop over components        : {tl:12,.0f} samples/s   vectorised/loop {tv / tl:5.2f}x")
-    print(f"  training, per-row DataLoader of dicts : {peer:12,.0f} samples/s   ours/peer {tv / peer:5.2f}x "
+    print(f"  training, EMM trainer                 : {ours:12,.0f} samples/s")
+    print(f"  training, per-row DataLoader of dicts : {peer:12,.0f} samples/s   ours/peer {ours / peer:5.2f}x "
           f"(target >= 10x)")
-    print(f"  scoring, vectorised                   : {sv:12,.0f} samples/s   (target >= 1,000,000)")
-    print(f"  scoring, loop                         : {sl:12,.0f} samples/s   vectorised/loop {sv / sl:5.2f}x")
+    print(f"  scoring                               : {scoring:12,.0f} samples/s   (target >= 1,000,000)")
 
 
 if __name__ == "__main__":

@@ -43,28 +43,7 @@ Gate inputs ``g`` (what the caller passes; see ``emm.fusion.fused``)
 Inputs per task
     In the fused model each task's components receive *that task's* input: model i's level-k component
     is applied to ``z^{task(i)}`` of level k-1. ``forward`` therefore takes one input tuple per task.
-
-Vectorised components
-    Components of a level that are structurally identical -- same program, same module types and
-    hyper-parameters, same parameter/buffer shapes and dtypes once names are canonicalised (an fx
-    component's tensors are named by the *position* of their module in its graph, so ``body.stem.0``
-    and ``body.blocks.0.0`` match) -- form a group that runs as one batched call:
-
-    - a plain chain of Linear / ReLU / Dropout / Identity / BatchNorm1d (the MLP blocks of every pool
-      model) runs as grouped matmuls: one ``addmm`` against the members' concatenated weights when all
-      members get the same input (level 1 under ``retrain``), else one ``baddbmm`` over the stacked
-      per-member inputs;
-    - any other identical structure (embedding levels, residual blocks) runs as a ``torch.vmap`` of
-      ``torch.func.functional_call`` on the first member with every tensor stacked.
-
-    Weight stacks are rebuilt in every forward for tensors that need a gradient (so each member's own
-    parameters receive it) and cached otherwise (frozen components; invalidated when a tensor changes).
-    Unique components (a DCN block, a deeper MLP's double block) run in a Python loop; so does a group
-    while any member has a BatchNorm in training mode (running-statistic updates cannot be written
-    back from a batched call), everything when ``vectorize`` is False, and -- unless ``BATCH_ON_CPU``
-    is set -- every group whose inputs are on a CPU, where batching measured no faster than the loop
-    (it saves kernel launches, which only cost on accelerators). Batched and looped outputs agree to
-    float rounding (a batched matmul may sum in another order).
+    Components run one after another, in pool order, each as the ordinary module it is.
 
 Frozen components
     With ``frozen=True`` every component parameter gets ``requires_grad=False`` and the components
@@ -81,19 +60,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.func import functional_call
 
 from emm.errors import EMMError
 from emm.fusion.decompose import Chain
 
 FUSION_GATES = ("hard", "scaled", "ste")
 ATTENTIONS = ("task_query", "self_score")
-
-# Batched groups only pay off where every kernel launch costs (GPUs). On a CPU a level is compute-bound:
-# measured on a Census-like level (4 x Linear(263,128)+ReLU+Dropout, batch 1024, one thread) the
-# grouped matmul ran at 0.8-1.0x the loop's speed and the vmap path adds ~0.3 ms per call. So on CPU
-# tensors groups loop unless this is set (the tests set it to check batched == loop).
-BATCH_ON_CPU = False
 
 _PASS_THROUGH = (nn.Dropout, nn.AlphaDropout, nn.Identity)
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
@@ -150,7 +122,6 @@ class AKFLevel(nn.Module):
         mtm: fuse across tasks (fusion gate + MTM); False gives ``z^t = h^t``.
         fusion_gate, attention, qkv_dim: see the module docstring (``qkv_dim`` None: the level width).
         frozen: freeze the components (no grad, always eval).
-        vectorize: run identical components as one vmapped call.
         pre, post: optional per-component modules applied before/after it (``align="project"``
             adapters); trainable, kept out of the frozen set.
         index: the plan level this is (for reports).
@@ -169,7 +140,6 @@ class AKFLevel(nn.Module):
         attention: str = "task_query",
         qkv_dim: int | None = None,
         frozen: bool = True,
-        vectorize: bool = True,
         pre: Sequence[nn.Module | None] | None = None,
         post: Sequence[nn.Module | None] | None = None,
         index: int = 0,
@@ -210,7 +180,6 @@ class AKFLevel(nn.Module):
         self.fusion_gate = fusion_gate
         self.attention = attention
         self.frozen = frozen
-        self.vectorize = vectorize
 
         self.components = nn.ModuleList(components)
         self.pre = _optional_list(pre, len(components), "pre", index)
@@ -231,7 +200,6 @@ class AKFLevel(nn.Module):
         else:
             self.fusion_gates = None
             self.merges = None
-        self.groups, self.singles = _group_components(list(components))
         self.last_gates: dict[str, Any] | None = None
 
     # -- modes ----------------------------------------------------------------------------------
@@ -255,21 +223,9 @@ class AKFLevel(nn.Module):
             if self.pre[i] is not None:
                 args = (self.pre[i](*args),)
             member_inputs.append(tuple(args))
-        outs: list[Tensor | None] = [None] * len(self.components)
-        device = member_inputs[0][0].device
-        for group in self.groups:
-            if self.vectorize and group.usable(self.components, device):
-                batched = group.run(self.components, [member_inputs[i] for i in group.members])
-                for i, out in zip(group.members, batched):
-                    outs[i] = out
-            else:
-                for i in group.members:
-                    outs[i] = self.components[i](*member_inputs[i])
-        for i in self.singles:
-            outs[i] = self.components[i](*member_inputs[i])
+        outs = [component(*args) for component, args in zip(self.components, member_inputs)]
         result = []
         for i, out in enumerate(outs):
-            assert out is not None
             if self.post[i] is not None:
                 out = self.post[i](out)
             result.append(out)
@@ -338,265 +294,7 @@ class AKFLevel(nn.Module):
     def extra_repr(self) -> str:
         return (f"level={self.index}, tasks={self.num_tasks}, components={len(self.components)}, "
                 f"out_shape={list(self.out_shape)}, gate_dim={self.gate_dim}, mtm={self.mtm}, "
-                f"fusion_gate={self.fusion_gate!r}, attention={self.attention!r}, frozen={self.frozen}, "
-                f"vectorized_groups={[g.members for g in self.groups]}")
-
-
-# --------------------------------------------------------------------------------------------- #
-# Vectorised groups of identical components
-# --------------------------------------------------------------------------------------------- #
-
-
-class _Group:
-    """Structurally identical components run as one call.
-
-    Fast path (``recipe`` set): a plain chain of Linear / ReLU / Dropout / Identity / BatchNorm1d (eval)
-    runs as grouped matmuls -- one ``addmm`` against the members' concatenated weights when every member
-    gets the same input, else one ``baddbmm`` over the stacked inputs. Any other identical structure runs
-    as a vmapped ``functional_call`` of the first member with every tensor stacked.
-    """
-
-    def __init__(self, members: list[int], names: list[list[str]], batchnorms: list[list[str]],
-                 recipe: list[tuple[str, str, tuple[int, ...]]] | None) -> None:
-        self.members = members
-        self.names = names  # per member: its parameter/buffer names in canonical order
-        self.batchnorms = batchnorms  # per member: names of its BatchNorm-like modules
-        self.recipe = recipe  # (kind, module path in the first member, canonical tensor positions)
-        self._cache: dict[int, tuple[Any, Tensor]] = {}
-
-    def usable(self, components: nn.ModuleList, device: torch.device) -> bool:
-        """Whether to run the group batched now (else the caller loops over its members)."""
-        if device.type == "cpu" and not BATCH_ON_CPU:
-            return False
-        for i, bns in zip(self.members, self.batchnorms):
-            for name in bns:
-                if components[i].get_submodule(name).training:
-                    return False
-        return True
-
-    def _stacked(self, modules: list[nn.Module], pos: int) -> Tensor:
-        """Member tensors at canonical position ``pos``, stacked. Stacks of tensors that need no gradient
-        (frozen components, buffers) are cached until a member tensor changes (in place or replaced)."""
-        tensors = [_get_tensor(m, names[pos]) for m, names in zip(modules, self.names)]
-        if any(t.requires_grad for t in tensors):
-            return torch.stack(tensors)  # rebuilt every forward so gradients reach each member
-        key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
-        cached = self._cache.get(pos)
-        if cached is None or cached[0] != key:
-            cached = (key, torch.stack(tensors))
-            self._cache[pos] = cached
-        return cached[1]
-
-    def run(self, components: nn.ModuleList, inputs: list[tuple[Tensor, ...]]) -> list[Tensor]:
-        modules = [components[i] for i in self.members]
-        if self.recipe is not None:
-            return self._run_chain(modules, inputs)
-        base = modules[0]
-        state = {key: self._stacked(modules, pos) for pos, key in enumerate(self.names[0])}
-        args, in_dims = [], []
-        for a in range(len(inputs[0])):
-            first = inputs[0][a]
-            if all(member[a] is first for member in inputs):
-                args.append(first)
-                in_dims.append(None)
-            else:
-                args.append(torch.stack([member[a] for member in inputs]))
-                in_dims.append(0)
-
-        def call(params: dict[str, Tensor], *xs: Tensor) -> Tensor:
-            return functional_call(base, params, xs)
-
-        out = torch.vmap(call, in_dims=(0, *in_dims), randomness="different")(state, *args)
-        return list(out.unbind(0))
-
-    def _run_chain(self, modules: list[nn.Module], inputs: list[tuple[Tensor, ...]]) -> list[Tensor]:
-        assert self.recipe is not None
-        G = len(modules)
-        first = inputs[0][0]
-        shared = all(member[0] is first for member in inputs)
-        h = first if shared else torch.stack([member[0] for member in inputs])  # [B, D] or [G, B, D]
-        for kind, path, pos in self.recipe:
-            if kind == "linear":
-                weight = self._stacked(modules, pos[0])  # [G, O, I]
-                bias = self._stacked(modules, pos[1]) if len(pos) > 1 else None  # [G, O]
-                if h.dim() == 2:  # shared input: one matmul against all members' weights
-                    flat = h @ weight.reshape(-1, weight.shape[-1]).t() if bias is None else \
-                        torch.addmm(bias.reshape(-1), h, weight.reshape(-1, weight.shape[-1]).t())
-                    h = flat.view(h.shape[0], G, weight.shape[1]).transpose(0, 1)
-                elif bias is None:
-                    h = torch.bmm(h, weight.transpose(1, 2))
-                else:
-                    h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-            elif kind == "relu":
-                h = torch.relu(h)
-            elif kind == "dropout":
-                module = modules[0].get_submodule(path)
-                h = F.dropout(h, module.p, module.training)
-            elif kind == "batchnorm":
-                module = modules[0].get_submodule(path)
-                mean, var = self._stacked(modules, pos[0]), self._stacked(modules, pos[1])
-                scale = torch.rsqrt(var + module.eps)
-                if len(pos) > 2:
-                    scale = scale * self._stacked(modules, pos[2])
-                shift = -mean * scale
-                if len(pos) > 3:
-                    shift = shift + self._stacked(modules, pos[3])
-                if h.dim() == 2:
-                    h = h.unsqueeze(0)
-                h = torch.addcmul(shift.unsqueeze(1), h, scale.unsqueeze(1))
-            # "identity": nothing
-        if h.dim() == 2:  # a chain without any Linear on a shared input
-            h = h.unsqueeze(0).expand(G, *h.shape)
-        return list(h.unbind(0))
-
-
-def _get_tensor(module: nn.Module, name: str) -> Tensor:
-    owner, _, leaf = name.rpartition(".")
-    sub = module.get_submodule(owner) if owner else module
-    return getattr(sub, leaf)
-
-
-def _group_components(components: list[nn.Module]) -> tuple[list[_Group], list[int]]:
-    """Partition components into vectorisable groups (2+ identical members) and singles."""
-    keyed: dict[Any, list[int]] = {}
-    names: dict[int, list[str]] = {}
-    singles = []
-    for i, component in enumerate(components):
-        canon = _canonical(component)
-        if canon is None:
-            singles.append(i)
-            continue
-        key, names[i] = canon
-        keyed.setdefault(key, []).append(i)
-    groups = []
-    for members in keyed.values():
-        if len(members) < 2:
-            singles.extend(members)
-            continue
-        bns = [[n for n, m in components[i].named_modules() if _has_running_stats(m)] for i in members]
-        groups.append(_Group(members, [names[i] for i in members], bns, _chain_recipe(components[members[0]],
-                                                                                        names[members[0]])))
-    return groups, sorted(singles)
-
-
-def _chain_recipe(component: nn.Module, names: list[str]) -> list[tuple[str, str, tuple[int, ...]]] | None:
-    """The component as a chain of grouped-matmul-able steps, or None (then vmap is used)."""
-    steps: list[tuple[str, nn.Module | None]] = []
-    if isinstance(component, fx.GraphModule):
-        nodes = list(component.graph.nodes)
-        if len(nodes) < 2 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
-            return None
-        prev = nodes[0]
-        for node in nodes[1:-1]:
-            if node.args != (prev,) or node.kwargs not in ({}, {"inplace": False}):
-                return None
-            if node.op == "call_module":
-                steps.append((str(node.target), component.get_submodule(str(node.target))))
-            elif node.op == "call_function" and node.target in (F.relu, torch.relu):
-                steps.append(("", nn.ReLU()))
-            else:
-                return None
-            prev = node
-        if nodes[-1].args != (prev,):
-            return None
-    else:
-        return None
-    position = {name: i for i, name in enumerate(names)}
-    recipe: list[tuple[str, str, tuple[int, ...]]] = []
-    for path, module in steps:
-        prefix = f"{path}." if path else ""
-        if type(module) is nn.Linear:
-            keys = ["weight"] + (["bias"] if module.bias is not None else [])
-            recipe.append(("linear", path, tuple(position[prefix + k] for k in keys)))
-        elif type(module) is nn.ReLU:
-            recipe.append(("relu", path, ()))
-        elif type(module) is nn.Dropout:
-            recipe.append(("dropout", path, ()))
-        elif type(module) is nn.Identity:
-            recipe.append(("identity", path, ()))
-        elif type(module) is nn.BatchNorm1d and module.track_running_stats:
-            keys = ["running_mean", "running_var"] + (["weight", "bias"] if module.affine else [])
-            recipe.append(("batchnorm", path, tuple(position[prefix + k] for k in keys)))
-        else:
-            return None
-    return recipe
-
-
-def _has_running_stats(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-
-
-def _canonical(component: nn.Module) -> tuple[Any, list[str]] | None:
-    """A hashable structural key and the tensor names in canonical order, or None if not groupable.
-
-    fx components: the graph with module/attribute targets replaced by their first-use position, each
-    module described by type, hyper-parameters and tensor shapes. Other modules: their class and full
-    named structure (names matter: their forward refers to them).
-    """
-    try:
-        if isinstance(component, fx.GraphModule):
-            key, names = _canonical_graph(component)
-        else:
-            key, names = _describe_module(component, ""), _tensor_names(component, "")
-    except Exception:  # anything unexpected: just do not vectorise this component
-        return None
-    everything = {n for n, _ in component.named_parameters(remove_duplicate=False)}
-    everything |= {n for n, _ in component.named_buffers(remove_duplicate=False)}
-    if set(names) != everything:  # a tensor the canonical walk missed: loop, never run with the wrong one
-        return None
-    return key, names
-
-
-def _canonical_graph(gm: fx.GraphModule) -> tuple[Any, list[str]]:
-    position: dict[str, int] = {}
-    index: dict[fx.Node, int] = {}
-    nodes = []
-    names: list[str] = []
-    for n, node in enumerate(gm.graph.nodes):
-        index[node] = n
-        target: Any
-        if node.op == "call_module":
-            first = node.target not in position
-            target = ("module", position.setdefault(node.target, len(position)))
-            if first:
-                sub = gm.get_submodule(node.target)
-                target += (_describe_module(sub, ""),)
-                names += _tensor_names(sub, f"{node.target}.")
-        elif node.op == "get_attr":
-            first = node.target not in position
-            target = ("attr", position.setdefault(node.target, len(position)))
-            if first:
-                value = _get_tensor(gm, node.target)
-                if isinstance(value, Tensor):
-                    target += (tuple(value.shape), str(value.dtype))
-                    names.append(node.target)
-                else:
-                    target += (repr(value),)
-        elif node.op == "call_function":
-            target = (getattr(node.target, "__module__", None), getattr(node.target, "__qualname__", repr(node.target)))
-        else:  # placeholder, call_method, output
-            target = node.target if node.op != "placeholder" else None
-        args = fx.node.map_arg((node.args, node.kwargs), lambda a: ("node", index[a]))
-        nodes.append((node.op, target, repr(args)))
-    seen: set[str] = set()
-    ordered = [n for n in names if not (n in seen or seen.add(n))]  # type: ignore[func-returns-value]
-    return tuple(nodes), ordered
-
-
-def _describe_module(module: nn.Module, prefix: str) -> Any:
-    parts = []
-    for name, sub in module.named_modules():
-        cls = type(sub)
-        tensors = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in sub.named_parameters(recurse=False))
-        tensors += tuple((n, tuple(t.shape), str(t.dtype)) for n, t in sub.named_buffers(recurse=False))
-        parts.append((name, cls.__module__, cls.__qualname__, sub.extra_repr(), tensors))
-    return tuple(parts)
-
-
-def _tensor_names(module: nn.Module, prefix: str) -> list[str]:
-    names = [prefix + n for n, _ in module.named_parameters(remove_duplicate=False)]
-    names += [prefix + n for n, _ in module.named_buffers(remove_duplicate=False)]
-    return names
+                f"fusion_gate={self.fusion_gate!r}, attention={self.attention!r}, frozen={self.frozen}")
 
 
 def _optional_list(mods: Sequence[nn.Module | None] | None, n: int, what: str, index: int) -> nn.ModuleList:

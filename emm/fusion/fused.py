@@ -66,7 +66,7 @@ class FusedModel(nn.Module):
         plan: from ``emm.fusion.decompose`` / ``load_plan``; its components are copied, not shared.
         model_tasks: the task of each plan model, in plan order.
         task_names: the output columns, in order; every task needs at least one pool model.
-        cfg: ``FuseConfig`` (embedding, fusion_gate, attention, ablation, qkv_dim, tower, vectorize).
+        cfg: ``FuseConfig`` (embedding, fusion_gate, attention, ablation, qkv_dim, tower).
         embedding: with ``embedding="retrain"``, the fresh ``FeatureEmbedding`` to train (``build_fused``
             builds one from the data schema); None derives its sizes from the plan's level-0 embedding.
             Must be None with ``embedding="reuse"``.
@@ -126,7 +126,7 @@ class FusedModel(nn.Module):
             levels.append(AKFLevel(
                 components, component_tasks, len(self.task_names), plan.levels[k].out_shape,
                 self._gate_dim(plan, k), mtm=self.mtm, fusion_gate=cfg.fusion_gate, attention=cfg.attention,
-                qkv_dim=cfg.qkv_dim, frozen=self.frozen, vectorize=cfg.vectorize, pre=pre, post=post, index=k,
+                qkv_dim=cfg.qkv_dim, frozen=self.frozen, pre=pre, post=post, index=k,
             ))
         self.levels = nn.ModuleList(levels)
         self.width = _width(plan.levels[-1].out_shape)
@@ -169,10 +169,6 @@ class FusedModel(nn.Module):
     def component_modules(self) -> list[nn.Module]:
         """Every pool component held by the model (frozen under full/+pretrained)."""
         return [c for level in self.levels for c in level.components]
-
-    def set_vectorize(self, flag: bool) -> None:
-        for level in self.levels:
-            level.vectorize = flag  # type: ignore[assignment]
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able description; with the plan, ``FusedModel.from_config`` rebuilds the architecture."""

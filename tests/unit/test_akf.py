@@ -18,7 +18,6 @@ from emm.config import FuseConfig
 from emm.data.schema import DenseFeature, Schema, SparseFeature, TaskInfo
 from emm.errors import EMMError
 from emm.fusion import AKFLevel, FusedModel, build_fused, decompose, load_plan, save_plan
-from emm.fusion import akf as akf_module
 from emm.fusion.decompose import Chain
 from emm.fusion.fused import embedding_only_level
 from emm.models.single_task import ModelSpec, Tower, build_model
@@ -43,7 +42,7 @@ def batch(rows: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def pool_specs(tasks: list[str], *, batchnorm: bool = False, dropout: float = 0.1) -> list[ModelSpec]:
-    """Two models per task; structures chosen so some levels hold identical components (vectorised) and
+    """Two models per task; structures chosen so some levels hold identical components and
     some unique ones (DCN, deeper MLP), and two residual models share a non-chain structure."""
     archs = [("mlp", SPINE), ("dcn", SPINE), ("mlp", SPINE), ("resmlp", SPINE), ("resmlp", SPINE),
              ("mlp", [SPINE[0], *SPINE])]
@@ -144,12 +143,6 @@ def test_plan_has_embedding_level_and_mixed_structures(pool3):
     assert plan.num_levels == 4
     assert embedding_only_level(plan, 0) and not embedding_only_level(plan, 1)
     assert [tuple(level.out_shape) for level in plan.levels] == [(N_SPARSE * 4 + N_DENSE,), (32,), (16,), (8,)]
-    model = pool3.fused(embedding="reuse")
-    groups = {level.index: [g.members for g in level.groups] for level in model.levels}
-    # level 1: the DCN component (model 1) is unique; level 2: both residual models form their own group
-    assert groups[1] == [[0, 2, 3, 4, 5]]
-    assert sorted(map(sorted, groups[2])) == [[0, 1, 2], [3, 4]]
-    assert model.levels[2].singles == [5]
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -349,76 +342,31 @@ def test_without_mtm_the_task_output_is_the_gated_mix(pool2):
 
 
 # --------------------------------------------------------------------------------------------- #
-# Vectorised components
+# Running the components
 # --------------------------------------------------------------------------------------------- #
 
 
-@pytest.fixture
-def batch_on_cpu(monkeypatch):
-    monkeypatch.setattr(akf_module, "BATCH_ON_CPU", True)
-
-
-@pytest.mark.parametrize("embedding", ["retrain", "reuse"])
-@pytest.mark.parametrize("pool_name", ["pool3", "pool3_bn"])
-def test_vectorised_equals_loop(request, batch_on_cpu, pool_name, embedding):
-    pool = request.getfixturevalue(pool_name)
-    model = pool.fused(embedding=embedding).eval()
-    x = batch(48, seed=5)
-    with torch.no_grad():
-        for level in model.levels:  # per level, with a different input per task
-            inputs = [(torch.rand(48, *pool.plan.levels[level.index - 1].out_shape),) for _ in pool.tasks] \
-                if level.index > 0 else [x] * len(pool.tasks)
-            level.vectorize = False
-            loop = level.component_outputs(inputs)
-            level.vectorize = True
-            vec = level.component_outputs(inputs)
-            assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-6) for a, b in zip(loop, vec))
-        model.set_vectorize(False)
-        loop = model(*x)
-        model.set_vectorize(True)
-        assert torch.allclose(loop, model(*x), atol=1e-6, rtol=1e-6)
-
-
-def test_vectorised_gradients_reach_each_component(pool3, batch_on_cpu):
-    """Trainable components (baseline): vectorised and looped runs give the same gradients."""
+def test_trainable_components_receive_gradients(pool3):
+    """Trainable components (baseline): the loss reaches the components' own parameters."""
     model = pool3.fused(ablation="baseline", embedding="reuse").eval()  # eval: no dropout randomness
     x = batch(32)
-    grads = []
-    for flag in (False, True):
-        model.zero_grad()
-        model.set_vectorize(flag)
-        F.binary_cross_entropy_with_logits(model(*x), labels(x, 3)).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    assert any(".components." in n for n in grads[0])
-    for name in grads[0]:
-        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+    F.binary_cross_entropy_with_logits(model(*x), labels(x, 3)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert any(".components." in n for n in grads)
 
 
-def test_grouped_matmul_recipe_covers_mlp_blocks(pool3_bn):
-    model = pool3_bn.fused()
-    recipes = [g.recipe for level in model.levels for g in level.groups]
-    assert recipes and all(r is not None for r in recipes if r)
-    kinds = {step[0] for r in recipes if r for step in r}
-    assert {"linear", "batchnorm", "relu", "dropout"} <= kinds
-
-
-def test_batched_groups_skip_the_per_component_calls(pool3, batch_on_cpu):
-    level = pool3.fused(embedding="reuse").levels[2]  # one chain group, one vmap group, one single
+def test_every_component_runs_once_per_call(pool3):
+    level = pool3.fused(embedding="reuse").levels[2]
     calls = []
     for i, component in enumerate(level.components):
         component.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
     inputs = [(torch.rand(8, 32),) for _ in range(3)]
-    level.vectorize = False
     level.component_outputs(inputs)
     assert sorted(calls) == list(range(6))
-    calls.clear()
-    level.vectorize = True
-    level.component_outputs(inputs)
-    assert sorted(calls) == [3, 5]  # the vmap group calls its first member functionally; the single loops
 
 
-def test_cached_weight_stacks_follow_weight_changes(pool3, batch_on_cpu):
+def test_component_outputs_follow_weight_changes(pool3):
+    """Each output is its component applied to its own task's input, with the component's current weights."""
     level = pool3.fused().levels[0]
     inputs = [(torch.rand(8, 14),) for _ in range(3)]
     with torch.no_grad():
@@ -427,14 +375,13 @@ def test_cached_weight_stacks_follow_weight_changes(pool3, batch_on_cpu):
             for p in component.parameters():
                 p.add_(0.1)
         again = level.component_outputs(inputs)
-        level.vectorize = False
-        loop = level.component_outputs(inputs)
+        direct = [component(*inputs[t]) for component, t in zip(level.components, level.component_tasks)]
     assert not torch.allclose(first[0], again[0])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again, loop))
+    assert all(torch.equal(a, b) for a, b in zip(again, direct))
 
 
-def test_batchnorm_in_training_mode_loops(batch_on_cpu):
-    """Trainable BatchNorm components update running stats: they must run one by one (and do)."""
+def test_batchnorm_in_training_mode_updates_each_component():
+    """Trainable BatchNorm components update their own running stats, once per forward."""
     comps = [nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU()) for _ in range(2)]
     level = AKFLevel(comps, [0, 1], 2, (6,), 4, frozen=False).train()
     x = torch.randn(16, 4)
