@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from emm.config import load_params
+from emm.pipeline.params import load_params
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.fusion.fused import build_fused
-from emm.fusion.pool_plan import load_pool_plan
-from emm.stages import stage_dir
+from emm.pipeline.decompose import load_pool_plan
+from emm.pipeline.layout import stage_dir
 from emm.train.trainer import Trainer, predict_proba
 
 from benchmarks.train_throughput import peer_epoch  # noqa: E402  (run from the repo root)

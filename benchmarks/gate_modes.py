@@ -11,9 +11,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from emm.config import load_params
-from emm.fusion.fused_io import fuse
-from emm.stages import stage_dir
+from emm.pipeline.params import load_params
+from emm.pipeline.fuse import fuse
+from emm.pipeline.layout import stage_dir
 
 
 def main() -> None:

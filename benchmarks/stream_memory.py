@@ -36,7 +36,7 @@ def child(mode: str, data: Path, threads: int, buffer_rows: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from emm.config import ScaleConfig, TrainConfig
+    from emm.pipeline.params import ScaleConfig, TrainConfig
     from emm.data.schema import Schema
     from emm.data.stream import open_split
     from emm.models.single_task import ModelSpec, build_model
@@ -69,7 +69,7 @@ def run_child(mode: str, data: Path, threads: int, buffer_rows: int) -> dict:
 
 
 def synth(rows: int, out: Path) -> float:
-    from emm.config import load_params
+    from emm.pipeline.params import load_params
     from emm.data.synth import synthesize
 
     started = time.perf_counter()
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--child", choices=["stream", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from emm.config import load_params
+    from emm.pipeline.params import load_params
 
     buffer_rows = args.buffer_rows or load_params().scale.buffer_rows
     if args.child:

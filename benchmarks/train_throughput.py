@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from emm.config import TrainConfig
+from emm.pipeline.params import TrainConfig
 from emm.data.schema import Schema
 from emm.data.tensors import SplitTensors, load_split
 from emm.models.baselines.mmoe import build_mmoe

@@ -58,7 +58,7 @@ def fetch_data_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """Fill data/<dataset>/ with the raw files, from a local mirror or the official source; verify checksums."""
-    from emm.stages import fetch_stage
+    from emm.pipeline.ingest import fetch_stage
 
     for line in fetch_stage(dataset, params, mirror=mirror, dest=dest):
         console.print(f"  {line}")
@@ -75,7 +75,7 @@ def ingest_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """Raw files -> train/val/test.parquet, schema.json and vocabulary.parquet (bounded memory, atomic)."""
-    from emm.stages import ingest_stage
+    from emm.pipeline.ingest import ingest_stage
 
     started = time.perf_counter()
     schema = ingest_stage(dataset, params, raw_dir=raw_dir, out_dir=out_dir,
@@ -102,7 +102,7 @@ def pretrain_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """Train the single-task model pool (params.yaml pretrain.pool), log to MLflow, write pool/."""
-    from emm.stages import pretrain_stage
+    from emm.pipeline.pretrain import pretrain_stage
 
     entries = pretrain_stage(dataset, params, resume=resume, only=only.split(",") if only else None,
                              track=not no_track, progress=sys.stderr.isatty() and _is_main_rank())
@@ -129,7 +129,7 @@ def benchmark_cmd(
 ) -> None:
     """Pool, every baseline, the ablations and EMM over seeds (+ LightGBM, + 3/4-task runs): tables and plots
     in results/<dataset>/. Finished runs are reused, so an interrupted benchmark resumes."""
-    from emm.stages import benchmark_stage
+    from emm.pipeline.benchmark import benchmark_stage
 
     run = benchmark_stage(dataset, params, profile="quick" if quick else profile, workers=workers,
                           track=not no_track)
@@ -146,7 +146,7 @@ def decompose_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """Cut every pool model at the layers they all share (Algorithm 1); write and print the plan."""
-    from emm.stages import decompose_stage
+    from emm.pipeline.decompose import decompose_stage
 
     plan, _ = decompose_stage(dataset, params)
     console.print(plan.report(), highlight=False, soft_wrap=True)
@@ -161,7 +161,7 @@ def fuse_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """Build the AKF model on the frozen components and train it; write fused/."""
-    from emm.stages import fuse_stage
+    from emm.pipeline.fuse import fuse_stage
 
     result = fuse_stage(dataset, params, resume=resume, track=not no_track,
                         progress=sys.stderr.isatty() and _is_main_rank())
@@ -180,7 +180,8 @@ def evaluate_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """Test AUC and Gain per task vs the pool; metrics.json, plot; register as emm-<dataset> @challenger."""
-    from emm.stages import evaluate_stage
+    from emm.pipeline.evaluate import evaluate_stage
+    from emm.tracking.store import registered_name
 
     summary = evaluate_stage(dataset, params, register=not no_register)
     table = Table(title=f"{dataset}: fused model vs its pool (test, {summary['rows_test']:,} rows)")
@@ -191,7 +192,7 @@ def evaluate_cmd(
                       f"{r['gain']:+.5f}", f"{r['gain_pct']:+.3f}")
     console.print(table)
     if summary.get("registered_version"):
-        console.print(f"registered emm-{dataset} version {summary['registered_version']} (alias challenger)")
+        console.print(f"registered {registered_name(dataset)} version {summary['registered_version']} (alias challenger)")
 
 
 @app.command("promote")
@@ -202,7 +203,7 @@ def promote_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """Move alias champion to the challenger only if its mean test AUC beats the champion's."""
-    from emm.stages import promote_stage
+    from emm.pipeline.register import promote_stage
 
     promoted, reason = promote_stage(dataset, params, version=version)
     console.print(reason)
@@ -219,7 +220,7 @@ def predict_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """Batch-score raw rows; unscorable rows go to <output>.rejected.csv with the reason."""
-    from emm.stages import predict_stage
+    from emm.pipeline.predict import predict_stage
 
     report = predict_stage(model_uri, input, output, params)
     console.print(f"scored {report.scored:,} rows -> {report.output}")
@@ -243,7 +244,7 @@ def synth_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """A synthetic AliExpress-layout dataset with planted task relations, ready to train on (bounded memory)."""
-    from emm.stages import synth_stage
+    from emm.pipeline.ingest import synth_stage
 
     started = time.perf_counter()
     schema = synth_stage(params, rows=rows, out_dir=out, seed=seed)

@@ -1,4 +1,4 @@
-"""Small I/O helpers every stage shares: atomic output folders, checksums, provenance."""
+"""Small I/O helpers every stage shares: atomic files and folders, digests, checksums, provenance."""
 
 from __future__ import annotations
 
@@ -69,10 +69,8 @@ def provenance(params_hash: str, data_hash: str | None = None) -> dict[str, Any]
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a temporary sibling renamed over the target): readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -85,3 +83,43 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise EMMError(f"{path} is not valid JSON ({exc}); rerun the stage that writes it") from exc
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it is renamed over ``path``, on error removed.
+
+    Why one helper: every file a reader may open while it is being written (JSON records, checkpoints,
+    prediction outputs) must appear whole or not at all.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def digest(obj: Any, length: int = 16) -> str:
+    """Stable short sha256 of a JSON-able value or a pydantic model: the one hash behind every cache key,
+    job signature and params hash, so two caches never disagree about what "the same settings" means."""
+    data = obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def tree_digest(paths: list[Path], suffixes: tuple[str, ...] | None = None) -> str:
+    """sha256 over the relative names and contents of the files under ``paths`` (sorted; missing -> marker)."""
+    out = hashlib.sha256()
+    for root in map(Path, paths):
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        if not files:
+            out.update(f"<missing {root.name}>".encode())
+        for f in files:
+            if suffixes and f.suffix not in suffixes:
+                continue
+            out.update(str(f.relative_to(root) if f != root else f.name).encode())
+            out.update(f.read_bytes())
+    return out.hexdigest()

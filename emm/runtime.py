@@ -1,4 +1,4 @@
-"""Process-wide defaults set once by every entry point (CLI, flows, tests).
+"""Process-wide defaults set once by every entry point (CLI, flows, tests), and the cores a process may use.
 
 Why: MLflow, Prefect and DVC phone home or write into the home folder unless told not to, and an
 offline machine must never wait on that.
@@ -37,3 +37,24 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("urllib3", "alembic", "git", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads_for(concurrent: int) -> int:
+    """Torch threads each of ``concurrent`` trainings may use.
+
+    Why: two torch processes (or threads) that each spin a full-size thread pool on the same cores slow
+    each other 10-100x; splitting the cores (or OMP_NUM_THREADS when set, the caller's budget) avoids it.
+    """
+    cores = cpu_cores()
+    budget = os.environ.get("OMP_NUM_THREADS", "")
+    if budget.isdigit() and int(budget) > 0:
+        cores = min(cores, int(budget))
+    return max(1, cores // max(1, concurrent))

@@ -18,12 +18,13 @@ set_quiet_env()
 from prefect import flow, get_run_logger, task  # noqa: E402  (env must be set before prefect imports)
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from emm import stages  # noqa: E402
+from emm.pipeline.benchmark import benchmark_stage  # noqa: E402
+from emm.tracking.store import registered_name  # noqa: E402
 
 
 @task(name="benchmark", retries=1, retry_delay_seconds=10)
 def benchmark_task(dataset: str, params: str, profile: str | None, workers: int | None) -> dict:
-    run = stages.benchmark_stage(dataset, params, profile=profile, workers=workers)
+    run = benchmark_stage(dataset, params, profile=profile, workers=workers)
     return {"out_dir": str(run.out_dir), "table1": (run.out_dir / "table1.md").read_text(),
             "minutes": round(run.seconds / 60, 1), "runs": len(run.results)}
 
@@ -31,10 +32,10 @@ def benchmark_task(dataset: str, params: str, profile: str | None, workers: int 
 @flow(name="emm-benchmark", log_prints=True)
 def benchmark(dataset: str = "census-income", params: str = "params.yaml", profile: str | None = None,
               workers: int | None = None) -> dict:
-    """Table I, Table II and Figure 3 for one dataset (see emm/benchmark)."""
+    """Table I, Table II and Figure 3 for one dataset (see emm/pipeline/experiments)."""
     summary = benchmark_task(dataset, params, profile, workers)
     get_run_logger().info("%d runs in %.1f min -> %s", summary["runs"], summary["minutes"], summary["out_dir"])
-    create_markdown_artifact(key=f"emm-{dataset}-benchmark", markdown=summary["table1"])
+    create_markdown_artifact(key=f"{registered_name(dataset)}-benchmark", markdown=summary["table1"])
     return summary
 
 

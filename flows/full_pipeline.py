@@ -1,4 +1,4 @@
-"""The ``emm`` Prefect flow: the pipeline's stages as tasks, each one call into ``emm.stages``.
+"""The ``emm`` Prefect flow: the pipeline's stages as tasks, each one call into ``emm.pipeline``.
 
     python -m flows.full_pipeline --dataset census-income [--params params.yaml] [--mirror ../shared/data]
 
@@ -9,7 +9,7 @@ call the same stage functions.
 
 What Prefect adds here, and why:
 - pool models train as concurrent tasks (one per model), each with its share of the cores;
-- each stage's result is cached on its inputs (``emm.stages.stage_cache_key``: raw data bytes or the
+- each stage's result is cached on its inputs (``emm.pipeline.cache.stage_cache_key``: raw data bytes or the
   upstream key, the params sections it reads, its code), persisted under PREFECT_HOME, so a rerun
   skips finished stages; a cached result is only reused while the stage's output folder still exists;
 - transient failures (network, a locked SQLite store) are retried, an ``EMMError`` fails at once;
@@ -36,30 +36,37 @@ from prefect.context import TaskRunContext  # noqa: E402
 from prefect.futures import wait  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from emm import stages  # noqa: E402
+from emm.pipeline.cache import stage_cache_key, stage_output_ready  # noqa: E402
+from emm.pipeline.decompose import decompose_stage  # noqa: E402
+from emm.pipeline.evaluate import evaluate_stage  # noqa: E402
+from emm.pipeline.fuse import fuse_stage, fuse_summary  # noqa: E402
+from emm.pipeline.ingest import fetch_stage, ingest_stage, raw_dir  # noqa: E402
+from emm.pipeline.pretrain import (  # noqa: E402
+    assemble_pool_stage, close_pool_run, open_pool_run, pool_model_names, pretrain_model_stage)
+from emm.pipeline.register import promote_stage  # noqa: E402
+from emm.runtime import cpu_cores, torch_threads_for  # noqa: E402
+from emm.tracking.store import is_transient, registered_name  # noqa: E402
 
 logging.getLogger("emm").setLevel(logging.INFO)  # Prefect attaches its handlers to "emm" but leaves the level
 from flows.gpu import FUSE_DEPLOYMENT, fuse_on_gpu_pool, gpu_pool_online  # noqa: E402
 
 # Concurrent pool trainings: one per core unless EMM_PRETRAIN_WORKERS says otherwise; each training gets
-# cores // concurrent torch threads (stages.torch_threads_for).
-PRETRAIN_WORKERS = max(1, int(os.environ.get("EMM_PRETRAIN_WORKERS") or stages.cpu_cores()))
+# cores // concurrent torch threads (emm.runtime.torch_threads_for).
+PRETRAIN_WORKERS = max(1, int(os.environ.get("EMM_PRETRAIN_WORKERS") or cpu_cores()))
 
 
 def retry_transient(task_: Task, task_run: Any, state: Any) -> bool:
-    """Retry only errors that may pass (emm.tracking.is_transient); an EMMError fails the run at once."""
-    from emm.tracking import is_transient
-
+    """Retry only errors that may pass (emm.tracking.store.is_transient); an EMMError fails the run at once."""
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
     return isinstance(exc, BaseException) and is_transient(exc)
 
 
 def cache_on(stage: str, label: str | None = None):
-    """Prefect cache_key_fn for ``stage``: the stage's input hash (see ``emm.stages.stage_cache_key``),
+    """Prefect cache_key_fn for ``stage``: the stage's input hash (see ``emm.pipeline.cache.stage_cache_key``),
     prefixed by ``label`` so two tasks keyed on one stage keep separate records."""
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        return f"emm-{label or stage}-" + stages.stage_cache_key(parameters["dataset"], parameters["params"], stage,
+        return f"emm-{label or stage}-" + stage_cache_key(parameters["dataset"], parameters["params"], stage,
                                                         parameters.get("name"))
 
     return key
@@ -71,7 +78,7 @@ def fresh_unless_ready(task_: Task, dataset: str, params: str, stage: str, name:
     Why: Prefect's cache knows the inputs, not the files; a hit whose output folder was deleted would
     hand the next stage a result pointing at nothing.
     """
-    if stages.stage_output_ready(dataset, params, stage, name):
+    if stage_output_ready(dataset, params, stage, name):
         return task_
     return task_.with_options(refresh_cache=True)
 
@@ -83,12 +90,12 @@ CACHED = dict(persist_result=True, result_serializer="json")
 def fetch_task(dataset: str, params: str, mirror: str | None) -> list[str]:
     from pathlib import Path
 
-    return stages.fetch_stage(dataset, params, mirror=Path(mirror) if mirror else None)
+    return fetch_stage(dataset, params, mirror=Path(mirror) if mirror else None)
 
 
 @task(name="ingest", cache_key_fn=cache_on("ingest"), **CACHED)
 def ingest_task(dataset: str, params: str) -> dict:
-    schema = stages.ingest_stage(dataset, params)
+    schema = ingest_stage(dataset, params)
     return {"rows": schema.rows, "tasks": schema.task_names}
 
 
@@ -96,13 +103,13 @@ def ingest_task(dataset: str, params: str) -> dict:
       retry_condition_fn=retry_transient)
 def pool_run_task(dataset: str, params: str, models: list[str]) -> str | None:
     """The MLflow parent run of this pool (cached with the pool: a reused pool keeps its old parent)."""
-    return stages.open_pool_run(dataset, params, models=models)
+    return open_pool_run(dataset, params, models=models)
 
 
 @task(name="pretrain-model", task_run_name="pretrain-{name}", cache_key_fn=cache_on("pretrain-model"), **CACHED,
       retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient)
 def pretrain_model_task(dataset: str, params: str, name: str, parent_run_id: str | None, threads: int) -> dict:
-    entry = stages.pretrain_model_stage(dataset, params, name, parent_run_id=parent_run_id, threads=threads)
+    entry = pretrain_model_stage(dataset, params, name, parent_run_id=parent_run_id, threads=threads)
     get_run_logger().info("pool model %s (%s): test AUC %.5f, %d epochs", entry["name"], entry["task"],
                           entry["test_auc"], entry["epochs_run"])
     return entry
@@ -111,12 +118,12 @@ def pretrain_model_task(dataset: str, params: str, name: str, parent_run_id: str
 @task(name="assemble-pool", cache_key_fn=cache_on("pretrain", "assemble-pool"), **CACHED, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_transient)
 def assemble_pool_task(dataset: str, params: str, entries: list[dict], parent_run_id: str | None) -> list[dict]:
-    return stages.assemble_pool_stage(dataset, params, entries, parent_run_id=parent_run_id)
+    return assemble_pool_stage(dataset, params, entries, parent_run_id=parent_run_id)
 
 
 @task(name="decompose", cache_key_fn=cache_on("decompose"), **CACHED)
 def decompose_task(dataset: str, params: str) -> str:
-    plan, _ = stages.decompose_stage(dataset, params)
+    plan, _ = decompose_stage(dataset, params)
     return plan.report()
 
 
@@ -125,20 +132,20 @@ def fuse_task(dataset: str, params: str, on_gpu_pool: bool = False) -> dict:
     """Train the fused model here, or on the gpu work pool (same stage function, artifacts shared)."""
     if on_gpu_pool:
         fuse_on_gpu_pool(dataset, params)
-        return stages.fuse_summary(dataset, params)
-    result = stages.fuse_stage(dataset, params, progress=False)
+        return fuse_summary(dataset, params)
+    result = fuse_stage(dataset, params, progress=False)
     return {t: m["auc"] for t, m in result.test.items()}
 
 
 @task(name="evaluate-register", cache_key_fn=cache_on("evaluate"), **CACHED, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
 def evaluate_task(dataset: str, params: str) -> dict:
-    return stages.evaluate_stage(dataset, params)
+    return evaluate_stage(dataset, params)
 
 
 @task(name="promote", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def promote_task(dataset: str, params: str) -> str:
-    return stages.promote_stage(dataset, params)[1]
+    return promote_stage(dataset, params)[1]
 
 
 def auc_markdown(dataset: str, summary: dict) -> str:
@@ -147,21 +154,21 @@ def auc_markdown(dataset: str, summary: dict) -> str:
         lines.append(f"| {task_name} | {r['auc']:.5f} | {r['pool_mean_auc']:.5f} | {r['pool_best_auc']:.5f} | "
                      f"{r['gain']:+.5f} |")
     if summary.get("registered_version"):
-        lines += ["", f"Registered `emm-{dataset}` version {summary['registered_version']} (alias `challenger`)."]
+        lines += ["", f"Registered `{registered_name(dataset)}` version {summary['registered_version']} (alias `challenger`)."]
     return "\n".join(lines)
 
 
 def pretrain_pool(dataset: str, params: str) -> list[dict]:
     """One concurrent task per pool model under one MLflow parent run, then ``pool/`` assembled."""
-    names = stages.pool_model_names(dataset, params)
-    threads = stages.torch_threads_for(min(len(names), PRETRAIN_WORKERS))
+    names = pool_model_names(dataset, params)
+    threads = torch_threads_for(min(len(names), PRETRAIN_WORKERS))
     parent = fresh_unless_ready(pool_run_task, dataset, params, "pretrain")(dataset, params, names)
     futures = [fresh_unless_ready(pretrain_model_task, dataset, params, "pretrain-model", n)
                .submit(dataset, params, n, parent, threads) for n in names]
     wait(futures)
     failed = [f for f in futures if not f.state.is_completed()]
     if failed:
-        stages.close_pool_run(parent, params, failed=True)
+        close_pool_run(parent, params, failed=True)
         failed[0].result()  # raises the first member's error: the flow fails with its message
     entries = [f.result() for f in futures]
     return fresh_unless_ready(assemble_pool_task, dataset, params, "pretrain")(dataset, params, entries, parent)
@@ -177,7 +184,7 @@ def full_pipeline(dataset: str = "census-income", params: str = "params.yaml", m
     there, else here.
     """
     logger = get_run_logger()
-    if mirror is not None or not stages.raw_dir(dataset, params).exists():
+    if mirror is not None or not raw_dir(dataset, params).exists():
         for line in fetch_task(dataset, params, mirror):
             logger.info(line)
     logger.info("ingested: %s", fresh_unless_ready(ingest_task, dataset, params, "ingest")(dataset, params))
@@ -189,7 +196,7 @@ def full_pipeline(dataset: str = "census-income", params: str = "params.yaml", m
         logger.info("fusion training goes to deployment %s", FUSE_DEPLOYMENT)
     logger.info("fused test AUC: %s", fresh_unless_ready(fuse_task, dataset, params, "fuse")(dataset, params, on_gpu))
     summary = fresh_unless_ready(evaluate_task, dataset, params, "evaluate")(dataset, params)
-    create_markdown_artifact(key=f"emm-{dataset}-auc".replace("_", "-"), markdown=auc_markdown(dataset, summary),
+    create_markdown_artifact(key=f"{registered_name(dataset)}-auc".replace("_", "-"), markdown=auc_markdown(dataset, summary),
                              description=f"EMM test AUC on {dataset}")
     if promote:
         logger.info(promote_task(dataset, params))

@@ -53,7 +53,7 @@ def census_small_raw(tmp_path_factory, shared_data) -> Path:
 @pytest.fixture(scope="session")
 def census_small_data(tmp_path_factory, census_small_raw) -> Path:
     """The slice above, ingested with the default tasks (income, marital)."""
-    from emm.config import IngestConfig
+    from emm.pipeline.params import IngestConfig
     from emm.data.ingest import ingest
     from emm.data.spec import resolve_dataset
 
@@ -79,7 +79,7 @@ def copy_raw(tmp_path):
 @pytest.fixture(scope="session")
 def census_three_task_schema(tmp_path_factory, census_small_raw):
     """The same slice ingested with a third task (sex): another schema, for 'trained on other data' checks."""
-    from emm.config import IngestConfig
+    from emm.pipeline.params import IngestConfig
     from emm.data.ingest import ingest
     from emm.data.spec import resolve_dataset
 

@@ -1,23 +1,5 @@
-"""What is the data? Declarations, ingestion into Parquet, the schema, and tensors for training.
+"""What is the data? Declarations, the chunked reader and encoder, ingestion into Parquet, the schema, tensors.
 
-Names are imported lazily so that ``emm.config`` can import the declaration model without pulling in
-ingestion (which itself reads the config types).
+Kept free of eager imports so that ``emm --help`` and settings loading stay fast; import the module you
+need (``emm.data.schema``, ``emm.data.ingest``, ...).
 """
-
-from importlib import import_module
-
-_EXPORTS = {
-    "DatasetSpec": "emm.data.spec",
-    "resolve_dataset": "emm.data.spec",
-    "Schema": "emm.data.schema",
-    "SplitTensors": "emm.data.tensors",
-    "load_split": "emm.data.tensors",
-    "ingest": "emm.data.ingest",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(name)

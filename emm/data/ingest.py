@@ -23,13 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
-from emm.config import IngestConfig, params_hash
+from emm.data.options import IngestConfig
 from emm.data.encoding import Encoder, encode_labels
 from emm.data.reader import Chunk, file_columns, iter_chunks, resolve_file
 from emm.data.schema import VOCAB_FILE, DenseFeature, RawFile, Schema, SparseFeature, TaskInfo
 from emm.data.spec import SPLITS, DatasetSpec, TaskSpec
 from emm.errors import EMMError
-from emm.io import atomic_dir, provenance, sha256_file
+from emm.io import atomic_dir, digest, provenance, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -275,5 +275,5 @@ def _build_schema(spec: DatasetSpec, plan: FeaturePlan, encoder: Encoder, writer
             "carve": spec.carve.model_dump() if spec.carve else None,
             "seed": cfg.seed,
         },
-        provenance=provenance(params_hash(cfg), data_hash),
+        provenance=provenance(digest(cfg), data_hash),
     )

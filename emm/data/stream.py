@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from emm.config import ScaleConfig
+from emm.data.options import ScaleConfig
 from emm.data.schema import Schema
 from emm.data.tensors import SplitTensors, load_split, offsets
 from emm.errors import EMMError

@@ -40,11 +40,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
-from emm.config import SynthConfig, params_hash
+from emm.data.options import SynthConfig
 from emm.data.encoding import Encoder
 from emm.data.schema import VOCAB_FILE, DenseFeature, Schema, SparseFeature, TaskInfo
 from emm.data.spec import SPLITS, resolve_dataset
-from emm.io import atomic_dir, provenance, write_json
+from emm.io import atomic_dir, digest, provenance, write_json
 
 log = logging.getLogger(__name__)
 LAYOUT = "aliexpress"  # the built-in declaration whose columns and tasks the table copies
@@ -263,5 +263,5 @@ def _schema(cfg: SynthConfig, gen: Generator, counts: dict[str, int], positives:
                   "dense": "synthetic values on a grid in [0, 1] (already scaled)",
                   "note": f"emm synth: {LAYOUT} layout, planted task relations; see {SYNTH_FILE}",
                   "seed": cfg.seed},
-        provenance=provenance(params_hash(cfg)),
+        provenance=provenance(digest(cfg)),
     )

@@ -47,15 +47,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from emm.config import FuseConfig
 from emm.data.schema import Schema
 from emm.errors import EMMError
 from emm.fusion.akf import AKFLevel
 from emm.fusion.decompose import Plan
+from emm.fusion.options import ABLATIONS, AKFOptions
 from emm.models.embedding import FeatureEmbedding
 from emm.models.single_task import Tower
 
-FUSED_FORMAT = "emm.fused/1"
+FUSED_FORMAT = "emm.fused/2"
+# Embedding width per feature of a fresh ``retrain`` embedding when the plan's level 0 is not the pool's
+# embedding (so its width cannot be read off the plan); the zoo's own default.
+DEFAULT_EMBEDDING_DIM = 8
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
 
@@ -66,18 +69,20 @@ class FusedModel(nn.Module):
         plan: from ``emm.fusion.decompose`` / ``load_plan``; its components are copied, not shared.
         model_tasks: the task of each plan model, in plan order.
         task_names: the output columns, in order; every task needs at least one pool model.
-        cfg: ``FuseConfig`` (embedding, fusion_gate, attention, ablation, qkv_dim, tower).
+        cfg: ``AKFOptions`` (embedding, fusion_gate, attention, ablation, qkv_dim, tower); a stage config
+            that extends it (``FuseConfig``) is cut down to these fields, the only ones ``fused.json`` keeps.
         embedding: with ``embedding="retrain"``, the fresh ``FeatureEmbedding`` to train (``build_fused``
             builds one from the data schema); None derives its sizes from the plan's level-0 embedding.
             Must be None with ``embedding="reuse"``.
     """
 
-    def __init__(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], cfg: FuseConfig,
+    def __init__(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], cfg: AKFOptions,
                  embedding: FeatureEmbedding | None = None) -> None:
         super().__init__()
         self.model_tasks = [str(t) for t in model_tasks]
         self.task_names = [str(t) for t in task_names]
         self.model_names = list(plan.names)
+        cfg = AKFOptions.model_validate(cfg.model_dump(include=set(AKFOptions.model_fields)))
         self.cfg = cfg
         _check_tasks(plan, self.model_tasks, self.task_names)
         if plan.num_levels < 1:
@@ -85,8 +90,8 @@ class FusedModel(nn.Module):
         for level in plan.levels:
             if len(level.out_shape) < 1:
                 raise EMMError(f"plan level {level.index} hands on a scalar per row; AKF fuses batch tensors [B, ...]")
-        self.frozen = cfg.ablation in ("full", "+pretrained")
-        self.mtm = cfg.ablation in ("full", "+mtm")
+        self.frozen = ABLATIONS[cfg.ablation].pretrained
+        self.mtm = ABLATIONS[cfg.ablation].mtm
         self.level0_embedding_only = embedding_only_level(plan, 0)
 
         if cfg.embedding == "retrain":
@@ -181,7 +186,7 @@ class FusedModel(nn.Module):
             "plan_models": list(self.model_names),
             "model_tasks": list(self.model_tasks),
             "task_names": list(self.task_names),
-            "fuse": self.cfg.model_dump(mode="json"),
+            "options": self.cfg.model_dump(mode="json"),
             "embedding": emb,
             "replaces_level0": self.replaces_level0,
             "levels": [int(level.index) for level in self.levels],
@@ -197,9 +202,9 @@ class FusedModel(nn.Module):
             raise EMMError(f"the fused model was built on pool models {config.get('plan_models')} but the plan holds "
                            f"{plan.names}; load the plan folder it was fused from")
         try:
-            cfg = FuseConfig.model_validate(config["fuse"])
+            cfg = AKFOptions.model_validate(config["options"])
         except Exception as exc:
-            raise EMMError(f"fused-model config has an invalid 'fuse' section ({exc}); fuse again") from exc
+            raise EMMError(f"fused-model config has an invalid 'options' section ({exc}); fuse again") from exc
         emb = config.get("embedding")
         embedding = FeatureEmbedding(emb["total_vocab"], emb["n_sparse"], emb["n_dense"], emb["dim"]) if emb else None
         model = cls(plan, config["model_tasks"], config["task_names"], cfg, embedding)
@@ -245,7 +250,7 @@ class FusedModel(nn.Module):
         return torch.stack([torch.bincount(sel[t], minlength=T).float() / sel.shape[1] for t in range(T)])
 
 
-def build_fused(plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], cfg: FuseConfig,
+def build_fused(plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], cfg: AKFOptions,
                 schema: Schema) -> FusedModel:
     """A ``FusedModel`` whose fresh embedding (``retrain``) is sized from the data schema."""
     shapes = [tuple(s) for s in plan.input_shapes]
@@ -352,7 +357,7 @@ def _dim_from_width(plan: Plan, schema: Schema) -> int:
     width = _width(plan.levels[0].out_shape)
     dim, rest = divmod(width - schema.n_dense, max(schema.n_sparse, 1))
     if not embedding_only_level(plan, 0):
-        return 8
+        return DEFAULT_EMBEDDING_DIM
     if rest or dim < 1:
         raise EMMError(f"plan level 0 outputs {width} values per row, which is not n_sparse*dim + n_dense for "
                        f"{schema.n_sparse} sparse and {schema.n_dense} dense features; fuse a pool trained on "

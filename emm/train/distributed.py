@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from emm.config import ScaleConfig
+from emm.data.options import ScaleConfig
 from emm.errors import EMMError
+from emm.train.modes import eval_mode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -216,14 +217,12 @@ def has_unused_parameters(model: nn.Module, sparse: torch.Tensor, dense: torch.T
     drawn, no BatchNorm statistics touched) answers it once.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        model(sparse, dense).float().sum().backward()
-    unused = any(p.grad is None for p in trainable)
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+    with eval_mode(model):
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            model(sparse, dense).float().sum().backward()
+        unused = any(p.grad is None for p in trainable)
+        model.zero_grad(set_to_none=True)
     return unused
 
 

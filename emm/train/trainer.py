@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,16 +32,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from emm.config import TrainConfig
 from emm.data.stream import ParquetStream
 from emm.data.tensors import SplitTensors
 from emm.errors import EMMError
+from emm.io import atomic_file
+from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
 from emm.train.metrics import mean_auc, task_metrics
+from emm.train.modes import eval_mode
+from emm.train.options import TrainConfig
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
-EpochCallback = Callable[[int, dict[str, float]], None]
 Data = SplitTensors | ParquetStream  # in memory (index-sliced batches) or streamed from Parquet
 
 
@@ -72,7 +74,7 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, checkpoint_dir: Path | None = None,
-                 fingerprint: str | None = None, on_epoch: EpochCallback | None = None,
+                 fingerprint: str | None = None, tracker: Tracker | None = None,
                  progress: bool = True, desc: str = "train", dist: ddp.DistContext | None = None) -> None:
         self.cfg = cfg
         self.desc = desc
@@ -81,7 +83,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.fingerprint = fingerprint
-        self.on_epoch = on_epoch
+        self.tracker = tracker or NullTracker()
         self.progress = progress
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -139,8 +141,7 @@ class Trainer:
             state["epoch"] = epoch
             stopped_early = state["bad_epochs"] >= cfg.patience
             self._save_checkpoint(state, best_state)
-            if self.on_epoch:
-                self.on_epoch(epoch, row)
+            self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             log.info("%s epoch %d: loss %.5f val AUC %.5f%s", self.desc, epoch, train_loss, val_auc,
                      " (best)" if state["best_epoch"] == epoch else "")
         self.model.load_state_dict(best_state)
@@ -151,10 +152,8 @@ class Trainer:
 
     @torch.no_grad()
     def _check_output_width(self, data: SplitTensors) -> None:
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model(data.sparse[:2].to(self.device), data.dense[:2].to(self.device))
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            out = self.model(data.sparse[:2].to(self.device), data.dense[:2].to(self.device))
         if out.shape[1:] != data.labels.shape[1:]:
             raise EMMError(f"{self.desc}: the model returns {out.shape[1]} output(s) per row but the data has "
                            f"{data.labels.shape[1]} task(s) {data.task_names}; select the model's task(s) first")
@@ -243,9 +242,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "best_model": best_state,
             "state": state, "torch_rng": torch.get_rng_state(), "fingerprint": self.fingerprint or "",
         }
-        tmp = self.checkpoint_dir / f".{CHECKPOINT}.tmp"
-        torch.save(payload, tmp)
-        tmp.replace(self.checkpoint_dir / CHECKPOINT)  # atomic: a kill mid-save keeps the previous epoch
+        with atomic_file(self.checkpoint_dir / CHECKPOINT) as tmp:  # a kill mid-save keeps the previous epoch
+            torch.save(payload, tmp)
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         path = (self.checkpoint_dir or Path("/nonexistent")) / CHECKPOINT
@@ -281,14 +279,12 @@ def predict_proba(model: nn.Module, data: SplitTensors, batch_size: int = 65536,
                   device: torch.device | None = None) -> np.ndarray:
     """Sigmoid probabilities [N, T], in eval mode, batch by batch."""
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = []
-    for start in range(0, len(data), batch_size):
-        sl = slice(start, start + batch_size)
-        logits = model(data.sparse[sl].to(device), data.dense[sl].to(device))
-        out.append(torch.sigmoid(logits).float().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(data), batch_size):
+            sl = slice(start, start + batch_size)
+            logits = model(data.sparse[sl].to(device), data.dense[sl].to(device))
+            out.append(torch.sigmoid(logits).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, data.labels.shape[1]), np.float32)
 
 
@@ -297,13 +293,11 @@ def predict_stream(model: nn.Module, data: ParquetStream, batch_size: int = 6553
                    device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [N, T], labels [N, T]) over a stream, in file order; memory: one batch + the outputs."""
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     probs, labels = [], []
-    for batch in data.batches(batch_size):
-        probs.append(torch.sigmoid(model(batch.sparse.to(device), batch.dense.to(device))).float().cpu())
-        labels.append(batch.labels)
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in data.batches(batch_size):
+            probs.append(torch.sigmoid(model(batch.sparse.to(device), batch.dense.to(device))).float().cpu())
+            labels.append(batch.labels)
     if not probs:
         empty = np.zeros((0, len(data.task_names)), np.float32)
         return empty, empty

@@ -1,4 +1,4 @@
-"""`emm benchmark` (issue 6) on real Census rows: every baseline learns on real data, and a tiny profile of
+"""`emm benchmark` on real Census rows: every baseline learns on real data, and a tiny profile of
 the whole benchmark writes Table I/II, Figure 3, the selection heat map and one MLflow parent run, and a
 second run reuses every finished job."""
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from emm.config import BASELINE_NAMES
+from emm.pipeline.params import BASELINE_NAMES
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
@@ -75,8 +75,8 @@ def tiny_project(tmp_path: Path, census_small_raw: Path, **profile_overrides) ->
 def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path, census_small_raw: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from emm.benchmark import run_benchmark
-    from emm.tracking import configure
+    from emm.pipeline.experiments.runner import run_benchmark
+    from emm.tracking.store import configure
 
     params = tiny_project(tmp_path, census_small_raw)
     run = run_benchmark("census-income", params)
@@ -137,7 +137,7 @@ def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path
 
 
 def test_unknown_profile_and_baseline_are_refused(tmp_path: Path, census_small_raw: Path) -> None:
-    from emm.benchmark import run_benchmark
+    from emm.pipeline.experiments.runner import run_benchmark
 
     params = tiny_project(tmp_path, census_small_raw)
     with pytest.raises(EMMError, match="profile 'nope'"):

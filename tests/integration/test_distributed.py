@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
-from emm.config import ScaleConfig, TrainConfig
+from emm.pipeline.params import ScaleConfig, TrainConfig
 from emm.data.schema import Schema
 from emm.data.stream import ParquetStream, load_shard, split_path
 from emm.data.tensors import load_split
@@ -156,7 +156,9 @@ def _torchrun(params: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def stage_runs(census_small_data, tmp_path_factory):
     """The same pretrain -> decompose -> fuse, once under torchrun with 2 ranks and once in one process."""
-    from emm.stages import decompose_stage, fuse_stage, pretrain_stage
+    from emm.pipeline.decompose import decompose_stage
+    from emm.pipeline.fuse import fuse_stage
+    from emm.pipeline.pretrain import pretrain_stage
 
     torch.set_num_threads(1)
     ddp = _project(tmp_path_factory.mktemp("torchrun"), census_small_data)

@@ -75,35 +75,36 @@ def registry_versions(store: Path) -> list:
 
 def test_cache_keys_follow_their_inputs(project):
     """Each stage's key moves with its own params section and upstream, nothing else (as dvc.yaml says)."""
-    from emm import stages
+    from emm.pipeline.cache import STAGES, stage_cache_key, stage_output_ready
+    from emm.pipeline.ingest import ingest_stage
 
     params = write_profile(project)
-    stages.ingest_stage("census-income", params)
-    keys = {s: stages.stage_cache_key("census-income", params, s, "income-mlp") for s in stages.STAGE_INPUTS}
+    ingest_stage("census-income", params)
+    keys = {s: stage_cache_key("census-income", params, s, "income-mlp") for s in STAGES}
     assert len(set(keys.values())) == len(keys)
-    assert stages.stage_cache_key("census-income", params, "ingest") == keys["ingest"]  # stable
-    assert stages.stage_output_ready("census-income", params, "ingest")
-    assert not stages.stage_output_ready("census-income", params, "pretrain-model", "income-mlp")
+    assert stage_cache_key("census-income", params, "ingest") == keys["ingest"]  # stable
+    assert stage_output_ready("census-income", params, "ingest")
+    assert not stage_output_ready("census-income", params, "pretrain-model", "income-mlp")
 
     profile = yaml.safe_load(params.read_text())
     profile["pretrain"]["train"]["lr"] = 0.02
     params.write_text(yaml.safe_dump(profile))
-    moved = {s: stages.stage_cache_key("census-income", params, s, "income-mlp") for s in stages.STAGE_INPUTS}
+    moved = {s: stage_cache_key("census-income", params, s, "income-mlp") for s in STAGES}
     assert moved["ingest"] == keys["ingest"]
     assert all(moved[s] != keys[s] for s in ("pretrain-model", "pretrain", "decompose", "fuse", "evaluate"))
     profile["fuse"]["tower"] = [6]
     params.write_text(yaml.safe_dump(profile))
-    fused = {s: stages.stage_cache_key("census-income", params, s, "income-mlp") for s in stages.STAGE_INPUTS}
+    fused = {s: stage_cache_key("census-income", params, s, "income-mlp") for s in STAGES}
     assert [s for s in fused if fused[s] != moved[s]] == ["fuse", "evaluate"]
     (project / "data" / "census-income" / "census-income.test.gz").write_bytes(b"")  # other raw bytes
-    assert stages.stage_cache_key("census-income", params, "ingest") != keys["ingest"]
+    assert stage_cache_key("census-income", params, "ingest") != keys["ingest"]
 
 
 @pytest.mark.slow
 def test_failed_stage_fails_flow_then_rerun_resumes_from_cache(project, prefect_api):
     from flows.full_pipeline import full_pipeline
 
-    from emm import tracking as mt
+    from emm.tracking.runs import child_runs
 
     artifacts = project / "artifacts" / "census-income"
     params = write_profile(project, qkv_dim=0)  # valid YAML and schema, refused when the fused model is built
@@ -123,7 +124,7 @@ def test_failed_stage_fails_flow_then_rerun_resumes_from_cache(project, prefect_
     uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     parent_id = client.get_run(pool["models"][0]["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
-    children = mt.child_runs("census-income", project / "mlruns", parent_id)
+    children = child_runs("census-income", project / "mlruns", parent_id)
     assert sorted(c["name"] for c in children) == sorted(POOL)
     assert {c["status"] for c in children} == {"FINISHED"}
     assert client.get_run(parent_id).info.status == "FINISHED"

@@ -10,16 +10,21 @@ import pandas as pd
 import pytest
 import torch
 
-from emm.config import DecomposeConfig, FuseConfig, PretrainConfig, TrackingConfig, TrainConfig
+from emm.pipeline.params import DecomposeConfig, FuseConfig, PretrainConfig, TrackingConfig, TrainConfig
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
-from emm.fusion.evaluate import evaluate
-from emm.fusion.fused_io import fuse, load_fused
-from emm.fusion.pool_plan import decompose_pool
-from emm.predict import predict_file
-from emm.tracking import CHALLENGER, CHAMPION, SCORE_TAG, configure, promote, raw_example
-from emm.train.pretrain import pretrain
+from emm.pipeline.evaluate import evaluate_and_register
+from emm.fusion.saved import load_fused
+from emm.pipeline.fuse import fuse
+from emm.pipeline.decompose import decompose_pool
+from emm.pipeline.predict import predict_file
+from emm.pipeline.register import promote
+from emm.tracking.pyfunc import raw_example
+from emm.tracking.registry import CHALLENGER, CHAMPION, SCORE_TAG
+from emm.tracking.runs import open_run
+from emm.tracking.store import configure
+from emm.pipeline.pretrain import pretrain
 
 POOL = [
     {"name": "income-mlp", "task": "income", "arch": "mlp", "hidden": [32, 16, 8]},
@@ -46,10 +51,12 @@ def pipeline(census_small_data, tmp_path_factory):
 
 def run_fuse(pipeline, name: str, **cfg):
     root, dirs, tracking = pipeline
-    fuse("census-income", dirs["data_dir"], dirs["pool_dir"], dirs["components_dir"], root / name, root / f"{name}-w",
-         FuseConfig(train=TRAIN, **cfg), DecomposeConfig(), tracking=tracking, progress=False)
-    return evaluate("census-income", dirs["data_dir"], dirs["pool_dir"], root / name, root / f"{name}-eval",
-                    tracking=tracking)
+    fuse_cfg = FuseConfig(train=TRAIN, **cfg)
+    with open_run("census-income", tracking.store, f"fused-{fuse_cfg.ablation}", tags={"emm.stage": "fuse"}) as tracker:
+        fuse("census-income", dirs["data_dir"], dirs["pool_dir"], dirs["components_dir"], root / name,
+             root / f"{name}-w", fuse_cfg, DecomposeConfig(), tracker=tracker, progress=False)
+    return evaluate_and_register("census-income", dirs["data_dir"], dirs["pool_dir"], root / name,
+                                 root / f"{name}-eval", tracking)
 
 
 def test_fused_model_trains_evaluates_and_registers(pipeline, census_small_data):

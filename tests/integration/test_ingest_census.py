@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from emm.config import IngestConfig
+from emm.pipeline.params import IngestConfig
 from emm.data.encoding import Encoder
 from emm.data.ingest import ingest
 from emm.data.schema import Schema

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from emm.cli import app
-from emm.config import IngestConfig
+from emm.pipeline.params import IngestConfig
 from emm.data.ingest import ingest
 from emm.data.spec import DatasetSpec, resolve_dataset
 from emm.errors import EMMError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from emm.config import IngestConfig
+from emm.pipeline.params import IngestConfig
 from emm.data.ingest import ingest
 from emm.data.spec import resolve_dataset
 

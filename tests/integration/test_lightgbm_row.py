@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from emm.models.baselines.lightgbm_row import lightgbm_per_task
+from emm.train.lightgbm_row import lightgbm_per_task
 
 
 def test_lightgbm_row_scores_every_task(census_small_data):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from emm.config import TrainConfig
+from emm.pipeline.params import TrainConfig
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from emm.config import DecomposeConfig, PretrainConfig, TrackingConfig, TrainConfig
+from emm.pipeline.params import DecomposeConfig, PretrainConfig, TrackingConfig, TrainConfig
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
-from emm.fusion.pool_plan import decompose_pool, load_pool_plan
+from emm.pipeline.decompose import decompose_pool, load_pool_plan
 from emm.models.pool import load_pool, read_pool
-from emm.train.pretrain import default_pool, pretrain
-from emm.tracking import raw_example
+from emm.pipeline.pretrain import default_pool, pretrain
+from emm.tracking.pyfunc import raw_example
+from emm.tracking.runs import open_run
 
 SMALL_POOL = [
     {"name": "income-mlp", "task": "income", "arch": "mlp", "hidden": [32, 16, 8]},
@@ -32,8 +33,9 @@ def trained(census_small_data, tmp_path_factory):
     tracking = TrackingConfig(store=root / "mlruns")
     mp = pytest.MonkeyPatch()
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    entries = pretrain("census-income", census_small_data, root / "pool", root / "work", CFG, tracking=tracking,
-                       progress=False)
+    with open_run("census-income", tracking.store, "pool", tags={"emm.stage": "pretrain"}) as tracker:
+        entries = pretrain("census-income", census_small_data, root / "pool", root / "work", CFG, tracker=tracker,
+                           progress=False)
     yield root, entries, tracking
     mp.undo()
 

@@ -9,9 +9,10 @@ import pytest
 
 
 def test_failed_tagging_deletes_the_version(tmp_path: Path) -> None:
-    from emm import tracking as mt
+    from emm.tracking import registry as mt
+    from emm.tracking.store import configure
 
-    mt.configure(tmp_path / "mlruns")
+    configure(tmp_path / "mlruns")
     client = mlflow.MlflowClient()
     client.create_registered_model("emm-test")
     good = client.create_model_version("emm-test", source=str(tmp_path), run_id=None)

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from emm.cli import app
-from emm.config import ScaleConfig, SynthConfig, TrainConfig
+from emm.pipeline.params import ScaleConfig, SynthConfig, TrainConfig
 from emm.data.encoding import Encoder
 from emm.data.schema import Schema
 from emm.data.spec import resolve_dataset

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from emm.config import FuseConfig
+from emm.fusion.options import AKFOptions
 from emm.data.schema import DenseFeature, Schema, SparseFeature, TaskInfo
 from emm.errors import EMMError
 from emm.fusion import AKFLevel, FusedModel, build_fused, decompose, load_plan, save_plan
@@ -81,7 +81,7 @@ class Pool:
 
     def fused(self, seed: int = 0, **cfg) -> FusedModel:
         torch.manual_seed(seed)
-        return build_fused(self.plan, self.model_tasks, self.tasks, FuseConfig(**cfg), self.schema)
+        return build_fused(self.plan, self.model_tasks, self.tasks, AKFOptions(**cfg), self.schema)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -438,7 +438,7 @@ def test_retrain_with_a_level0_that_is_not_embedding_only():
     models = [DenseProjectionModel(schema.total_vocab).eval() for _ in range(3)]
     plan = decompose(models, batch(8), head="tower")
     assert plan.num_levels == 2 and not embedding_only_level(plan, 0)
-    model = build_fused(plan, ["a", "a", "b"], ["a", "b"], FuseConfig(), schema)
+    model = build_fused(plan, ["a", "a", "b"], ["a", "b"], AKFOptions(), schema)
     assert not model.replaces_level0 and model.levels[0].index == 0
     assert model.levels[0].gate_dim == model.embedding.out_dim  # the fresh embedding is the gate input
     out = model(*batch(8))
@@ -475,7 +475,8 @@ def test_state_dict_round_trip(pool3_bn, tmp_path, embedding):
 def test_config_dict_names_everything(pool2):
     config = pool2.fused(ablation="+mtm", qkv_dim=4).config_dict()
     assert config["task_names"] == ["a", "b"] and config["model_tasks"] == pool2.model_tasks
-    assert config["fuse"]["ablation"] == "+mtm" and config["fuse"]["qkv_dim"] == 4
+    assert config["options"]["ablation"] == "+mtm" and config["options"]["qkv_dim"] == 4
+    assert "train" not in config["options"]  # the architecture record holds no training settings
     assert config["embedding"] == {"total_vocab": N_SPARSE * VOCAB, "n_sparse": N_SPARSE, "n_dense": N_DENSE, "dim": 4}
     with pytest.raises(EMMError, match="pool models"):
         FusedModel.from_config(pool2.plan, {**config, "plan_models": ["x", "y", "z", "w"]})
@@ -500,7 +501,7 @@ def test_gate_report(pool3):
 
 
 def test_user_errors(pool2):
-    plan, cfg = pool2.plan, FuseConfig()
+    plan, cfg = pool2.plan, AKFOptions()
     with pytest.raises(EMMError, match="model tasks"):
         FusedModel(plan, ["a"], ["a", "b"], cfg)
     with pytest.raises(EMMError, match="no model in the pool"):
@@ -509,9 +510,9 @@ def test_user_errors(pool2):
         FusedModel(plan, ["a", "a", "b", "x"], ["a", "b"], cfg)
     with pytest.raises(EMMError, match="at least two tasks"):
         FusedModel(plan, ["a"] * 4, ["a"], cfg)
-    FusedModel(plan, ["a"] * 4, ["a"], FuseConfig(ablation="+pretrained"))  # one task without MTM is fine
+    FusedModel(plan, ["a"] * 4, ["a"], AKFOptions(ablation="+pretrained"))  # one task without MTM is fine
     with pytest.raises(EMMError, match="reuse"):
-        FusedModel(plan, pool2.model_tasks, ["a", "b"], FuseConfig(embedding="reuse"),
+        FusedModel(plan, pool2.model_tasks, ["a", "b"], AKFOptions(embedding="reuse"),
                    embedding=pool2.fused().embedding)
     other = make_schema(["a", "b"]).model_copy(update={"dense": []})
     with pytest.raises(EMMError, match="dense features"):
@@ -525,7 +526,7 @@ def test_project_aligned_plan_fuses():
     specs = [ModelSpec(name=f"m{i}", task=t, arch="mlp", hidden=h, embed_dim=4, tower=[4])
              for i, (t, h) in enumerate([("a", [32, 16]), ("a", [24, 8]), ("b", [32, 16])])]
     plan = decompose([build_model(s, schema).eval() for s in specs], batch(8), head="tower", align="project")
-    model = build_fused(plan, ["a", "a", "b"], ["a", "b"], FuseConfig(), schema)
+    model = build_fused(plan, ["a", "a", "b"], ["a", "b"], AKFOptions(), schema)
     x = batch(16)
     assert model(*x).shape == (16, 2)
     train_steps(model, x, steps=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from emm.config import load_params
+from emm.pipeline.params import load_params
 from emm.data.spec import DatasetSpec, resolve_dataset
 from emm.errors import EMMError
 

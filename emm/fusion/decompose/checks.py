@@ -13,8 +13,7 @@ Exactness
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -91,18 +90,6 @@ def run_example(model: nn.Module, inputs: tuple[Tensor, ...], name: str) -> Tens
             "single-task models returning one tensor with the batch first (logits [B, 1])"
         )
     return out
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode while reading the model, then each sub-module's own flag back (mixed modes survive)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def check_exact(trace: ModelTrace, pieces: list[nn.Module], head: nn.Module, inputs: tuple[Tensor, ...]) -> None:

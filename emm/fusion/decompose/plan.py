@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from emm.errors import EMMError
 from emm.fusion.decompose.alignment import align_identical, align_project, build_adapters
-from emm.fusion.decompose.checks import as_inputs, check_align, check_exact, check_names, eval_mode, run_example
+from emm.fusion.decompose.checks import as_inputs, check_align, check_exact, check_names, run_example
+from emm.train.modes import eval_mode
 from emm.fusion.decompose.description import model_spans, plan_levels
 from emm.fusion.decompose.fx_reader import FxProgram
 from emm.fusion.decompose.hook_reader import ChainProgram

@@ -17,8 +17,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from emm.config import params_hash
-from emm.io import read_json, write_json
+import torch
+
+from emm.data.schema import Schema
+from emm.data.tensors import load_split
+from emm.fusion.options import DecomposeConfig
+from emm.io import digest, read_json, write_json
+from emm.train.lightgbm_row import lightgbm_per_task
+from emm.models.baselines.registry import build_baseline
+from emm.models.pool import PoolEntry
+from emm.models.single_task import ModelSpec
+from emm.pipeline.decompose import decompose_pool
+from emm.pipeline.fuse import fuse
+from emm.pipeline.params import FuseConfig, PretrainConfig
+from emm.pipeline.pretrain import assemble_pool, train_pool_model
+from emm.runtime import set_quiet_env
+from emm.train.options import TrainConfig
+from emm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 Kind = Literal["pool", "decompose", "baseline", "lightgbm", "fused"]
@@ -55,7 +70,7 @@ class Job:
         return Path(self.seed_dir) / "work" / f"{self.kind}-{self.method.replace('+', 'plus-')}"
 
     def signature(self, data_fingerprint: str) -> str:
-        return params_hash({"job": asdict(self) | {"needs": list(self.needs)}, "data": data_fingerprint})
+        return digest({"job": asdict(self) | {"needs": list(self.needs)}, "data": data_fingerprint})
 
 
 def cached_result(job: Job, signature: str) -> dict[str, Any] | None:
@@ -69,11 +84,7 @@ def cached_result(job: Job, signature: str) -> dict[str, Any] | None:
 def init_worker(threads: int) -> None:
     """Runs once in each worker process: bound torch's threads so parallel jobs do not fight over cores."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
     torch.set_num_threads(threads)
-    from emm.runtime import set_quiet_env
-
     set_quiet_env()
     logging.basicConfig(level=logging.WARNING)
 
@@ -98,8 +109,6 @@ def run_job(job: Job, signature: str) -> dict[str, Any]:
 
 # ---- the five kinds ------------------------------------------------------------------------------------------
 def _train_cfg(job: Job):
-    from emm.config import TrainConfig
-
     return TrainConfig.model_validate(job.config["train"])
 
 
@@ -108,10 +117,6 @@ def _scores(val: dict, test: dict) -> dict[str, dict[str, float]]:
 
 
 def _run_pool(job: Job, resume: bool) -> dict[str, Any]:
-    from emm.config import PretrainConfig
-    from emm.models.single_task import ModelSpec
-    from emm.train.pretrain import train_pool_model
-
     spec = ModelSpec.model_validate(job.config["spec"])
     entry = train_pool_model(spec, Path(job.data_dir), job.work_dir.parent / "pool-work",
                              PretrainConfig(train=_train_cfg(job)), resume=resume, progress=False)
@@ -122,11 +127,6 @@ def _run_pool(job: Job, resume: bool) -> dict[str, Any]:
 
 
 def _run_decompose(job: Job, resume: bool) -> dict[str, Any]:
-    from emm.config import DecomposeConfig, PretrainConfig
-    from emm.fusion.pool_plan import decompose_pool
-    from emm.models.pool import PoolEntry
-    from emm.train.pretrain import assemble_pool
-
     seed_dir = Path(job.seed_dir)
     entries = [PoolEntry.model_validate(read_json(Path(p))["result"]["entry"]) for p in job.config["pool_results"]]
     assemble_pool(entries, seed_dir / "work" / "pool-work", seed_dir / "pool",
@@ -137,13 +137,6 @@ def _run_decompose(job: Job, resume: bool) -> dict[str, Any]:
 
 
 def _run_baseline(job: Job, resume: bool) -> dict[str, Any]:
-    import torch
-
-    from emm.data.schema import Schema
-    from emm.data.tensors import load_split
-    from emm.models.baselines.registry import build_baseline
-    from emm.train.trainer import Trainer
-
     data_dir = Path(job.data_dir)
     schema = Schema.load(data_dir)
     train, val, test = (load_split(data_dir, s, schema) for s in ("train", "val", "test"))
@@ -158,8 +151,6 @@ def _run_baseline(job: Job, resume: bool) -> dict[str, Any]:
 
 
 def _run_lightgbm(job: Job, resume: bool) -> dict[str, Any]:
-    from emm.models.baselines.lightgbm_row import lightgbm_per_task
-
     started = time.perf_counter()
     out = lightgbm_per_task(Path(job.data_dir), seed=job.seed, params={"num_threads": job.config.get("threads", 1)})
     return {"tasks": {t: {"val_auc": r["val_auc"], "test_auc": r["test_auc"]} for t, r in out.items()},
@@ -168,9 +159,6 @@ def _run_lightgbm(job: Job, resume: bool) -> dict[str, Any]:
 
 
 def _run_fused(job: Job, resume: bool) -> dict[str, Any]:
-    from emm.config import DecomposeConfig, FuseConfig
-    from emm.fusion.fused_io import fuse
-
     seed_dir = Path(job.seed_dir)
     cfg = FuseConfig.model_validate(job.config["fuse"])
     res = fuse(job.dataset, Path(job.data_dir), seed_dir / "pool", seed_dir / "components", job.work_dir / "fused",

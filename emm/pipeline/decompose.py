@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emm.config import DecomposeConfig
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
 from emm.fusion.decompose import Plan, decompose
+from emm.fusion.options import DecomposeConfig
 from emm.fusion.store import load_plan, save_plan
 from emm.models.pool import PoolEntry, load_pool, read_pool
 from emm.models.single_task import build_model
+from emm.pipeline.layout import stage_dir
+from emm.pipeline.params import load_params
 
 
 def example_batch(data_dir: Path, schema: Schema, rows: int):
@@ -44,3 +46,9 @@ def load_pool_plan(data_dir: Path, pool_dir: Path, components_dir: Path,
     models = [build_model(e.spec, schema) for e in entries]
     plan = load_plan(components_dir, models, example_batch(data_dir, schema, cfg.example_rows))
     return plan, entries
+
+
+def decompose_stage(dataset: str, params: Path | str | None = None) -> tuple[Plan, list[PoolEntry]]:
+    cfg = load_params(params)
+    return decompose_pool(stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
+                          stage_dir(cfg, dataset, "components"), cfg.decompose)

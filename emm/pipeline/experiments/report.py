@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from emm.benchmark import paper
 from emm.data.schema import Schema
+from emm.fusion.options import ABLATIONS
+from emm.pipeline.experiments import paper
 
 DISPLAY = {"shared_bottom": "SharedBottom", "mmoe": "MMoE", "ple": "PLE", "aitm": "AITM", "adatt": "AdaTT",
-           "lightgbm": "LightGBM (one per task)", "full": "EMM (fused)", "baseline": "baseline",
-           "+mtm": "baseline+MTM", "+pretrained": "baseline+p (trained components)"}
+           "lightgbm": "LightGBM (one per task)", **{a.name: a.label for a in ABLATIONS.values()}}
 SINGLE_MEAN, BEST_DONOR = "single-task mean", "best single-task donor"
 FEW_POSITIVES = 100  # below this many positive test rows an AUC is too noisy to rank methods
 
@@ -173,7 +173,7 @@ def verdict(rows: list[Row], tasks: list[str]) -> list[str]:
 
 def write_table2(dataset: str, results: list[dict[str, Any]], task_set: str, tasks: list[str], header: str,
                  out_dir: Path) -> Path:
-    ablations = [a for a in ("baseline", "+mtm", "+pretrained", "full") if a in _methods(results, task_set, "fused")]
+    ablations = [a for a in ABLATIONS if a in _methods(results, task_set, "fused")]
     cells = {a: _aucs(results, task_set, "fused", a) for a in ablations}
     base = cells.get("baseline")
     lines = [f"# Table II: ablation, {dataset}", "", header, "",

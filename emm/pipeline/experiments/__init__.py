@@ -1,4 +1,4 @@
-"""`emm benchmark`: the paper's experiments (Table I, Table II, Figure 3) on one dataset, with one command.
+"""The paper's experiments (Table I, Table II, Figure 3) on one dataset: what ``emm benchmark`` runs.
 
 - ``data``: the task sets' ingested data (optionally the first N raw rows, for quick profiles);
 - ``jobs``: one training run each (a pool model, a baseline, LightGBM, a fused variant), run in worker
@@ -6,8 +6,5 @@
 - ``runner``: schedules the jobs over the seeds, decomposes each seed's pool, logs to MLflow;
 - ``report``: tables (markdown + CSV), plots, the fusion-gate selection heat maps;
 - ``paper``: the published numbers printed beside ours.
+The stage entry point is ``emm.pipeline.benchmark``. (Speed benchmarks are the scripts in ``benchmarks/``.)
 """
-
-from emm.benchmark.runner import run_benchmark
-
-__all__ = ["run_benchmark"]

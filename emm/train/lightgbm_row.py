@@ -2,7 +2,7 @@
 
 Sparse features are given to LightGBM as categorical (their ingested indices), dense ones as numbers;
 quantile-bucket features (``dense_buckets``) are left out: a tree bins the dense column itself, and the
-row stays comparable with runs on data ingested without buckets. Early stopping watches the validation AUC. This is the bar the fused model must clear (issue 6).
+row stays comparable with runs on data ingested without buckets. Early stopping watches the validation AUC. This is the bar the fused model must clear.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Batch scoring of raw rows (CSV or Parquet in the ingested layout) with a logged EMM model.
+"""Stage 7, ``predict``: batch scoring of raw rows (CSV or Parquet in the ingested layout) with a logged EMM model.
 
 Rows that cannot be scored (a required value missing, a dense value that is not a number) are never
 silently scored: they go to a rejects file with the reason, and the run reports how many there were.
@@ -7,7 +7,6 @@ A missing required *column* fails the whole run with the column names.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from emm.errors import EMMError
+from emm.io import atomic_file
+from emm.pipeline.params import load_params
+from emm.tracking.pyfunc import load_scorer
 
 
 @dataclass
@@ -77,12 +79,11 @@ def predict_file(scorer, input_path: Path, output_path: Path) -> PredictReport:
     scores.insert(0, "row", np.flatnonzero(good.to_numpy()) + 1)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.tmp")
-    if output_path.suffix == ".parquet":
-        scores.to_parquet(tmp, index=False)
-    else:
-        scores.to_csv(tmp, index=False)
-    tmp.replace(output_path)
+    with atomic_file(output_path) as tmp:
+        if output_path.suffix == ".parquet":
+            scores.to_parquet(tmp, index=False)
+        else:
+            scores.to_csv(tmp, index=False)
     rejects = None
     if (~good).any():
         rejects = output_path.with_name(output_path.stem + ".rejected.csv")
@@ -93,6 +94,7 @@ def predict_file(scorer, input_path: Path, output_path: Path) -> PredictReport:
     return PredictReport(scored=int(good.sum()), rejected=int((~good).sum()), output=output_path, rejects=rejects)
 
 
-def report_json(report: PredictReport) -> str:
-    return json.dumps({"scored": report.scored, "rejected": report.rejected, "output": str(report.output),
-                       "rejects": str(report.rejects) if report.rejects else None})
+def predict_stage(model_uri: str, input_path: Path, output_path: Path,
+                  params: Path | str | None = None) -> PredictReport:
+    cfg = load_params(params)
+    return predict_file(load_scorer(model_uri, cfg.tracking.store), input_path, output_path)

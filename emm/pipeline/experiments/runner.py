@@ -16,11 +16,18 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from emm.benchmark.data import prepare_task_set, task_set_key
-from emm.benchmark.jobs import PRIORITY, Job, cached_result, describe, init_worker, run_job
-from emm.config import BASELINE_NAMES, BenchmarkProfile, Params, load_params
 from emm.data.schema import Schema
+from emm.data.spec import resolve_dataset
 from emm.errors import EMMError
+from emm.fusion.options import ABLATIONS
+from emm.models.single_task import ModelSpec
+from emm.pipeline.experiments.data import prepare_task_set, task_set_key
+from emm.pipeline.experiments.jobs import PRIORITY, Job, cached_result, describe, init_worker, run_job
+from emm.pipeline.experiments.report import write_reports
+from emm.pipeline.layout import stage_tracker
+from emm.pipeline.params import BASELINE_NAMES, BenchmarkProfile, Params, load_params
+from emm.pipeline.pretrain import default_pool
+from emm.runtime import cpu_cores
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +52,6 @@ def output_dir(cfg: Params, dataset: str, profile: str) -> Path:
 def benchmark_pool(dataset: str, cfg: Params, schema: Schema) -> list[dict[str, Any]]:
     """The configured pool for the tasks it covers, plus two default models for any task it does not
     (the 3- and 4-task runs add tasks the 2-task pool has no model for)."""
-    from emm.train.pretrain import default_pool
-
     configured = [s for s in cfg.pretrain.pool.get(dataset, []) if s["task"] in schema.task_names]
     covered = {s["task"] for s in configured}
     missing = [t for t in schema.task_names if t not in covered]
@@ -57,22 +62,18 @@ def benchmark_pool(dataset: str, cfg: Params, schema: Schema) -> list[dict[str, 
 def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict[str, Path], main_set: str,
               work: Path) -> list[Job]:
     """Every job of the benchmark, with its dependencies."""
-    from emm.models.single_task import ModelSpec
-
     def train_cfg(base, seed: int) -> dict[str, Any]:
         update = {"seed": seed, **({"max_epochs": prof.max_epochs} if prof.max_epochs else {})}
         return base.model_copy(update=update).model_dump(mode="json")
 
-    size = cfg.benchmark.baseline_size.get(dataset) or (
-        {"expert_hidden": [16], "tower": [8]} if dataset == "census-income" else {"expert_hidden": [128], "tower": [128]})
+    size = cfg.benchmark.baseline_size.get(dataset) or cfg.benchmark.default_baseline_size
     jobs: list[Job] = []
     for ts, data_dir in data_dirs.items():
         is_main = ts == main_set
         schema = Schema.load(data_dir)
         seeds = prof.seeds if is_main else prof.seeds[:prof.task_set_seeds]
         baselines = prof.baselines if is_main else [b for b in prof.task_set_methods if b in BASELINE_NAMES]
-        ablations = sorted(set(prof.ablations) | {"full"}, key=["baseline", "+mtm", "+pretrained", "full"].index) \
-            if is_main else ["full"]
+        ablations = [a for a in ABLATIONS if a in prof.ablations or a == "full"] if is_main else ["full"]
         specs = [ModelSpec.model_validate(s) for s in benchmark_pool(dataset, cfg, schema)]
         for seed in seeds:
             seed_dir = str(work / ts / f"seed-{seed}")
@@ -113,7 +114,7 @@ def execute(jobs: list[Job], fingerprints: dict[str, str], workers: int, on_resu
 
     ctx = get_context("spawn")  # fork after torch started its thread pools can deadlock
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                             initargs=(threads or _all_cores(),)) as pool:
+                             initargs=(threads or cpu_cores(),)) as pool:
         while pending or running:
             reused = True
             while reused:  # reuse what an earlier run finished with the same inputs (and its dependants)
@@ -156,18 +157,9 @@ def execute(jobs: list[Job], fingerprints: dict[str, str], workers: int, on_resu
     return [done[j.key] for j in jobs]
 
 
-def _all_cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def run_benchmark(dataset: str, params: Path | str | None = None, *, profile: str | None = None,
                   workers: int | None = None, track: bool = True) -> BenchmarkRun:
     """Table I, Table II and Figure 3 for ``dataset``: data, jobs, tables, plots, one MLflow parent run."""
-    from emm.benchmark.report import write_reports
-    from emm.data.spec import resolve_dataset
-
     started = time.perf_counter()
     cfg = load_params(params)
     profile = profile or cfg.benchmark.profile
@@ -187,33 +179,25 @@ def run_benchmark(dataset: str, params: Path | str | None = None, *, profile: st
     log.info("benchmark %s (profile %s): %d jobs on %d worker(s), task sets %s", dataset, profile, len(jobs),
              n_workers, list(data_dirs))
 
-    run_id = None
-    if track:
-        from emm import tracking as mt
+    with stage_tracker(cfg.tracking, dataset, f"benchmark-{profile}", enabled=track,
+                       tags={"emm.stage": "benchmark"}) as tracker:
+        tracker.log_params({"dataset": dataset, "profile": profile, "seeds": prof.seeds, "workers": n_workers,
+                            "task_sets": list(data_dirs), **{f"rows_{s}": n for s, n in schemas[main_set].rows.items()}})
 
-        mt.use_experiment(dataset, cfg.tracking.store)
-        with mt.run(f"benchmark-{profile}", tags={"emm.stage": "benchmark"}) as run_id:
-            mt.log_params({"dataset": dataset, "profile": profile, "seeds": prof.seeds, "workers": n_workers,
-                           "task_sets": list(data_dirs), **{f"rows_{s}": n for s, n in schemas[main_set].rows.items()}})
+        def log_child(job: Job, result: dict[str, Any], cached: bool) -> None:
+            if job.kind == "decompose":
+                return
+            with tracker.child(f"{job.method}-s{job.seed}" + ("" if job.task_set == main_set else f"-{job.task_set}"),
+                               tags={"emm.benchmark.kind": job.kind, "emm.benchmark.cached": str(cached)}) as child:
+                child.log_params({"kind": job.kind, "method": job.method, "seed": job.seed, "task_set": job.task_set})
+                child.log_metrics({f"{k}_{t}": v for t, m in result["tasks"].items() for k, v in m.items()}
+                                  | {k: result[k] for k in ("seconds", "epochs_run") if k in result})
 
-            def log_child(job: Job, result: dict[str, Any], cached: bool) -> None:
-                if job.kind == "decompose":
-                    return
-                with mt.run(f"{job.method}-s{job.seed}" + ("" if job.task_set == main_set else f"-{job.task_set}"),
-                            tags={"emm.benchmark.kind": job.kind, "emm.benchmark.cached": str(cached)}):
-                    mt.log_params({"kind": job.kind, "method": job.method, "seed": job.seed, "task_set": job.task_set})
-                    mt.log_metrics({f"{k}_{t}": v for t, m in result["tasks"].items() for k, v in m.items()}
-                                   | {k: result[k] for k in ("seconds", "epochs_run") if k in result})
-
-            results = execute(jobs, {ts: s.fingerprint() for ts, s in schemas.items()}, n_workers, log_child)
-            seconds = time.perf_counter() - started
-            files = write_reports(dataset, profile, results, schemas, main_set, out_dir, seconds)
-            mt.log_metrics({"benchmark_seconds": seconds})
-            for f in files:
-                mt.log_artifact(f, "benchmark")
-    else:
-        results = execute(jobs, {ts: s.fingerprint() for ts, s in schemas.items()}, n_workers, lambda *a: None)
+        results = execute(jobs, {ts: s.fingerprint() for ts, s in schemas.items()}, n_workers, log_child)
         seconds = time.perf_counter() - started
         files = write_reports(dataset, profile, results, schemas, main_set, out_dir, seconds)
+        tracker.log_metrics({"benchmark_seconds": seconds})
+        for f in files:
+            tracker.log_artifact(f, "benchmark")
     log.info("benchmark %s done in %.1f min: %s", dataset, seconds / 60, out_dir)
-    return BenchmarkRun(dataset, profile, out_dir, results, files, seconds, run_id)
+    return BenchmarkRun(dataset, profile, out_dir, results, files, seconds, tracker.run_id)

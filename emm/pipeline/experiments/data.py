@@ -7,12 +7,12 @@ import gzip
 import logging
 from pathlib import Path
 
-from emm.config import IngestConfig, params_hash
 from emm.data.ingest import ingest
+from emm.data.options import IngestConfig
 from emm.data.reader import resolve_file
 from emm.data.schema import Schema
 from emm.data.spec import DatasetSpec
-from emm.io import read_json, write_json
+from emm.io import digest, read_json, write_json
 
 log = logging.getLogger(__name__)
 MARKER = "benchmark-data.json"
@@ -48,7 +48,7 @@ def prepare_task_set(spec: DatasetSpec, raw_dir: Path, tasks: list[str], work: P
     folder = Path(work) / task_set_key(tasks)
     data_dir = folder / "data"
     signature = {"dataset": spec.name, "tasks": tasks, "raw_rows": raw_rows, "raw_dir": str(Path(raw_dir).resolve()),
-                 "ingest": params_hash(cfg)}
+                 "ingest": digest(cfg)}
     marker = folder / MARKER
     if marker.exists() and (data_dir / "schema.json").exists() and read_json(marker) == signature:
         return data_dir

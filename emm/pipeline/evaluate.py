@@ -1,4 +1,4 @@
-"""Stage 5, ``evaluate``: score the saved fused model on the test split, compare with its pool, register it.
+"""Stage 5, ``evaluate``: score the saved fused model on the test split and compare it with its pool.
 
 Gain is the paper's: the fused model's test AUC minus the mean test AUC of that task's single-task
 models (also given relative, in %). We also report the gap to the *best* donor, a stricter bar.
@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from emm.config import TrackingConfig
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
+from emm.fusion.saved import load_fused
 from emm.io import atomic_dir, write_json
 from emm.models.pool import read_pool
+from emm.pipeline.layout import stage_dir
+from emm.pipeline.params import TrackingConfig, load_params
+from emm.pipeline.register import register_fused
 from emm.train.metrics import mean_auc, task_metrics
 from emm.train.trainer import predict_proba
 
@@ -57,10 +60,8 @@ def plot_auc(per_task: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_dir: Path, *,
-             tracking: TrackingConfig | None = None) -> dict[str, Any]:
-    from emm.fusion.fused_io import load_fused
-
+def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Score the saved fused model on the test split and write ``eval/`` (metrics.json, auc.json, plot)."""
     schema = Schema.load(data_dir)
     model, meta = load_fused(fused_dir, schema)
     test = load_split(data_dir, "test", schema)
@@ -75,31 +76,23 @@ def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_
                                       for t, row in per_task.items()
                                       for name, auc in [*row["pool"].items(), ("emm", row["auc"])]])
         plot_auc(per_task, tmp / "plots" / "auc.png")
-    if tracking is not None:
-        summary["registered_version"] = register(dataset, data_dir, fused_dir, out_dir, summary, meta, tracking)
-        write_json(Path(out_dir) / "metrics.json", summary)
     return summary
 
 
-def register(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, summary: dict[str, Any],
-             meta: dict[str, Any], tracking: TrackingConfig) -> str:
-    """Log the pyfunc into the fuse run, register a new version of emm-<dataset>, alias it challenger."""
-    from emm import tracking as mt
-    from emm.fusion.fused_io import BUILDER, FUSED_WEIGHTS
+def evaluate_stage(dataset: str, params: Path | str | None = None, *, register: bool = True) -> dict[str, Any]:
+    """Evaluate, then (unless ``register`` is off) register the fused model as ``emm-<dataset>`` @challenger;
+    the registered version is recorded in ``eval/metrics.json``."""
+    cfg = load_params(params)
+    dirs = [stage_dir(cfg, dataset, s) for s in ("data", "pool", "fused", "eval")]
+    if not register:
+        return evaluate(dataset, *dirs)
+    return evaluate_and_register(dataset, *dirs, cfg.tracking)
 
-    mt.use_experiment(dataset, tracking.store)
-    with mt.reopen_run(meta.get("mlflow_run_id"), "fused-evaluate"):
-        mt.log_metrics({"eval_mean_test_auc": summary["mean_test_auc"],
-                        **{f"gain_{t}": r["gain"] for t, r in summary["tasks"].items()}})
-        mt.log_artifact(Path(eval_dir) / "metrics.json", "eval")
-        mt.log_artifact(Path(eval_dir) / "plots" / "auc.png", "eval")
-        info = mt.log_scorer("model", builder=BUILDER, config=meta["architecture"], outputs=meta["tasks"],
-                             weights=Path(fused_dir) / FUSED_WEIGHTS, data_dir=data_dir,
-                             input_example=mt.raw_example(data_dir), registered_name=mt.registered_name(dataset))
-    version = str(info.registered_model_version)
-    mt.tag_version(mt.registered_name(dataset), version, {
-        mt.SCORE_TAG: f"{summary['mean_test_auc']:.6f}",
-        **{f"test_auc_{t}": f"{r['auc']:.6f}" for t, r in summary["tasks"].items()},
-    })
-    log.info("registered %s version %s as %s", mt.registered_name(dataset), version, mt.CHALLENGER)
-    return version
+
+def evaluate_and_register(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, eval_dir: Path,
+                          tracking: TrackingConfig) -> dict[str, Any]:
+    """``evaluate``, then register the fused model and record the version in ``eval/metrics.json``."""
+    summary = evaluate(dataset, data_dir, pool_dir, fused_dir, eval_dir)
+    summary["registered_version"] = register_fused(dataset, data_dir, fused_dir, eval_dir, summary, tracking)
+    write_json(Path(eval_dir) / "metrics.json", summary)
+    return summary

@@ -1,0 +1,105 @@
+"""Stage 4, ``fuse``: build the AKF model on the saved components, train it (components frozen), write ``fused/``.
+
+What lands in ``fused/`` is described in ``emm.fusion.saved`` (the one loader); this stage adds the
+training record (fit, val/test metrics, gates, the MLflow run) to ``fused.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from emm.data.options import ScaleConfig
+from emm.data.schema import Schema
+from emm.data.stream import open_split
+from emm.errors import EMMError
+from emm.fusion.fused import FusedModel, build_fused
+from emm.fusion.options import DecomposeConfig
+from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, architecture
+from emm.io import atomic_dir, digest, provenance, read_json, write_json
+from emm.pipeline.decompose import load_pool_plan
+from emm.pipeline.layout import stage_dir, stage_tracker
+from emm.pipeline.params import FuseConfig, load_params
+from emm.tracker import NullTracker, Tracker
+from emm.train import distributed as ddp
+from emm.train.metrics import mean_auc
+from emm.train.trainer import FitResult, Trainer
+from emm.weights import save_module
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FuseResult:
+    model: FusedModel
+    fit: FitResult
+    val: dict[str, dict[str, float]]
+    test: dict[str, dict[str, float]]
+    run_id: str | None
+
+
+def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out_dir: Path, work_dir: Path,
+         cfg: FuseConfig, dcfg: DecomposeConfig, *, tracker: Tracker | None = None, resume: bool = False,
+         progress: bool = True, scale: ScaleConfig | None = None) -> FuseResult:
+    """Train the fused model on the pool's components and save ``fused/``.
+
+    Under torchrun every rank trains on its shard of the data; rank 0 alone tracks and writes ``fused/``.
+    """
+    ctx = ddp.current()
+    tracker = tracker or NullTracker()
+    schema = Schema.load(data_dir)
+    plan, entries = load_pool_plan(data_dir, pool_dir, components_dir, dcfg)
+    tasks_without_models = [t for t in schema.task_names if t not in {e.task for e in entries}]
+    if tasks_without_models:
+        raise EMMError(f"task(s) {tasks_without_models} have no model in the pool {[e.name for e in entries]}; "
+                       f"add one to pretrain.pool.{dataset} and pretrain again")
+    torch.manual_seed(cfg.train.seed)
+    model = build_fused(plan, [e.task for e in entries], schema.task_names, cfg.akf, schema)
+    rank, world = ctx.shard
+    train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world) for s in ("train", "val", "test"))
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tracker.log_params({**cfg.akf.model_dump(), "levels": plan.num_levels, "pool": [e.name for e in entries],
+                        "trainable_params": n_trainable, **cfg.train.model_dump()})
+    trainer = Trainer(model, cfg.train, checkpoint_dir=Path(work_dir) / "checkpoint", fingerprint=schema.fingerprint(),
+                      tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}]")
+    fit = trainer.fit(train, val, resume=resume)
+    val_m, test_m = trainer.evaluate(val), trainer.evaluate(test)
+    tracker.log_metrics({**{f"test_auc_{t}": m["auc"] for t, m in test_m.items()},
+                         **{f"best_val_auc_{t}": m["auc"] for t, m in val_m.items()},
+                         "mean_test_auc": mean_auc(test_m), "epochs_run": fit.epochs_run})
+    if not ctx.is_main:
+        return FuseResult(model, fit, val_m, test_m, tracker.run_id)
+    with atomic_dir(out_dir) as tmp:
+        save_module(model, tmp / FUSED_WEIGHTS)
+        write_json(tmp / FUSED_JSON, {
+            "dataset": dataset, "tasks": schema.task_names, "schema_fingerprint": schema.fingerprint(),
+            "architecture": architecture([e.spec for e in entries], dcfg, model), "trainable_params": n_trainable,
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "fit": {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1)},
+            "val": val_m, "test": test_m, "mlflow_run_id": tracker.run_id, "gates": model.gate_report(),
+            "provenance": provenance(digest(cfg)),
+        })
+    log.info("fused model: test %s", {t: round(m["auc"], 5) for t, m in test_m.items()})
+    return FuseResult(model, fit, val_m, test_m, tracker.run_id)
+
+
+def fuse_stage(dataset: str, params: Path | str | None = None, *, resume: bool = False, track: bool = True,
+               progress: bool = True) -> FuseResult:
+    """Train the fused model; under ``torchrun`` (WORLD_SIZE > 1) as one DDP run, rank 0 writing."""
+    cfg = load_params(params)
+    with ddp.session(cfg.scale), stage_tracker(cfg.tracking, dataset, f"fused-{cfg.fuse.ablation}", enabled=track,
+                                               tags={"emm.stage": "fuse"}) as tracker:
+        return fuse(dataset, stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
+                    stage_dir(cfg, dataset, "components"), stage_dir(cfg, dataset, "fused"),
+                    stage_dir(cfg, dataset, "fused-work"), cfg.fuse, cfg.decompose, tracker=tracker, resume=resume,
+                    progress=progress, scale=cfg.scale)
+
+
+def fuse_summary(dataset: str, params: Path | str | None = None) -> dict[str, float]:
+    """Test AUC per task of the saved fused model (what the fuse stage reported), read from ``fused/``."""
+    cfg = load_params(params)
+    meta = read_json(stage_dir(cfg, dataset, "fused") / FUSED_JSON)
+    return {t: m["auc"] for t, m in meta["test"].items()}

@@ -1,0 +1,158 @@
+"""params.yaml: one strict settings section per stage, shared by the CLI, ``dvc repro`` and the Prefect flow.
+
+Why one file: DVC tracks exactly the sections a stage reads (``params:`` in dvc.yaml) and Prefect passes
+the same file to the same stage functions, so a setting has one home and one meaning. The sections the
+library takes are declared beside the code that reads them (``emm.data.options``, ``emm.train.options``,
+``emm.fusion.options``); this module assembles them and adds what only the pipeline knows (folders,
+pool lists, tracking, the benchmark). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from emm.data.options import IngestConfig, ScaleConfig, SynthConfig
+from emm.data.spec import DatasetSpec
+from emm.errors import EMMError
+from emm.fusion.options import ABLATIONS, AblationName, AKFOptions, DecomposeConfig
+from emm.models.baselines.registry import BASELINES
+from emm.options import Options
+from emm.train.options import TrainConfig
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+BASELINE_NAMES = tuple(BASELINES)
+__all__ = ["BASELINE_NAMES", "BenchmarkConfig", "BenchmarkProfile", "DecomposeConfig", "FuseConfig", "IngestConfig",
+           "Params", "PathsConfig", "PretrainConfig", "ScaleConfig", "SynthConfig", "TrackingConfig", "TrainConfig",
+           "load_params"]
+
+
+class PathsConfig(Options):
+    """Where raw data, stage artifacts and the MLflow store live (relative to the working directory)."""
+
+    raw_root: Path = Path("data")
+    artifacts: Path = Path("artifacts")
+
+
+class PretrainConfig(Options):
+    """The single-task model pool: which models, trained how."""
+
+    train: TrainConfig = TrainConfig()
+    pool: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict,
+        description="dataset -> list of model specs (emm.models.ModelSpec fields); default: DEFAULT_POOL",
+    )
+
+
+class FuseConfig(AKFOptions):
+    """The fuse stage: the fused model's architecture (``AKFOptions``, what ``fused.json`` records) and its
+    training. See emm/fusion/akf.py for what each switch does."""
+
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def akf(self) -> AKFOptions:
+        """The architecture half alone: what the fused model is built from."""
+        return AKFOptions.model_validate(self.model_dump(exclude={"train"}))
+
+
+class TrackingConfig(Options):
+    """MLflow: a local SQLite store under mlruns/ unless MLFLOW_TRACKING_URI says otherwise."""
+
+    store: Path = Path("mlruns")
+    log_models: bool = True
+
+
+class BenchmarkProfile(Options):
+    """How much of the benchmark to run. Every model in one profile gets the same budget: the pool and
+    the baselines train with ``pretrain.train``, the fused variants with ``fuse.train``, each with the
+    run's seed and (optionally) a smaller epoch cap."""
+
+    seeds: list[int] = Field(default_factory=lambda: [2026, 2027, 2028], min_length=1)
+    raw_rows: int | None = Field(default=None, gt=0, description="first N rows of each raw file (None = all)")
+    max_epochs: int | None = Field(default=None, gt=0, description="cap on every model's epochs (None = as trained)")
+    baselines: list[str] = Field(default_factory=lambda: list(BASELINE_NAMES))
+    ablations: list[AblationName] = Field(
+        default_factory=lambda: list(ABLATIONS), description="Table II rows; `full` is EMM itself (always run)")
+    lightgbm: bool = True
+    task_sets: dict[str, list[list[str]]] = Field(
+        default_factory=dict, description="dataset -> extra task lists for the Figure 3 runs")
+    task_set_methods: list[str] = Field(
+        default_factory=lambda: ["mmoe", "ple", "aitm", "adatt"],
+        description="baselines run beside the pool and EMM on the extra task sets")
+    task_set_seeds: int = Field(default=1, gt=0, description="how many of `seeds` the extra task sets use")
+
+    @field_validator("baselines", "task_set_methods")
+    @classmethod
+    def _known_baselines(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in BASELINE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; known: {list(BASELINE_NAMES)}")
+        return names
+
+
+class BenchmarkConfig(Options):
+    """`emm benchmark`: Table I, Table II and Figure 3."""
+
+    out: Path = Field(default=Path("results"), description="results/<dataset>/ tables, plots, per-run json")
+    workers: int = Field(default=2, gt=0, description="training processes in parallel, one torch thread each")
+    profile: str = "full"
+    profiles: dict[str, BenchmarkProfile] = Field(default_factory=lambda: {"full": BenchmarkProfile()})
+    baseline_size: dict[str, dict[str, list[int]]] = Field(
+        default_factory=lambda: {"census-income": {"expert_hidden": [16], "tower": [8]}},
+        description="dataset -> {expert_hidden, tower} of the baselines (paper IV-C: Census [16]/[8])")
+    default_baseline_size: dict[str, list[int]] = Field(
+        default_factory=lambda: {"expert_hidden": [128], "tower": [128]},
+        description="baseline size for a dataset not in baseline_size (paper IV-C: the Ali datasets)")
+
+    def pick(self, name: str | None) -> BenchmarkProfile:
+        name = name or self.profile
+        if name not in self.profiles:
+            raise EMMError(f"benchmark profile {name!r} is not in params.yaml; known: {sorted(self.profiles)}")
+        return self.profiles[name]
+
+
+class PipelineConfig(Options):
+    """What `dvc repro` and the Prefect flow run on."""
+
+    dataset: str = "census-income"
+
+
+class Params(Options):
+    """The whole params.yaml; an unknown section or key anywhere is an error."""
+
+    paths: PathsConfig = PathsConfig()
+    ingest: IngestConfig = IngestConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    decompose: DecomposeConfig = DecomposeConfig()
+    fuse: FuseConfig = FuseConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="user dataset declarations")
+    pipeline: PipelineConfig = PipelineConfig()
+    scale: ScaleConfig = ScaleConfig()
+    synth: SynthConfig = SynthConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+
+
+def load_params(path: Path | str | None = None) -> Params:
+    """Load params.yaml; a missing default file means 'all defaults', a missing named file is an error."""
+    if path is None:
+        path = DEFAULT_PARAMS_FILE
+        if not path.exists():
+            return Params()
+    path = Path(path)
+    if not path.exists():
+        raise EMMError(f"params file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EMMError(f"params file {path} is not valid YAML: {exc}") from exc
+    for name, decl in (raw.get("datasets") or {}).items():
+        decl.setdefault("name", name)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise EMMError(f"params file {path} is invalid:\n{exc}") from exc

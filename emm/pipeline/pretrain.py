@@ -1,0 +1,228 @@
+"""Stage 2, ``pretrain``: train the single-task model pool, track it, write ``pool/``.
+
+Each model trains in its own work folder (``<artifacts>/<dataset>/pool-work/<name>/``) that holds its
+per-epoch checkpoint and, once done, its weights and entry. So ``--resume`` after a kill skips finished
+models and continues the interrupted one from its last epoch; and Prefect can train pool members as
+concurrent tasks (``pretrain_model_stage``). ``pool/`` itself is assembled atomically at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from emm.data.options import ScaleConfig
+from emm.data.schema import Schema
+from emm.data.stream import open_split
+from emm.errors import EMMError
+from emm.io import atomic_dir, digest, provenance, read_json, write_json
+from emm.models.pool import POOL_FILE, PoolEntry
+from emm.models.single_task import ModelSpec, build_model
+from emm.pipeline.layout import stage_dir, stage_tracker
+from emm.pipeline.params import PretrainConfig, load_params
+from emm.tracker import NullTracker, Tracker
+from emm.train import distributed as ddp
+from emm.train.trainer import Trainer
+from emm.weights import save_module
+
+log = logging.getLogger(__name__)
+ALTERNATES = ("dcn", "resmlp", "mlp-deep")
+DEFAULT_SPINE = [128, 64, 16]
+POOL_MODEL_BUILDER = "emm.models.pool:build_from_config"
+_SEEDED_BUILD = threading.Lock()
+
+
+def default_pool(task_names: list[str], spine: list[int] | None = None) -> list[dict]:
+    """Two models per task: a plain MLP (the paper's TM) and one other structure, cycling through
+    DCN-v2, residual MLP and a deeper MLP, all around the same spine of widths."""
+    spine = spine or DEFAULT_SPINE
+    specs = []
+    for i, task in enumerate(task_names):
+        specs.append({"name": f"{task}-mlp", "task": task, "arch": "mlp", "hidden": spine})
+        alt = ALTERNATES[i % len(ALTERNATES)]
+        if alt == "mlp-deep":
+            specs.append({"name": f"{task}-mlp-deep", "task": task, "arch": "mlp", "hidden": [spine[0], *spine]})
+        else:
+            specs.append({"name": f"{task}-{alt}", "task": task, "arch": alt, "hidden": spine})
+    return specs
+
+
+def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[ModelSpec]:
+    raw = cfg.pool.get(dataset) or default_pool(schema.task_names)
+    specs = [ModelSpec.model_validate(s) for s in raw]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise EMMError(f"pretrain.pool.{dataset}: model names must be unique, got {names}")
+    for s in specs:
+        if s.task not in schema.task_names:
+            raise EMMError(f"pretrain.pool.{dataset}: model {s.name!r} is for task {s.task!r}, but the ingested "
+                           f"data has tasks {schema.task_names}")
+    return specs
+
+
+def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: PretrainConfig, *,
+                     resume: bool = False, tracker: Tracker | None = None, progress: bool = True,
+                     scale: ScaleConfig | None = None) -> PoolEntry:
+    """Train one pool member (or reuse its finished result when resuming); returns its entry.
+
+    Under torchrun every rank trains on its shard (``scale``: streamed or in memory) and only rank 0
+    writes the work folder (and is handed a real tracker).
+    """
+    ctx = ddp.current()
+    tracker = tracker or NullTracker()
+    schema = Schema.load(data_dir)
+    work = Path(work_dir) / spec.name
+    entry_file = work / "entry.json"
+    signature = {"spec": spec.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+                 "fingerprint": schema.fingerprint()}
+    if resume:  # rank 0 decides for everyone (the work folder may exist on its machine only)
+        done = ddp.on_main(lambda: read_json(entry_file) if entry_file.exists() else None)
+        if done is not None and done.get("signature") == signature:
+            log.info("%s: already trained, reusing %s", spec.name, work)
+            return PoolEntry.model_validate(done["entry"])
+    if ctx.is_main:
+        if not resume and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+
+    rank, world = ctx.shard
+    train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world).select_tasks([spec.task])
+                        for s in ("train", "val", "test"))
+    with _SEEDED_BUILD:  # seed + build as one step: concurrent pool tasks (Prefect threads) share torch's RNG
+        torch.manual_seed(cfg.train.seed)  # initial weights follow the configured seed, not the RNG's history
+        model = build_model(spec, schema)
+    n_params = sum(p.numel() for p in model.parameters())
+    tracker.log_params({"task": spec.task, "params": n_params, **spec.model_dump(), **cfg.train.model_dump()})
+    trainer = Trainer(model, cfg.train, checkpoint_dir=work / "checkpoint", fingerprint=schema.fingerprint(),
+                      tracker=tracker, progress=progress, desc=spec.name)
+    result = trainer.fit(train, val, resume=resume)
+    val_m, test_m = trainer.evaluate(val)[spec.task], trainer.evaluate(test)[spec.task]
+    tracker.log_metrics({"best_val_auc": val_m["auc"], "test_auc": test_m["auc"], "best_val_logloss": val_m["logloss"],
+                         "test_logloss": test_m["logloss"], "best_epoch": result.best_epoch,
+                         "epochs_run": result.epochs_run, "train_seconds": result.seconds})
+    entry = PoolEntry(name=spec.name, task=spec.task, spec=spec, weights=f"{spec.name}.safetensors",
+                      schema_fingerprint=schema.fingerprint(), params=n_params, val_auc=val_m["auc"],
+                      test_auc=test_m["auc"], val_logloss=val_m["logloss"], test_logloss=test_m["logloss"],
+                      epochs_run=result.epochs_run, best_epoch=result.best_epoch, seconds=round(result.seconds, 2),
+                      mlflow_run_id=tracker.run_id)
+    if ctx.is_main:
+        save_module(model, work / "weights.safetensors")
+        tracker.log_model("model", builder=POOL_MODEL_BUILDER, config=spec.model_dump(), outputs=[spec.task],
+                          weights=work / "weights.safetensors", data_dir=data_dir)
+        write_json(entry_file, {"signature": signature, "entry": entry.model_dump(mode="json")})
+    log.info("%s: test AUC %.5f (val %.5f), %d epochs, %.0fs", spec.name, test_m["auc"], val_m["auc"],
+             result.epochs_run, result.seconds)
+    return entry
+
+
+def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: PretrainConfig) -> Path:
+    """Write ``pool/`` atomically from the finished work folders."""
+    with atomic_dir(out_dir) as tmp:
+        for e in entries:
+            shutil.copyfile(Path(work_dir) / e.name / "weights.safetensors", tmp / e.weights)
+        write_json(tmp / POOL_FILE, {"models": [e.model_dump(mode="json") for e in entries],
+                                     "provenance": provenance(digest(cfg))})
+    return out_dir
+
+
+def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: PretrainConfig, *,
+             tracker: Tracker | None = None, resume: bool = False, only: list[str] | None = None,
+             progress: bool = True, scale: ScaleConfig | None = None) -> list[PoolEntry]:
+    """Train every pool model (sequentially), each in a child run of ``tracker``, and write ``pool/``
+    (under torchrun: all ranks train, rank 0 alone tracks and writes)."""
+    tracker = tracker or NullTracker()
+    schema = Schema.load(data_dir)
+    specs = pool_specs(dataset, cfg, schema)
+    if only:
+        unknown = sorted(set(only) - {s.name for s in specs})
+        if unknown:
+            raise EMMError(f"--only names unknown pool model(s) {unknown}; the pool is {[s.name for s in specs]}")
+        specs = [s for s in specs if s.name in only]
+    tracker.log_params({"dataset": dataset, "models": [s.name for s in specs], "rows_train": schema.rows["train"]})
+    entries: list[PoolEntry] = []
+    for s in specs:
+        with tracker.child(s.name, tags={"emm.task": s.task}) as member:
+            entries.append(train_pool_model(s, data_dir, work_dir, cfg, resume=resume, tracker=member,
+                                            progress=progress, scale=scale))
+    tracker.log_metrics({f"test_auc_{e.name}": e.test_auc for e in entries})
+    if ddp.current().is_main:
+        assemble_pool(entries, work_dir, out_dir, cfg)
+    return entries
+
+
+# ---- the stage, as the CLI / DVC and the Prefect flow call it ---------------------------------------------------
+def pretrain_stage(dataset: str, params: Path | str | None = None, *, resume: bool = False,
+                   only: list[str] | None = None, track: bool = True, progress: bool = True) -> list[PoolEntry]:
+    """Train the pool; under ``torchrun`` (WORLD_SIZE > 1) as one DDP run over all ranks, rank 0 writing."""
+    cfg = load_params(params)
+    with ddp.session(cfg.scale), stage_tracker(cfg.tracking, dataset, "pool", enabled=track,
+                                               tags={"emm.stage": "pretrain"}) as tracker:
+        return pretrain(dataset, stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
+                        stage_dir(cfg, dataset, "pool-work"), cfg.pretrain, tracker=tracker, resume=resume,
+                        only=only, progress=progress, scale=cfg.scale)
+
+
+def pool_model_names(dataset: str, params: Path | str | None = None) -> list[str]:
+    """The pool members of ``dataset`` (from params, else the default pool), in order; needs ``data/``."""
+    cfg = load_params(params)
+    schema = Schema.load(stage_dir(cfg, dataset, "data"))
+    return [s.name for s in pool_specs(dataset, cfg.pretrain, schema)]
+
+
+def open_pool_run(dataset: str, params: Path | str | None = None, *, models: list[str] | None = None) -> str | None:
+    """Start the MLflow parent run ``pool`` the per-model runs nest under (by id: they train in other threads)."""
+    from emm.tracking.runs import start_detached_run
+
+    cfg = load_params(params)
+    return start_detached_run(dataset, cfg.tracking.store, "pool", tags={"emm.stage": "pretrain"},
+                              params={"dataset": dataset, "models": models or []})
+
+
+def pretrain_model_stage(dataset: str, params: Path | str | None = None, name: str = "", *,
+                         parent_run_id: str | None = None, threads: int | None = None, track: bool = True,
+                         progress: bool = False) -> dict:
+    """Train one pool member in ``pool-work/<name>/`` (reused when already finished with the same
+    settings, continued from its last checkpoint when interrupted); returns its pool entry as JSON."""
+    cfg = load_params(params)
+    data_dir = stage_dir(cfg, dataset, "data")
+    specs = {s.name: s for s in pool_specs(dataset, cfg.pretrain, Schema.load(data_dir))}
+    if name not in specs:
+        raise EMMError(f"pool model {name!r} is not in pretrain.pool.{dataset}; the pool is {list(specs)}")
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))  # per thread: OpenMP's thread count is per calling thread
+    with stage_tracker(cfg.tracking, dataset, name, enabled=track, parent_run_id=parent_run_id,
+                       tags={"emm.task": specs[name].task}) as tracker:
+        entry = train_pool_model(specs[name], data_dir, stage_dir(cfg, dataset, "pool-work"), cfg.pretrain,
+                                 resume=True, tracker=tracker, progress=progress, scale=cfg.scale)
+    return entry.model_dump(mode="json")
+
+
+def assemble_pool_stage(dataset: str, params: Path | str | None = None, entries: list[dict] | None = None, *,
+                        parent_run_id: str | None = None) -> list[dict]:
+    """Write ``pool/`` atomically from the finished per-model entries (in pool order) and close the
+    parent run with each member's test AUC."""
+    cfg = load_params(params)
+    by_name = {e["name"]: PoolEntry.model_validate(e) for e in entries or []}
+    order = pool_model_names(dataset, params)
+    missing = [n for n in order if n not in by_name]
+    if missing:
+        raise EMMError(f"pool model(s) {missing} have not been trained; run pretraining for them first")
+    ordered = [by_name[n] for n in order]
+    assemble_pool(ordered, stage_dir(cfg, dataset, "pool-work"), stage_dir(cfg, dataset, "pool"), cfg.pretrain)
+    if parent_run_id:
+        close_pool_run(parent_run_id, params, failed=False, metrics={f"test_auc_{e.name}": e.test_auc for e in ordered})
+    return [e.model_dump(mode="json") for e in ordered]
+
+
+def close_pool_run(run_id: str | None, params: Path | str | None = None, *, failed: bool = True,
+                   metrics: dict[str, float] | None = None) -> None:
+    """End the parent run (FAILED when pretraining did not get to ``assemble_pool_stage``)."""
+    if run_id:
+        from emm.tracking.runs import end_detached_run
+
+        end_detached_run(run_id, load_params(params).tracking.store, metrics=metrics,
+                         status="FAILED" if failed else "FINISHED")

@@ -1,0 +1,70 @@
+"""Stage 6, ``register`` / ``promote``: the fused model as a version of ``emm-<dataset>`` in the MLflow registry.
+
+``register_fused`` logs the scorable model into the fuse run, registers a new version and aliases it
+``challenger``; ``promote`` moves ``champion`` to a version only if its mean test AUC beats the current
+champion's (the policy lives here; ``emm.tracking.registry`` only reads and writes the registry).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from emm.errors import EMMError
+from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS
+from emm.io import read_json
+from emm.pipeline.params import TrackingConfig, load_params
+from emm.tracking import registry
+from emm.tracking.pyfunc import BUILDERS
+from emm.tracking.runs import reopen_run
+from emm.tracking.store import registered_name
+
+log = logging.getLogger(__name__)
+FUSED_MODEL_BUILDER = BUILDERS[1]
+
+
+def register_fused(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, summary: dict[str, Any],
+                   tracking: TrackingConfig) -> str:
+    """Log the pyfunc into the fuse run, register a new version of emm-<dataset>, alias it challenger."""
+    meta = read_json(Path(fused_dir) / FUSED_JSON)
+    name = registered_name(dataset)
+    with reopen_run(dataset, tracking.store, meta.get("mlflow_run_id"), "fused-evaluate") as tracker:
+        tracker.log_metrics({"eval_mean_test_auc": summary["mean_test_auc"],
+                             **{f"gain_{t}": r["gain"] for t, r in summary["tasks"].items()}})
+        tracker.log_artifact(Path(eval_dir) / "metrics.json", "eval")
+        tracker.log_artifact(Path(eval_dir) / "plots" / "auc.png", "eval")
+        version = tracker.log_model("model", builder=FUSED_MODEL_BUILDER, config=meta["architecture"],
+                                    outputs=meta["tasks"], weights=Path(fused_dir) / FUSED_WEIGHTS, data_dir=data_dir,
+                                    registered_name=name)
+    assert version is not None  # a registered_name always yields a version
+    registry.tag_version(name, version, {
+        registry.SCORE_TAG: f"{summary['mean_test_auc']:.6f}",
+        **{f"test_auc_{t}": f"{r['auc']:.6f}" for t, r in summary["tasks"].items()},
+    })
+    log.info("registered %s version %s as %s", name, version, registry.CHALLENGER)
+    return version
+
+
+def promote(dataset: str, store: Path, version: str | None = None) -> tuple[bool, str]:
+    """Move ``champion`` to ``version`` (default: the challenger) only if its mean test AUC beats the
+    current champion's. Returns (promoted, reason); changes nothing when not promoted."""
+    name = registered_name(dataset)
+    registry.require_model(name, store, fix=f"run `emm evaluate {dataset}` first (it registers the fused model)")
+    candidate = registry.get_version(name, version) if version else registry.version_by_alias(name, registry.CHALLENGER)
+    if candidate is None:
+        raise EMMError(f"{name!r} has no {registry.CHALLENGER!r} alias: name a version with --version")
+    champion = registry.version_by_alias(name, registry.CHAMPION)
+    new = registry.version_score(candidate)
+    if champion is not None and str(champion.version) == str(candidate.version):
+        return False, f"version {candidate.version} is already the champion"
+    if champion is not None and new <= registry.version_score(champion):
+        return False, (f"not promoted: version {candidate.version} mean test AUC {new:.5f} does not beat champion "
+                       f"version {champion.version} ({registry.version_score(champion):.5f})")
+    registry.set_alias(name, registry.CHAMPION, str(candidate.version))
+    before = f"version {champion.version} ({registry.version_score(champion):.5f})" if champion else "no champion"
+    return True, f"promoted version {candidate.version} (mean test AUC {new:.5f}) to champion over {before}"
+
+
+def promote_stage(dataset: str, params: Path | str | None = None, *, version: str | None = None) -> tuple[bool, str]:
+    return promote(dataset, load_params(params).tracking.store, version)
