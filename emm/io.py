@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from emm import __version__
+from emm.errors import EMMError
+
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
@@ -56,8 +59,6 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 
 def provenance(params_hash: str, data_hash: str | None = None) -> dict[str, Any]:
-    from emm import __version__
-
     return {
         "emm_version": __version__,
         "git_commit": git_commit(),
@@ -74,8 +75,6 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    from emm.errors import EMMError
-
     path = Path(path)
     if not path.exists():
         raise EMMError(f"{path} does not exist: run the stage that writes it first")

@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+from rich.logging import RichHandler
+
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
@@ -27,8 +29,6 @@ def set_quiet_env(project_root: Path | None = None) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
-
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install and run the whole test suite (fast tier + slow end-to-end tier). Fast tier only: scripts/test.sh -m "not slow"
+# Install, check the import contract and run the whole test suite (fast tier + slow end-to-end tier). Fast tier only: scripts/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
+lint-imports --no-cache  # the import contract (.importlinter): layers, mlflow only in emm.tracking, prefect only in flows/
 exec python -m pytest "$@"

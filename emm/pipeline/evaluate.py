@@ -39,7 +39,7 @@ def compare_with_pool(test: dict[str, dict[str, float]], pool_dir: Path) -> dict
 
 
 def plot_auc(per_task: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # local: the headless backend must be chosen before pyplot is first imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -175,7 +175,7 @@ def pool_model_names(dataset: str, params: Path | str | None = None) -> list[str
 
 def open_pool_run(dataset: str, params: Path | str | None = None, *, models: list[str] | None = None) -> str | None:
     """Start the MLflow parent run ``pool`` the per-model runs nest under (by id: they train in other threads)."""
-    from emm.tracking.runs import start_detached_run
+    from emm.tracking.runs import start_detached_run  # local: an untracked pretrain never imports mlflow
 
     cfg = load_params(params)
     return start_detached_run(dataset, cfg.tracking.store, "pool", tags={"emm.stage": "pretrain"},
@@ -222,7 +222,7 @@ def close_pool_run(run_id: str | None, params: Path | str | None = None, *, fail
                    metrics: dict[str, float] | None = None) -> None:
     """End the parent run (FAILED when pretraining did not get to ``assemble_pool_stage``)."""
     if run_id:
-        from emm.tracking.runs import end_detached_run
+        from emm.tracking.runs import end_detached_run  # local: as in open_pool_run
 
         end_detached_run(run_id, load_params(params).tracking.store, metrics=metrics,
                          status="FAILED" if failed else "FINISHED")

@@ -57,7 +57,7 @@ class MlflowTracker:
         be registered); returns the new registered version, if any."""
         if not (self.log_models or registered_name):
             return None
-        from emm.tracking.pyfunc import log_scorer, raw_example
+        from emm.tracking.pyfunc import log_scorer, raw_example  # local: pyfunc pulls in torch and the data stack
 
         active = mlflow.active_run()
         ctx = contextlib.nullcontext() if active and active.info.run_id == self._run_id \

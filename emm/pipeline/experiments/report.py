@@ -195,7 +195,7 @@ def write_table2(dataset: str, results: list[dict[str, Any]], task_set: str, tas
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # local: the headless backend must be chosen before pyplot is first imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
