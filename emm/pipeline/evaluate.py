@@ -60,8 +60,15 @@ def plot_auc(per_task: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Score the saved fused model on the test split and write ``eval/`` (metrics.json, auc.json, plot)."""
+def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_dir: Path, *,
+             tracking: TrackingConfig | None = None) -> dict[str, Any]:
+    """Score the saved fused model on the test split and write ``eval/`` (metrics.json, auc.json, plot);
+    with ``tracking``, also register it (``emm.pipeline.register``) and record the version in metrics.json.
+
+    Why registration happens inside the atomic folder: ``eval/metrics.json`` must never describe a
+    registration that did not happen. A stage killed or failing while registering leaves the previous
+    ``eval/`` (or none), never a new one without its version.
+    """
     schema = Schema.load(data_dir)
     model, meta = load_fused(fused_dir, schema)
     test = load_split(data_dir, "test", schema)
@@ -76,6 +83,9 @@ def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_
                                       for t, row in per_task.items()
                                       for name, auc in [*row["pool"].items(), ("emm", row["auc"])]])
         plot_auc(per_task, tmp / "plots" / "auc.png")
+        if tracking is not None:
+            summary["registered_version"] = register_fused(dataset, data_dir, fused_dir, tmp, summary, tracking)
+            write_json(tmp / "metrics.json", summary)
     return summary
 
 
@@ -84,15 +94,4 @@ def evaluate_stage(dataset: str, params: Path | str | None = None, *, register: 
     the registered version is recorded in ``eval/metrics.json``."""
     cfg = load_params(params)
     dirs = [stage_dir(cfg, dataset, s) for s in ("data", "pool", "fused", "eval")]
-    if not register:
-        return evaluate(dataset, *dirs)
-    return evaluate_and_register(dataset, *dirs, cfg.tracking)
-
-
-def evaluate_and_register(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, eval_dir: Path,
-                          tracking: TrackingConfig) -> dict[str, Any]:
-    """``evaluate``, then register the fused model and record the version in ``eval/metrics.json``."""
-    summary = evaluate(dataset, data_dir, pool_dir, fused_dir, eval_dir)
-    summary["registered_version"] = register_fused(dataset, data_dir, fused_dir, eval_dir, summary, tracking)
-    write_json(Path(eval_dir) / "metrics.json", summary)
-    return summary
+    return evaluate(dataset, *dirs, tracking=cfg.tracking if register else None)

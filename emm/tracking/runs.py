@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,9 @@ import mlflow
 import numpy as np
 
 from emm.tracking.store import configure, registered_name, use_experiment
+
+log = logging.getLogger(__name__)
+PID_TAG, HOST_TAG = "emm.pid", "emm.host"
 
 
 def _flat(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,13 +86,12 @@ def open_run(dataset: str, store: Path, name: str, *, parent_run_id: str | None 
              tags: Mapping[str, str] | None = None, log_models: bool = True) -> Iterator[MlflowTracker]:
     """A run in ``emm-<dataset>``, nested under ``parent_run_id`` when given; FINISHED when the block
     ends, FAILED when it raises."""
-    use_experiment(dataset, store)
+    exp_id = use_experiment(dataset, store)
     tags = dict(tags or {})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     client = mlflow.MlflowClient()
-    exp = mlflow.get_experiment_by_name(registered_name(dataset))
-    run = client.create_run(exp.experiment_id, run_name=name, tags=tags)
+    run = _create_run(client, exp_id, name, tags)
     try:
         yield MlflowTracker(run.info.run_id, dataset=dataset, store=store, log_models=log_models)
     except BaseException:
@@ -123,7 +128,7 @@ def start_detached_run(dataset: str, store: Path, name: str, *, tags: dict[str, 
     """
     exp_id = use_experiment(dataset, store)
     client = mlflow.MlflowClient()
-    created = client.create_run(exp_id, run_name=name, tags=dict(tags or {}))
+    created = _create_run(client, exp_id, name, dict(tags or {}))
     for key, value in _flat(params or {}).items():
         client.log_param(created.info.run_id, key, value)
     return created.info.run_id
@@ -150,3 +155,42 @@ def child_runs(dataset: str, store: Path, parent_run_id: str) -> list[dict[str, 
                                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
     return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
              "parent": r.data.tags.get("mlflow.parentRunId", "")} for r in runs]
+
+
+# ---- runs whose process died: RUNNING forever unless someone ends them ------------------------------------------
+def _create_run(client: mlflow.MlflowClient, exp_id: str, name: str, tags: dict[str, str]):
+    """Create a run tagged with this process (host, pid), first ending runs left by dead processes."""
+    end_orphaned_runs(exp_id)
+    return client.create_run(exp_id, run_name=name, tags={**tags, PID_TAG: str(os.getpid()),
+                                                           HOST_TAG: socket.gethostname()})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def end_orphaned_runs(exp_id: str) -> list[str]:
+    """Mark KILLED every RUNNING run of the experiment that was started on this host by a process that no
+    longer exists (a ``kill -9``, a crashed worker); returns their ids.
+
+    Why only this host and only dead pids: runs of live processes (concurrent pool members, another
+    machine's DDP rank 0) must never be touched; a dead pid on this host is certain to be an orphan.
+    """
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    ended = []
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) == host and pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.warning("marked %d MLflow run(s) KILLED: their process (on this host) is gone: %s", len(ended), ended)
+    return ended

@@ -14,7 +14,7 @@ from emm.pipeline.params import DecomposeConfig, FuseConfig, PretrainConfig, Tra
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
-from emm.pipeline.evaluate import evaluate_and_register
+from emm.pipeline.evaluate import evaluate
 from emm.fusion.saved import load_fused
 from emm.pipeline.fuse import fuse
 from emm.pipeline.decompose import decompose_pool
@@ -55,8 +55,8 @@ def run_fuse(pipeline, name: str, **cfg):
     with open_run("census-income", tracking.store, f"fused-{fuse_cfg.ablation}", tags={"emm.stage": "fuse"}) as tracker:
         fuse("census-income", dirs["data_dir"], dirs["pool_dir"], dirs["components_dir"], root / name,
              root / f"{name}-w", fuse_cfg, DecomposeConfig(), tracker=tracker, progress=False)
-    return evaluate_and_register("census-income", dirs["data_dir"], dirs["pool_dir"], root / name,
-                                 root / f"{name}-eval", tracking)
+    return evaluate("census-income", dirs["data_dir"], dirs["pool_dir"], root / name, root / f"{name}-eval",
+                    tracking=tracking)
 
 
 def test_fused_model_trains_evaluates_and_registers(pipeline, census_small_data):

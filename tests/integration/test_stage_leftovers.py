@@ -1,0 +1,74 @@
+"""What a killed or failing stage leaves behind: no eval/ describing a registration that did not happen,
+and no MLflow run RUNNING forever after its process died."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from emm.errors import EMMError
+from emm.fusion.options import DecomposeConfig
+from emm.io import read_json
+from emm.pipeline import evaluate as evaluate_module
+from emm.pipeline.decompose import decompose_pool
+from emm.pipeline.fuse import fuse
+from emm.pipeline.params import FuseConfig, PretrainConfig, TrackingConfig, TrainConfig
+from emm.pipeline.pretrain import pretrain
+from emm.tracking.runs import PID_TAG, open_run, start_detached_run
+from emm.tracking.store import configure, registered_name
+
+TRAIN = TrainConfig(batch_size=512, max_epochs=1, patience=1, lr=5e-3, device="cpu")
+POOL = [{"name": f"{t}-{a}", "task": t, "arch": a, "hidden": [8, 4]} for t in ("income", "marital")
+        for a in ("mlp", "resmlp")]
+
+
+@pytest.fixture(scope="module")
+def fused(census_small_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("leftovers")
+    pretrain("census-income", census_small_data, root / "pool", root / "pool-work",
+             PretrainConfig(train=TRAIN, pool={"census-income": POOL}), progress=False)
+    decompose_pool(census_small_data, root / "pool", root / "components", DecomposeConfig())
+    fuse("census-income", census_small_data, root / "pool", root / "components", root / "fused", root / "fused-work",
+         FuseConfig(train=TRAIN, tower=[4]), DecomposeConfig(), progress=False)
+    return root
+
+
+def test_failed_registration_leaves_no_new_eval_folder(fused, census_small_data, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = TrackingConfig(store=fused / "mlruns", log_models=False)
+    first = evaluate_module.evaluate("census-income", census_small_data, fused / "pool", fused / "fused",
+                                     fused / "eval", tracking=tracking)
+    assert read_json(fused / "eval" / "metrics.json")["registered_version"] == first["registered_version"]
+
+    def registry_down(*args, **kwargs):
+        raise EMMError("the registry is down")
+
+    monkeypatch.setattr(evaluate_module, "register_fused", registry_down)
+    with pytest.raises(EMMError, match="registry is down"):
+        evaluate_module.evaluate("census-income", census_small_data, fused / "pool", fused / "fused",
+                                 fused / "eval", tracking=tracking)
+    # the previous, complete eval/ is still there; no half-made sibling either
+    assert read_json(fused / "eval" / "metrics.json")["registered_version"] == first["registered_version"]
+    assert not [p for p in fused.iterdir() if p.name.startswith(".eval.")]
+
+
+def test_runs_of_dead_processes_are_marked_killed(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "mlruns"
+    # a run left RUNNING by a process that is gone (as after kill -9)
+    code = ("from emm.tracking.runs import start_detached_run; import pathlib, sys; "
+            f"print(start_detached_run('census-income', pathlib.Path({str(store)!r}), 'fused-full'))")
+    orphan = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1]
+    configure(store)
+    client = mlflow.MlflowClient()
+    assert client.get_run(orphan).info.status == "RUNNING"
+    live = start_detached_run("census-income", store, "pool")  # this process is alive: never touched
+    with open_run("census-income", store, "fused-full") as tracker:
+        assert client.get_run(orphan).info.status == "KILLED"
+        assert client.get_run(live).info.status == "RUNNING"
+        assert client.get_run(tracker.run_id).data.tags[PID_TAG].isdigit()
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert mlflow.get_experiment_by_name(registered_name("census-income")) is not None
