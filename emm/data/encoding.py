@@ -30,18 +30,37 @@ BUCKET_SAMPLE = 1 << 20     # values kept per column to place the quantile edges
 BUCKET_SEED = 2026          # priority-sampling keys: the same raw files always give the same edges
 
 
+Lines = int | np.ndarray | None
+"""Where a chunk's rows sit in their file: the line of its first row (rows on consecutive lines), every row's
+own line (when blank lines lie between rows), or None (rows that come from no file, e.g. a frame to score)."""
+
+
 def where(source: str, line: int | None, column: str) -> str:
     return f"{source}, line {line}, column {column!r}" if line is not None else f"{source}, column {column!r}"
 
 
-def encode_labels(values: pd.Series, task: TaskSpec, *, source: str, first_line: int | None) -> np.ndarray:
-    """0/1 labels; an empty or (for threshold rules) non-numeric label is an error, never a silent 0."""
+def encode_labels(values: pd.Series, task: TaskSpec, *, source: str, first_line: Lines,
+                  name: str | None = None) -> np.ndarray:
+    """0/1 labels; an empty, undeclared or (for threshold rules) non-numeric label is an error, never a silent 0.
+
+    Undeclared means: the task lists its ``negative_values`` and the value is in neither list (a typo or a
+    new category in the file would otherwise silently become a negative).
+    """
     empty = values.eq("").to_numpy()
     if empty.any():
         pos = int(np.argmax(empty))
         raise EMMError(f"{where(source, _line(first_line, pos), task.column)}: the label is missing")
     if task.positive_values is not None:
-        return values.isin(task.positive_values).to_numpy().astype(np.int8)
+        positive = values.isin(task.positive_values).to_numpy()
+        if task.negative_values is not None:
+            unknown = ~(positive | values.isin(task.negative_values).to_numpy())
+            if unknown.any():
+                pos = int(np.argmax(unknown))
+                of = f" of task {name!r}" if name else ""
+                raise EMMError(f"{where(source, _line(first_line, pos), task.column)}: label {values.iloc[pos]!r}{of} "
+                               f"is neither a positive value {task.positive_values} nor a declared negative value "
+                               f"{task.negative_values}; fix the file, or add the value to one of the two lists")
+        return positive.astype(np.int8)
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
     bad = np.isnan(numbers)
     if bad.any():
@@ -51,7 +70,7 @@ def encode_labels(values: pd.Series, task: TaskSpec, *, source: str, first_line:
     return (numbers > task.threshold).astype(np.int8)
 
 
-def parse_dense(values: pd.Series, column: str, *, source: str, first_line: int | None,
+def parse_dense(values: pd.Series, column: str, *, source: str, first_line: Lines,
                 missing: str = "error") -> np.ndarray:
     """Float values; a non-numeric, NaN or infinite value names its file, line and column."""
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
@@ -76,8 +95,12 @@ def _as_text(values: pd.Series) -> pd.Series:
     return values.astype(str).str.strip()
 
 
-def _line(first_line: int | None, pos: int) -> int | None:
-    return None if first_line is None else first_line + pos
+def _line(lines: Lines, pos: int) -> int | None:
+    if lines is None:
+        return None
+    if isinstance(lines, np.ndarray):
+        return int(lines[pos])
+    return lines + pos
 
 
 @dataclass
@@ -111,7 +134,7 @@ class Encoder:
         return self.sparse + [self.bucket_name(c) for c in self.bucketed]
 
     # ---- fitting (streamed: one chunk at a time) -------------------------------------------------
-    def partial_fit(self, frame: pd.DataFrame, *, source: str, first_line: int, missing: str) -> None:
+    def partial_fit(self, frame: pd.DataFrame, *, source: str, first_line: Lines, missing: str) -> None:
         for col in self.sparse:
             self._seen.setdefault(col, set()).update(pd.unique(frame[col].to_numpy()))
         for col in self.dense:
@@ -162,7 +185,7 @@ class Encoder:
         """Bin ``k`` in 1..len(edges)+1 holds ``edges[k-2] < x <= edges[k-1]`` (0 stays 'unseen')."""
         return (np.searchsorted(np.asarray(self.edges[col]), x, side="left") + 1).astype(np.int32)
 
-    def transform(self, frame: pd.DataFrame, *, source: str, first_line: int | None,
+    def transform(self, frame: pd.DataFrame, *, source: str, first_line: Lines,
                   missing: str = "error") -> pd.DataFrame:
         """Encoded features in schema order (sparse local indices, bucket indices, then scaled dense)."""
         missing_cols = [c for c in self.sparse + self.dense if c not in frame.columns]

@@ -187,7 +187,7 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
                 labels = _labels(chunk, plan, paths[key])
                 audit_leakage(chunk.frame, labels, plan, cfg, paths[key])
                 audited = True
-            encoder.partial_fit(chunk.frame, source=str(paths[key]), first_line=chunk.first_line,
+            encoder.partial_fit(chunk.frame, source=str(paths[key]), first_line=chunk.lines,
                                 missing=spec.dense_missing)
     encoder.finish()
 
@@ -205,6 +205,7 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
         if empty:
             raise EMMError(f"dataset {spec.name!r}: split(s) {empty} came out empty; the raw files are too small "
                            f"for the declared carve")
+        _check_both_classes(spec, plan, writers)
         encoder.save_vocabulary(tmp / VOCAB_FILE)
         schema = _build_schema(spec, plan, encoder, writers, raw_files, cfg)
         schema.save(tmp)
@@ -212,8 +213,36 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
     return schema
 
 
+def _check_both_classes(spec: DatasetSpec, plan: FeaturePlan, writers: _SplitWriters) -> None:
+    """Refuse a task that has only one class in some split.
+
+    Why here: such a split has no defined AUC, so training (early stopping on val AUC), model selection and
+    evaluation would fail or silently skip the task much later, after hours of work on data that was
+    unusable from the start.
+    """
+    for name, task in plan.tasks.items():
+        counts = {"positive": {s: writers.positives[s][name] for s in SPLITS},
+                  "negative": {s: writers.rows[s] - writers.positives[s][name] for s in SPLITS}}
+        for kind, per_split in counts.items():
+            missing = [s for s in SPLITS if per_split[s] == 0]
+            if not missing:
+                continue
+            rule = (f"{task.column} > {task.threshold}" if task.threshold is not None
+                    else f"{task.column} in {task.positive_values}")
+            hint = ""
+            if spec.carve and set(missing) & set(spec.carve.into) and spec.carve.stratify != name:
+                hint = f", carve stratified by this task (carve.stratify: {name})"
+            raise EMMError(
+                f"dataset {spec.name!r}: task {name!r} has no {kind} rows in split(s) {missing} "
+                f"(rows: {[writers.rows[s] for s in missing]}; label = 1 where {rule}), so its AUC is undefined "
+                f"there and training would fail later. Check the task's positive_values/threshold in the "
+                f"declaration, or give it more rows (larger raw files{hint}), or leave the task out "
+                f"(ingest.tasks in params.yaml)."
+            )
+
+
 def _labels(chunk: Chunk, plan: FeaturePlan, path: Path) -> dict[str, np.ndarray]:
-    return {name: encode_labels(chunk.frame[t.column], t, source=str(path), first_line=chunk.first_line)
+    return {name: encode_labels(chunk.frame[t.column], t, source=str(path), first_line=chunk.lines, name=name)
             for name, t in plan.tasks.items()}
 
 
@@ -223,7 +252,7 @@ def _write_file(spec: DatasetSpec, key: str, path: Path, plan: FeaturePlan, enco
     carver = _StratifiedCarver(carve.fraction, cfg.seed) if carve else None
     rows = 0
     for chunk in iter_chunks(spec, path, block):
-        encoded = encoder.transform(chunk.frame, source=str(path), first_line=chunk.first_line,
+        encoded = encoder.transform(chunk.frame, source=str(path), first_line=chunk.lines,
                                     missing=spec.dense_missing)
         labels = _labels(chunk, plan, path)
         for name, y in labels.items():

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,13 +26,23 @@ from emm.errors import EMMError
 
 @dataclass(frozen=True)
 class Chunk:
-    """A block of rows as strings; ``first_line`` is the file line number of its first row (1-based)."""
+    """A block of rows as strings; ``first_line`` is the file line number of its first row (1-based).
+
+    ``row_lines`` holds every row's own line when blank lines lie between the rows (they are no rows but
+    still lines, so ``first_line + position`` would point too early); None when the rows are consecutive.
+    """
 
     frame: pd.DataFrame
     first_line: int
+    row_lines: np.ndarray | None = None
+
+    @property
+    def lines(self) -> int | np.ndarray:
+        """What the encoding functions take to name a row's line (see ``emm.data.encoding.Lines``)."""
+        return self.first_line if self.row_lines is None else self.row_lines
 
     def line_of(self, position: int) -> int:
-        return self.first_line + position
+        return self.first_line + position if self.row_lines is None else int(self.row_lines[position])
 
 
 def resolve_file(raw_dir: Path, candidates: str | list[str]) -> Path:
