@@ -237,7 +237,7 @@ class Encoder:
 
     @classmethod
     def load(cls, folder: Path, schema: "Schema") -> "Encoder":  # noqa: F821 (forward ref, avoids a cycle)
-        from emm.data.schema import VOCAB_FILE
+        from emm.data.schema import VOCAB_FILE, vocab_digest
 
         path = Path(folder) / VOCAB_FILE
         if not path.exists():
@@ -254,6 +254,10 @@ class Encoder:
             if len(enc.vocab[f.name]) + 1 != f.vocab_size:
                 raise EMMError(f"{path}: feature {f.name!r} has {len(enc.vocab[f.name])} values but schema.json "
                                f"says {f.vocab_size - 1}: the two files come from different ingestions")
+            if f.values_sha256 is not None and vocab_digest(enc.vocab[f.name]) != f.values_sha256:
+                raise EMMError(f"{path}: feature {f.name!r} holds other values than schema.json records (same "
+                               f"count, other contents or order): the two files come from different ingestions; "
+                               f"rerun `emm ingest`")
         for f in schema.dense:
             enc.minimum[f.name], enc.maximum[f.name] = f.min, f.max
         return enc

@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 from emm.config import IngestConfig, params_hash
 from emm.data.encoding import Encoder, encode_labels
 from emm.data.reader import Chunk, file_columns, iter_chunks, resolve_file
-from emm.data.schema import VOCAB_FILE, DenseFeature, RawFile, Schema, SparseFeature, TaskInfo
+from emm.data.schema import VOCAB_FILE, DenseFeature, RawFile, Schema, SparseFeature, TaskInfo, vocab_digest
 from emm.data.spec import SPLITS, DatasetSpec, TaskSpec
 from emm.errors import EMMError
 from emm.io import atomic_dir, provenance, sha256_file
@@ -277,7 +277,8 @@ def _build_schema(spec: DatasetSpec, plan: FeaturePlan, encoder: Encoder, writer
         size = len(encoder.vocab[col]) + 1
         source = sources.get(col)
         sparse.append(SparseFeature(name=col, vocab_size=size, offset=offset, bucket_of=source,
-                                    edges=encoder.edges[source] if source else None))
+                                    edges=encoder.edges[source] if source else None,
+                                    values_sha256=vocab_digest(encoder.vocab[col])))
         offset += size
     dense = [DenseFeature(name=c, min=encoder.minimum[c], max=encoder.maximum[c]) for c in plan.dense]
     tasks = []
