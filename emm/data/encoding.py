@@ -14,6 +14,7 @@ exactly the vocabularies and ranges the model was trained with; any second imple
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,33 @@ def parse_dense(values: pd.Series, column: str, *, source: str, first_line: Line
     return numbers
 
 
+_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0*")
+
+
+def _canonical(uniques: np.ndarray) -> np.ndarray:
+    out = uniques.astype(object, copy=True)
+    for i, value in enumerate(out):
+        if isinstance(value, str) and "." in value and _INTEGRAL_FLOAT.fullmatch(value):
+            out[i] = str(int(value.split(".", 1)[0]))
+    return out
+
+
+def canonical_codes(values: pd.Series) -> pd.Series:
+    """Categorical values with integral floats spelled as integers ('37.0' -> '37'); all others unchanged.
+
+    Why: an integer code column that passed through a float (a pandas int column with one gap, a Parquet
+    float column, a CSV written from either) spells 37 as '37.0'. Without this the vocabulary would hold both
+    spellings (two embeddings for one category) and a '37.0' at scoring time would be 'unseen'. The price:
+    a column whose text '1' and '1.0' are meant as two categories gets one; codes are never meant so.
+    Works on the distinct values only, so the cost does not grow with the rows.
+    """
+    codes, uniques = pd.factorize(values.to_numpy())
+    fixed = _canonical(np.asarray(uniques, dtype=object))
+    if len(codes) == 0 or all(a is b for a, b in zip(fixed, uniques)):
+        return values
+    return pd.Series(np.where(codes >= 0, fixed[np.maximum(codes, 0)], values.to_numpy()), index=values.index)
+
+
 def _as_text(values: pd.Series) -> pd.Series:
     """Raw values as stripped strings; ingestion chunks already are, user frames for scoring may not be."""
     if values.dtype == object and (len(values) == 0 or isinstance(values.iloc[0], str)):
@@ -136,7 +164,7 @@ class Encoder:
     # ---- fitting (streamed: one chunk at a time) -------------------------------------------------
     def partial_fit(self, frame: pd.DataFrame, *, source: str, first_line: Lines, missing: str) -> None:
         for col in self.sparse:
-            self._seen.setdefault(col, set()).update(pd.unique(frame[col].to_numpy()))
+            self._seen.setdefault(col, set()).update(_canonical(pd.unique(frame[col].to_numpy())))
         for col in self.dense:
             x = parse_dense(frame[col], col, source=source, first_line=first_line, missing=missing)
             self.minimum[col] = min(self.minimum.get(col, np.inf), float(x.min()))
@@ -172,8 +200,12 @@ class Encoder:
         return self._index[col]
 
     def encode_sparse(self, values: pd.Series, col: str) -> np.ndarray:
-        codes = self.index(col).get_indexer(values.to_numpy())
-        return (codes + 1).astype(np.int32)  # -1 (unseen) -> 0, known -> 1..V
+        """Vocabulary indices of the canonical values (see ``canonical_codes``), looked up once per distinct value."""
+        codes, uniques = pd.factorize(values.to_numpy())
+        if len(uniques) == 0:  # no rows, or only missing values (a scoring frame's None/NaN)
+            return np.zeros(len(codes), dtype=np.int32)
+        found = self.index(col).get_indexer(_canonical(np.asarray(uniques, dtype=object)))
+        return (np.where(codes >= 0, found[np.maximum(codes, 0)], -1) + 1).astype(np.int32)  # unseen -1 -> 0
 
     def scale_dense(self, x: np.ndarray, col: str) -> np.ndarray:
         lo, hi = self.minimum[col], self.maximum[col]
