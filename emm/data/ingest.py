@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
 from emm.config import IngestConfig, params_hash
-from emm.data.encoding import Encoder, encode_labels
+from emm.data.encoding import Encoder, Lines, encode_labels, parse_dense
 from emm.data.reader import Chunk, file_columns, iter_chunks, resolve_file
 from emm.data.schema import VOCAB_FILE, DenseFeature, RawFile, Schema, SparseFeature, TaskInfo, vocab_digest
 from emm.data.spec import SPLITS, DatasetSpec, TaskSpec
@@ -81,20 +81,24 @@ def plan_features(spec: DatasetSpec, tasks: dict[str, TaskSpec], columns: list[s
 
 
 def audit_leakage(frame: pd.DataFrame, labels: dict[str, np.ndarray], plan: FeaturePlan,
-                  cfg: IngestConfig, source: Path) -> None:
+                  cfg: IngestConfig, source: Path, *, lines: Lines = None, missing: str = "error") -> None:
     """Refuse a feature that predicts a task (almost) perfectly on its own: a label left among features.
 
     Runs on the first chunk of the training file. Sparse features are scored by their per-category
     label rate, skipping ID-like ones (many categories, where that rate overfits by construction).
+    Dense values are parsed exactly as the encoder parses them (``lines``, ``missing``), so a bad value
+    gets the same file/line/column message here as anywhere else, never a traceback from the AUC.
     """
     n = len(frame)
+    dense: dict[str, np.ndarray] = {}
     for task, y in labels.items():
         pos = int(y.sum())
         if min(pos, n - pos) < cfg.leakage_min_class_rows:
             continue
         for col in plan.dense:
-            x = pd.to_numeric(frame[col], errors="coerce").fillna(0).to_numpy()
-            auc = roc_auc_score(y, x)
+            if col not in dense:
+                dense[col] = parse_dense(frame[col], col, source=str(source), first_line=lines, missing=missing)
+            auc = roc_auc_score(y, dense[col])
             _refuse_if_leaky(max(auc, 1 - auc), col, task, cfg, source, n)
         for col in plan.sparse:
             values = frame[col]
@@ -183,12 +187,13 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
     audited = False
     for key in spec.fit_on:
         for chunk in iter_chunks(spec, paths[key], block):
-            if key == "train" and not audited:
-                labels = _labels(chunk, plan, paths[key])
-                audit_leakage(chunk.frame, labels, plan, cfg, paths[key])
-                audited = True
             encoder.partial_fit(chunk.frame, source=str(paths[key]), first_line=chunk.lines,
                                 missing=spec.dense_missing)
+            if key == "train" and not audited:
+                labels = _labels(chunk, plan, paths[key])
+                audit_leakage(chunk.frame, labels, plan, cfg, paths[key], lines=chunk.lines,
+                              missing=spec.dense_missing)
+                audited = True
     encoder.finish()
 
     raw_files: list[RawFile] = []

@@ -188,3 +188,28 @@ def test_cli_prints_message_without_traceback_and_exits_2(tmp_path):
     assert result.exit_code == 2
     assert "does not exist" in result.output and "Traceback" not in result.output
     assert not os.path.exists(tmp_path / "out")
+
+
+def edit_lines(path: Path, edit) -> None:
+    """Replace the (bytes) lines of a gzipped file by ``edit(lines)``."""
+    with gzip.open(path, "rb") as fh:
+        lines = fh.readlines()
+    with gzip.open(path, "wb") as fh:
+        fh.writelines(edit(lines))
+
+
+def set_field(line: bytes, column: str, value: bytes) -> bytes:
+    fields = line.rstrip(b"\n").split(b", ")
+    fields[CENSUS.columns.index(column)] = value
+    return b", ".join(fields) + b"\n"
+
+
+@pytest.mark.parametrize("name", ["census-income.data.gz", "census-income.test.gz"])
+def test_infinite_dense_value_names_file_line_and_column(raw, previous_output, name):
+    """The same message whether the value sits in the first train chunk (the leakage audit) or elsewhere."""
+    before = snapshot(previous_output)
+    edit_lines(raw / name, lambda lines: [set_field(s, "age", b"inf") if i == 4 else s for i, s in enumerate(lines)])
+    with pytest.raises(EMMError, match=rf"{name.replace('.', '[.]')}, line 5, column 'age': dense value 'inf' is "
+                                       rf"not a finite number"):
+        run_ingest(raw, previous_output)
+    assert_untouched(previous_output, before)
