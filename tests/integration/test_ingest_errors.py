@@ -213,3 +213,47 @@ def test_infinite_dense_value_names_file_line_and_column(raw, previous_output, n
                                        rf"not a finite number"):
         run_ingest(raw, previous_output)
     assert_untouched(previous_output, before)
+
+
+def test_line_numbers_count_blank_lines(raw, tmp_path):
+    """Blank lines are skipped as rows but still counted as lines: errors point at the true line."""
+    def edit(lines):
+        lines = [set_field(s, "age", b"abc") if i == 299 else s for i, s in enumerate(lines)]
+        return lines[:100] + [b"\n", b"\r\n"] + lines[100:]  # lines 101-102 blank: 'abc' moves to line 302
+    edit_lines(raw / "census-income.data.gz", edit)
+    with pytest.raises(EMMError, match=r"census-income\.data\.gz, line 302, column 'age': dense value 'abc'"):
+        run_ingest(raw, tmp_path / "out")
+
+
+def test_column_count_error_counts_blank_lines(raw, tmp_path):
+    edit_lines(raw / "census-income.test.gz",
+               lambda lines: lines[:9] + [b"\n"] + [s.rstrip(b"\n") + b", extra\n" if i == 1000 else s
+                                                     for i, s in enumerate(lines[9:], start=9)])
+    with pytest.raises(EMMError, match=r"census-income\.test\.gz, line 1002: expected 42 columns, found 43"):
+        run_ingest(raw, tmp_path / "out")
+
+
+def test_blank_lines_do_not_change_the_result(raw, census_small_data, tmp_path):
+    import pyarrow.parquet as pq
+
+    edit_lines(raw / "census-income.data.gz", lambda lines: [b"\n"] + lines[:3000] + [b"\n\n"] + lines[3000:]
+               + [b"\n"])
+    from emm.data.schema import Schema
+
+    run_ingest(raw, tmp_path / "out", block_mb=1)  # several chunks, so blank lines also sit inside later ones
+    a, b = Schema.load(census_small_data), Schema.load(tmp_path / "out")
+    assert a.sparse == b.sparse and a.dense == b.dense and a.rows == b.rows
+    pd_a = pq.read_table(census_small_data / "train.parquet").to_pandas()
+    pd_b = pq.read_table(tmp_path / "out" / "train.parquet").to_pandas()
+    assert pd_a.equals(pd_b)
+
+
+def test_non_utf8_byte_names_its_true_line_and_column(raw, previous_output):
+    before = snapshot(previous_output)
+    edit_lines(raw / "census-income.data.gz",
+               lambda lines: [set_field(s, "education", b"Childr\xe9n") if i == 2500 else s
+                              for i, s in enumerate(lines)])
+    with pytest.raises(EMMError, match=r"census-income\.data\.gz, line 2501, column 'education': byte b'\\xe9' "
+                                       r"is not valid UTF-8"):
+        run_ingest(raw, previous_output)
+    assert_untouched(previous_output, before)
