@@ -257,3 +257,25 @@ def test_non_utf8_byte_names_its_true_line_and_column(raw, previous_output):
                                        r"is not valid UTF-8"):
         run_ingest(raw, previous_output)
     assert_untouched(previous_output, before)
+
+
+def test_leftover_of_a_killed_ingest_is_removed_by_the_next_run(raw, tmp_path):
+    """A run killed with SIGKILL cannot clean up; the next run on the same output removes its temp folder."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    killed = ("import os, signal, sys\nfrom pathlib import Path\nfrom emm.io import atomic_dir\n"
+              "with atomic_dir(Path(sys.argv[1])) as tmp:\n"
+              "    (tmp / 'train.parquet').write_bytes(b'PAR1 half a file')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", killed, str(out)], env=env, capture_output=True, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "train.parquet").exists()
+    run_ingest(raw, out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (out / "train.parquet").stat().st_size > 1000
