@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
 LEGACY_STALE_S = 24 * 3600  # age after which a temp folder without a pid in its name counts as abandoned
 
 

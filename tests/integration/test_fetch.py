@@ -28,7 +28,8 @@ def test_corrupt_mirror_is_refused_and_destination_kept(shared_data, tmp_path):
     dest = tmp_path / "data" / "ali-ccp"
     dest.mkdir(parents=True)
     (dest / "keep.txt").write_text("previous contents")
-    with pytest.raises(EMMError, match=r"ali_ccp_val_sample\.csv: sha256 of its content is .* expected 1236e150") as err:
+    with pytest.raises(EMMError, match=r"ali_ccp_val_sample\.csv: sha256 of its content is .* expected 1236e150") \
+            as err:
         fetch_data(resolve_dataset("ali-ccp"), dest, tmp_path / "mirror")
     # the message names the file that is really bad (the mirror's, not a temporary copy that is gone by now)
     assert str(err.value).startswith(f"mirror file {target}: ")
