@@ -57,6 +57,7 @@ def test_csv_float_codes_in_one_file_match_the_integer_codes(census_small_raw, c
 
 @pytest.mark.parametrize("stored_as", ["float64", "float-text"])
 def test_parquet_float_codes_encode_like_integer_codes(census_small_raw, tmp_path, stored_as):
+    """Train file int-coded, test file float-coded (as a float column, or as its text): same indices as all-int."""
     raw_int, raw_float = tmp_path / "int", tmp_path / "float"
     raw_int.mkdir()
     raw_float.mkdir()
@@ -68,7 +69,7 @@ def test_parquet_float_codes_encode_like_integer_codes(census_small_raw, tmp_pat
         if stored_as == "float-text":  # e.g. a pipeline that did astype(str) on a float column
             floats = floats.astype({c: str for c in CODES})
             assert floats["det_ind_code"].iloc[0].endswith(".0")
-        floats.to_parquet(raw_float / f"{key}.parquet", index=False)
+        (floats if key == "test" else ints).to_parquet(raw_float / f"{key}.parquet", index=False)
     spec = DatasetSpec.model_validate({**CENSUS.model_dump(), "format": "parquet", "header": True,
                                        "files": {"train": "train.parquet", "test": "test.parquet"}})
     ingest(spec, raw_int, tmp_path / "a", IngestConfig())
