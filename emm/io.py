@@ -7,8 +7,11 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,28 +20,97 @@ from typing import Any
 from emm import __version__
 from emm.errors import EMMError
 
+LEGACY_STALE_S = 24 * 3600  # age after which a temp folder without a pid in its name counts as abandoned
+
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``final``, on error it vanishes.
 
     Why: a killed or failing stage must leave either the previous good output or nothing, never a
-    half-written folder that a later stage (or DVC) would trust.
+    half-written folder that a later stage (or DVC) would trust. A run killed with SIGKILL cannot clean
+    up, so every run first removes the temp siblings of ``final`` that dead runs left (see
+    ``_remove_stale_siblings`` for why that is safe while other runs write the same target).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_stale_siblings(final)
+    tmp = final.parent / _temp_name(final, "tmp")
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    old = final.parent / _temp_name(final, "old")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+    _remove_stale_siblings(final)  # an '.old-' copy kept while ``final`` was missing is superseded now
+
+
+def _host_tag() -> str:
+    """A short tag of this machine: a pid only says something about processes on the host that wrote it."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_name(final: Path, kind: str, pid: int | None = None) -> str:
+    """``.<name>.<kind>-<host>-<pid>-<random>``: who made the folder, so a later run can tell if it is abandoned."""
+    return f".{final.name}.{kind}-{_host_tag()}-{pid or os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner(final: Path, name: str) -> tuple[str, int] | None:
+    """(host tag, pid) of a temp sibling of ``final`` named by ``_temp_name``; None for any other name."""
+    found = re.fullmatch(rf"\.{re.escape(final.name)}\.(?:tmp|old)-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}", name)
+    return (found.group(1), int(found.group(2))) if found else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def _remove_stale_siblings(final: Path) -> None:
+    """Remove temp siblings of ``final`` whose writer is certainly gone.
+
+    Safe under concurrent runs on the same target, because a folder is removed only when its name says it
+    was made on this host by a process that no longer exists; a live writer's folder is never touched.
+    A reused pid errs on the safe side (the folder stays until that pid is free again), and folders made
+    on other hosts of a shared filesystem are left alone (their pids mean nothing here). "Older than this
+    run" would not be safe: a concurrent run that started earlier is older and still writing. Folders named
+    before pids were recorded carry no owner; only age tells, so they go after ``LEGACY_STALE_S``.
+    An ``.old-`` folder is the previous output of a run killed while swapping it out; it stays while
+    ``final`` is missing, since it is then the only copy.
+    """
+    legacy = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-[0-9a-f]{{8}}")
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not name.startswith((f".{final.name}.tmp-", f".{final.name}.old-")):
+            continue
+        owner = _owner(final, name)
+        try:
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            if owner is not None:
+                stale = owner[0] == _host_tag() and not _pid_alive(owner[1])
+            else:
+                stale = bool(legacy.fullmatch(name)) and time.time() - entry.stat().st_mtime > LEGACY_STALE_S
+        except OSError:  # vanished meanwhile (another run removed it)
+            continue
+        if stale and name.startswith(f".{final.name}.old-") and not final.exists():
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:

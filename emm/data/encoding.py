@@ -14,6 +14,7 @@ exactly the vocabularies and ranges the model was trained with; any second imple
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from emm.data.schema import VOCAB_FILE, vocab_digest
 from emm.data.spec import TaskSpec
 from emm.errors import EMMError
 
@@ -30,18 +32,37 @@ BUCKET_SAMPLE = 1 << 20     # values kept per column to place the quantile edges
 BUCKET_SEED = 2026          # priority-sampling keys: the same raw files always give the same edges
 
 
+Lines = int | np.ndarray | None
+"""Where a chunk's rows sit in their file: the line of its first row (rows on consecutive lines), every row's
+own line (when blank lines lie between rows), or None (rows that come from no file, e.g. a frame to score)."""
+
+
 def where(source: str, line: int | None, column: str) -> str:
     return f"{source}, line {line}, column {column!r}" if line is not None else f"{source}, column {column!r}"
 
 
-def encode_labels(values: pd.Series, task: TaskSpec, *, source: str, first_line: int | None) -> np.ndarray:
-    """0/1 labels; an empty or (for threshold rules) non-numeric label is an error, never a silent 0."""
+def encode_labels(values: pd.Series, task: TaskSpec, *, source: str, first_line: Lines,
+                  name: str | None = None) -> np.ndarray:
+    """0/1 labels; an empty, undeclared or (for threshold rules) non-numeric label is an error, never a silent 0.
+
+    Undeclared means: the task lists its ``negative_values`` and the value is in neither list (a typo or a
+    new category in the file would otherwise silently become a negative).
+    """
     empty = values.eq("").to_numpy()
     if empty.any():
         pos = int(np.argmax(empty))
         raise EMMError(f"{where(source, _line(first_line, pos), task.column)}: the label is missing")
     if task.positive_values is not None:
-        return values.isin(task.positive_values).to_numpy().astype(np.int8)
+        positive = values.isin(task.positive_values).to_numpy()
+        if task.negative_values is not None:
+            unknown = ~(positive | values.isin(task.negative_values).to_numpy())
+            if unknown.any():
+                pos = int(np.argmax(unknown))
+                of = f" of task {name!r}" if name else ""
+                raise EMMError(f"{where(source, _line(first_line, pos), task.column)}: label {values.iloc[pos]!r}{of} "
+                               f"is neither a positive value {task.positive_values} nor a declared negative value "
+                               f"{task.negative_values}; fix the file, or add the value to one of the two lists")
+        return positive.astype(np.int8)
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
     bad = np.isnan(numbers)
     if bad.any():
@@ -51,7 +72,7 @@ def encode_labels(values: pd.Series, task: TaskSpec, *, source: str, first_line:
     return (numbers > task.threshold).astype(np.int8)
 
 
-def parse_dense(values: pd.Series, column: str, *, source: str, first_line: int | None,
+def parse_dense(values: pd.Series, column: str, *, source: str, first_line: Lines,
                 missing: str = "error") -> np.ndarray:
     """Float values; a non-numeric, NaN or infinite value names its file, line and column."""
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
@@ -69,6 +90,33 @@ def parse_dense(values: pd.Series, column: str, *, source: str, first_line: int 
     return numbers
 
 
+_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0*")
+
+
+def _canonical(uniques: np.ndarray) -> np.ndarray:
+    out = uniques.astype(object, copy=True)
+    for i, value in enumerate(out):
+        if isinstance(value, str) and "." in value and _INTEGRAL_FLOAT.fullmatch(value):
+            out[i] = str(int(value.split(".", 1)[0]))
+    return out
+
+
+def canonical_codes(values: pd.Series) -> pd.Series:
+    """Categorical values with integral floats spelled as integers ('37.0' -> '37'); all others unchanged.
+
+    Why: an integer code column that passed through a float (a pandas int column with one gap, a Parquet
+    float column, a CSV written from either) spells 37 as '37.0'. Without this the vocabulary would hold both
+    spellings (two embeddings for one category) and a '37.0' at scoring time would be 'unseen'. The price:
+    a column whose text '1' and '1.0' are meant as two categories gets one; codes are never meant so.
+    Works on the distinct values only, so the cost does not grow with the rows.
+    """
+    codes, uniques = pd.factorize(values.to_numpy())
+    fixed = _canonical(np.asarray(uniques, dtype=object))
+    if len(codes) == 0 or all(a is b for a, b in zip(fixed, uniques)):
+        return values
+    return pd.Series(np.where(codes >= 0, fixed[np.maximum(codes, 0)], values.to_numpy()), index=values.index)
+
+
 def _as_text(values: pd.Series) -> pd.Series:
     """Raw values as stripped strings; ingestion chunks already are, user frames for scoring may not be."""
     if values.dtype == object and (len(values) == 0 or isinstance(values.iloc[0], str)):
@@ -76,8 +124,12 @@ def _as_text(values: pd.Series) -> pd.Series:
     return values.astype(str).str.strip()
 
 
-def _line(first_line: int | None, pos: int) -> int | None:
-    return None if first_line is None else first_line + pos
+def _line(lines: Lines, pos: int) -> int | None:
+    if lines is None:
+        return None
+    if isinstance(lines, np.ndarray):
+        return int(lines[pos])
+    return lines + pos
 
 
 @dataclass
@@ -111,9 +163,9 @@ class Encoder:
         return self.sparse + [self.bucket_name(c) for c in self.bucketed]
 
     # ---- fitting (streamed: one chunk at a time) -------------------------------------------------
-    def partial_fit(self, frame: pd.DataFrame, *, source: str, first_line: int, missing: str) -> None:
+    def partial_fit(self, frame: pd.DataFrame, *, source: str, first_line: Lines, missing: str) -> None:
         for col in self.sparse:
-            self._seen.setdefault(col, set()).update(pd.unique(frame[col].to_numpy()))
+            self._seen.setdefault(col, set()).update(_canonical(pd.unique(frame[col].to_numpy())))
         for col in self.dense:
             x = parse_dense(frame[col], col, source=source, first_line=first_line, missing=missing)
             self.minimum[col] = min(self.minimum.get(col, np.inf), float(x.min()))
@@ -149,8 +201,12 @@ class Encoder:
         return self._index[col]
 
     def encode_sparse(self, values: pd.Series, col: str) -> np.ndarray:
-        codes = self.index(col).get_indexer(values.to_numpy())
-        return (codes + 1).astype(np.int32)  # -1 (unseen) -> 0, known -> 1..V
+        """Vocabulary indices of the canonical values (see ``canonical_codes``), looked up once per distinct value."""
+        codes, uniques = pd.factorize(values.to_numpy())
+        if len(uniques) == 0:  # no rows, or only missing values (a scoring frame's None/NaN)
+            return np.zeros(len(codes), dtype=np.int32)
+        found = self.index(col).get_indexer(_canonical(np.asarray(uniques, dtype=object)))
+        return (np.where(codes >= 0, found[np.maximum(codes, 0)], -1) + 1).astype(np.int32)  # unseen -1 -> 0
 
     def scale_dense(self, x: np.ndarray, col: str) -> np.ndarray:
         lo, hi = self.minimum[col], self.maximum[col]
@@ -162,7 +218,7 @@ class Encoder:
         """Bin ``k`` in 1..len(edges)+1 holds ``edges[k-2] < x <= edges[k-1]`` (0 stays 'unseen')."""
         return (np.searchsorted(np.asarray(self.edges[col]), x, side="left") + 1).astype(np.int32)
 
-    def transform(self, frame: pd.DataFrame, *, source: str, first_line: int | None,
+    def transform(self, frame: pd.DataFrame, *, source: str, first_line: Lines,
                   missing: str = "error") -> pd.DataFrame:
         """Encoded features in schema order (sparse local indices, bucket indices, then scaled dense)."""
         missing_cols = [c for c in self.sparse + self.dense if c not in frame.columns]
@@ -214,8 +270,6 @@ class Encoder:
 
     @classmethod
     def load(cls, folder: Path, schema: "Schema") -> "Encoder":  # noqa: F821 (forward ref, avoids a cycle)
-        from emm.data.schema import VOCAB_FILE
-
         path = Path(folder) / VOCAB_FILE
         if not path.exists():
             raise EMMError(f"{path} does not exist: rerun `emm ingest` to write the vocabulary")
@@ -231,6 +285,10 @@ class Encoder:
             if len(enc.vocab[f.name]) + 1 != f.vocab_size:
                 raise EMMError(f"{path}: feature {f.name!r} has {len(enc.vocab[f.name])} values but schema.json "
                                f"says {f.vocab_size - 1}: the two files come from different ingestions")
+            if f.values_sha256 is not None and vocab_digest(enc.vocab[f.name]) != f.values_sha256:
+                raise EMMError(f"{path}: feature {f.name!r} holds other values than schema.json records (same "
+                               f"count, other contents or order): the two files come from different ingestions; "
+                               f"rerun `emm ingest`")
         for f in schema.dense:
             enc.minimum[f.name], enc.maximum[f.name] = f.min, f.max
         return enc

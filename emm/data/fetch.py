@@ -34,8 +34,14 @@ def content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(spec: DatasetSpec, folder: Path) -> list[str]:
-    """Check that every declared file is present and matches its declared checksum; returns a report."""
+def verify(spec: DatasetSpec, folder: Path, *, came_from: Path | str | None = None,
+           dest: Path | None = None) -> list[str]:
+    """Check that every declared file is present and matches its declared checksum; returns a report.
+
+    ``came_from``: when ``folder`` is the temporary copy that ``fetch_data`` fills, the mirror folder (a
+    Path) or the URL (a str) its files came from. A mismatch then names the file the user can fix, not
+    the copy, which is deleted with the failed fetch; ``dest`` is the folder the fetch left untouched.
+    """
     report = []
     for key, names in spec.files.items():
         path = resolve_file(folder, names)
@@ -46,10 +52,25 @@ def verify(spec: DatasetSpec, folder: Path) -> list[str]:
             continue
         actual = content_sha256(path)
         if actual != expected:
-            raise EMMError(f"{path}: sha256 of its content is {actual}, expected {expected}; the file is "
-                           f"corrupt or a different version. Delete it and fetch again.")
+            raise EMMError(_mismatch(spec, path, f"sha256 of its content is {actual}, expected {expected}",
+                                     came_from, dest))
         report.append(f"{key}: {path.name} sha256 ok")
     return report
+
+
+def _mismatch(spec: DatasetSpec, path: Path, what: str, came_from: Path | str | None, dest: Path | None) -> str:
+    kept = f"; {dest} was left as it was" if dest is not None else ""
+    if came_from is None:
+        return (f"{path}: {what}; the file is corrupt or a different version. Delete it and fetch it again "
+                f"(`emm fetch-data {spec.name}`).")
+    if isinstance(came_from, Path):
+        official = spec.download.url if spec.download and spec.download.url else "see the dataset's download notes"
+        return (f"mirror file {came_from / path.name}: {what}; the mirror's copy is corrupt or a different version. "
+                f"Replace it with a good copy (official source: {official}) and run `emm fetch-data {spec.name} "
+                f"--mirror ...` again{kept}.")
+    return (f"{path.name} downloaded from {came_from}: {what}; the download was damaged or the source now serves "
+            f"another version. Run `emm fetch-data {spec.name}` again; if the new version is intended, update its "
+            f"sha256 in the dataset declaration{kept}.")
 
 
 def fetch_data(spec: DatasetSpec, dest: Path, mirror: Path | None = None) -> list[str]:
@@ -57,14 +78,15 @@ def fetch_data(spec: DatasetSpec, dest: Path, mirror: Path | None = None) -> lis
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
         if mirror is not None:
-            _copy_mirror(spec, Path(mirror), tmp)
+            came_from: Path | str = _copy_mirror(spec, Path(mirror), tmp)
         else:
-            _download(spec, tmp)
-        report = verify(spec, tmp)
+            came_from = _download(spec, tmp)
+        report = verify(spec, tmp, came_from=came_from, dest=dest)
     return report
 
 
-def _copy_mirror(spec: DatasetSpec, mirror: Path, tmp: Path) -> None:
+def _copy_mirror(spec: DatasetSpec, mirror: Path, tmp: Path) -> Path:
+    """Copy the mirror's files into ``tmp``; returns the folder they came from."""
     source = mirror / spec.name if (mirror / spec.name).is_dir() else mirror
     if not source.is_dir():
         raise EMMError(f"mirror folder {mirror} does not exist")
@@ -72,9 +94,11 @@ def _copy_mirror(spec: DatasetSpec, mirror: Path, tmp: Path) -> None:
     for path in sorted(source.iterdir()):
         if path.is_file() and not path.name.startswith("."):
             shutil.copyfile(path, tmp / path.name)  # not copy2: keep our own (writable) mode
+    return source
 
 
-def _download(spec: DatasetSpec, tmp: Path) -> None:
+def _download(spec: DatasetSpec, tmp: Path) -> str:
+    """Download and unpack the official archive into ``tmp``; returns its URL."""
     if spec.download is None or spec.download.url is None:
         how = spec.download.instructions if spec.download else "no official download is declared."
         raise EMMError(f"dataset {spec.name!r} cannot be downloaded automatically: {how}")
@@ -87,6 +111,7 @@ def _download(spec: DatasetSpec, tmp: Path) -> None:
                        f"with a local copy of the raw files") from exc
     _unpack(archive, tmp)
     archive.unlink()
+    return spec.download.url
 
 
 def _unpack(archive: Path, dest: Path) -> None:

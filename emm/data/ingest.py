@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
+from emm.data.encoding import Encoder, Lines, encode_labels, parse_dense
 from emm.data.options import IngestConfig
-from emm.data.encoding import Encoder, encode_labels
 from emm.data.reader import Chunk, file_columns, iter_chunks, resolve_file
-from emm.data.schema import VOCAB_FILE, DenseFeature, RawFile, Schema, SparseFeature, TaskInfo
+from emm.data.schema import VOCAB_FILE, DenseFeature, RawFile, Schema, SparseFeature, TaskInfo, vocab_digest
 from emm.data.spec import SPLITS, DatasetSpec, TaskSpec
 from emm.errors import EMMError
 from emm.io import atomic_dir, digest, provenance, sha256_file
@@ -81,20 +81,24 @@ def plan_features(spec: DatasetSpec, tasks: dict[str, TaskSpec], columns: list[s
 
 
 def audit_leakage(frame: pd.DataFrame, labels: dict[str, np.ndarray], plan: FeaturePlan,
-                  cfg: IngestConfig, source: Path) -> None:
+                  cfg: IngestConfig, source: Path, *, lines: Lines = None, missing: str = "error") -> None:
     """Refuse a feature that predicts a task (almost) perfectly on its own: a label left among features.
 
     Runs on the first chunk of the training file. Sparse features are scored by their per-category
     label rate, skipping ID-like ones (many categories, where that rate overfits by construction).
+    Dense values are parsed exactly as the encoder parses them (``lines``, ``missing``), so a bad value
+    gets the same file/line/column message here as anywhere else, never a traceback from the AUC.
     """
     n = len(frame)
+    dense: dict[str, np.ndarray] = {}
     for task, y in labels.items():
         pos = int(y.sum())
         if min(pos, n - pos) < cfg.leakage_min_class_rows:
             continue
         for col in plan.dense:
-            x = pd.to_numeric(frame[col], errors="coerce").fillna(0).to_numpy()
-            auc = roc_auc_score(y, x)
+            if col not in dense:
+                dense[col] = parse_dense(frame[col], col, source=str(source), first_line=lines, missing=missing)
+            auc = roc_auc_score(y, dense[col])
             _refuse_if_leaky(max(auc, 1 - auc), col, task, cfg, source, n)
         for col in plan.sparse:
             values = frame[col]
@@ -183,12 +187,13 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
     audited = False
     for key in spec.fit_on:
         for chunk in iter_chunks(spec, paths[key], block):
+            encoder.partial_fit(chunk.frame, source=str(paths[key]), first_line=chunk.lines,
+                                missing=spec.dense_missing)
             if key == "train" and not audited:
                 labels = _labels(chunk, plan, paths[key])
-                audit_leakage(chunk.frame, labels, plan, cfg, paths[key])
+                audit_leakage(chunk.frame, labels, plan, cfg, paths[key], lines=chunk.lines,
+                              missing=spec.dense_missing)
                 audited = True
-            encoder.partial_fit(chunk.frame, source=str(paths[key]), first_line=chunk.first_line,
-                                missing=spec.dense_missing)
     encoder.finish()
 
     raw_files: list[RawFile] = []
@@ -205,6 +210,7 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
         if empty:
             raise EMMError(f"dataset {spec.name!r}: split(s) {empty} came out empty; the raw files are too small "
                            f"for the declared carve")
+        _check_both_classes(spec, plan, writers)
         encoder.save_vocabulary(tmp / VOCAB_FILE)
         schema = _build_schema(spec, plan, encoder, writers, raw_files, cfg)
         schema.save(tmp)
@@ -212,8 +218,36 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
     return schema
 
 
+def _check_both_classes(spec: DatasetSpec, plan: FeaturePlan, writers: _SplitWriters) -> None:
+    """Refuse a task that has only one class in some split.
+
+    Why here: such a split has no defined AUC, so training (early stopping on val AUC), model selection and
+    evaluation would fail or silently skip the task much later, after hours of work on data that was
+    unusable from the start.
+    """
+    for name, task in plan.tasks.items():
+        counts = {"positive": {s: writers.positives[s][name] for s in SPLITS},
+                  "negative": {s: writers.rows[s] - writers.positives[s][name] for s in SPLITS}}
+        for kind, per_split in counts.items():
+            missing = [s for s in SPLITS if per_split[s] == 0]
+            if not missing:
+                continue
+            rule = (f"{task.column} > {task.threshold}" if task.threshold is not None
+                    else f"{task.column} in {task.positive_values}")
+            hint = ""
+            if spec.carve and set(missing) & set(spec.carve.into) and spec.carve.stratify != name:
+                hint = f", carve stratified by this task (carve.stratify: {name})"
+            raise EMMError(
+                f"dataset {spec.name!r}: task {name!r} has no {kind} rows in split(s) {missing} "
+                f"(rows: {[writers.rows[s] for s in missing]}; label = 1 where {rule}), so its AUC is undefined "
+                f"there and training would fail later. Check the task's positive_values/threshold in the "
+                f"declaration, or give it more rows (larger raw files{hint}), or leave the task out "
+                f"(ingest.tasks in params.yaml)."
+            )
+
+
 def _labels(chunk: Chunk, plan: FeaturePlan, path: Path) -> dict[str, np.ndarray]:
-    return {name: encode_labels(chunk.frame[t.column], t, source=str(path), first_line=chunk.first_line)
+    return {name: encode_labels(chunk.frame[t.column], t, source=str(path), first_line=chunk.lines, name=name)
             for name, t in plan.tasks.items()}
 
 
@@ -223,7 +257,7 @@ def _write_file(spec: DatasetSpec, key: str, path: Path, plan: FeaturePlan, enco
     carver = _StratifiedCarver(carve.fraction, cfg.seed) if carve else None
     rows = 0
     for chunk in iter_chunks(spec, path, block):
-        encoded = encoder.transform(chunk.frame, source=str(path), first_line=chunk.first_line,
+        encoded = encoder.transform(chunk.frame, source=str(path), first_line=chunk.lines,
                                     missing=spec.dense_missing)
         labels = _labels(chunk, plan, path)
         for name, y in labels.items():
@@ -248,7 +282,8 @@ def _build_schema(spec: DatasetSpec, plan: FeaturePlan, encoder: Encoder, writer
         size = len(encoder.vocab[col]) + 1
         source = sources.get(col)
         sparse.append(SparseFeature(name=col, vocab_size=size, offset=offset, bucket_of=source,
-                                    edges=encoder.edges[source] if source else None))
+                                    edges=encoder.edges[source] if source else None,
+                                    values_sha256=vocab_digest(encoder.vocab[col])))
         offset += size
     dense = [DenseFeature(name=c, min=encoder.minimum[c], max=encoder.maximum[c]) for c in plan.dense]
     tasks = []

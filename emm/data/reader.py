@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,13 +26,23 @@ from emm.errors import EMMError
 
 @dataclass(frozen=True)
 class Chunk:
-    """A block of rows as strings; ``first_line`` is the file line number of its first row (1-based)."""
+    """A block of rows as strings; ``first_line`` is the file line number of its first row (1-based).
+
+    ``row_lines`` holds every row's own line when blank lines lie between the rows (they are no rows but
+    still lines, so ``first_line + position`` would point too early); None when the rows are consecutive.
+    """
 
     frame: pd.DataFrame
     first_line: int
+    row_lines: np.ndarray | None = None
+
+    @property
+    def lines(self) -> int | np.ndarray:
+        """What the encoding functions take to name a row's line (see ``emm.data.encoding.Lines``)."""
+        return self.first_line if self.row_lines is None else self.row_lines
 
     def line_of(self, position: int) -> int:
-        return self.first_line + position
+        return self.first_line + position if self.row_lines is None else int(self.row_lines[position])
 
 
 def resolve_file(raw_dir: Path, candidates: str | list[str]) -> Path:
@@ -72,54 +83,127 @@ def _expected_columns(spec: DatasetSpec, path: Path) -> list[str]:
 
 
 def iter_chunks(spec: DatasetSpec, path: Path, block_bytes: int) -> Iterator[Chunk]:
-    """Yield string chunks of a raw file, stopping at the first malformed row with a clear error."""
+    """Yield string chunks of a raw file, stopping at the first malformed row with a clear error.
+
+    CSV is cut into blocks of whole lines here, not by pyarrow's streaming reader, so that every block's
+    first line number is known exactly: pyarrow skips blank lines without counting them, and reports a
+    bad byte only for a whole block, so its own numbers drift or point at the block start.
+    """
     if spec.format == "parquet":
         yield from _iter_parquet(spec, path)
         return
     columns = _expected_columns(spec, path)
+    rows = 0
+    for block, first_line in _line_blocks(path, block_bytes, skip_header=spec.header):
+        chunk = _parse_block(spec, path, columns, block, first_line)
+        if chunk is not None:
+            rows += len(chunk.frame)
+            yield chunk
+    if rows == 0:
+        raise EMMError(f"{path}: the file has no data rows")
+
+
+def _line_blocks(path: Path, block_bytes: int, *, skip_header: bool) -> Iterator[tuple[bytes, int]]:
+    """The decompressed file as blocks of about ``block_bytes`` that end on a line end, each with its first line."""
+    line, carry, header = 1, b"", skip_header
+    try:
+        stream = pa.input_stream(str(path), compression="detect")
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise EMMError(f"{path}: cannot be opened ({exc})") from exc
+    with stream:
+        while True:
+            try:
+                data = stream.read(block_bytes)
+            except (pa.ArrowInvalid, OSError, EOFError) as exc:
+                raise EMMError(f"{path}, after line {line - 1}: cannot be read ({exc}); is it truncated"
+                               f"{' or not really gzip' if path.suffix == '.gz' else ''}?") from exc
+            block = carry + data
+            if data:
+                cut = block.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a block: keep reading
+                    carry = block
+                    continue
+                block, carry = block[:cut], block[cut:]
+            if header:
+                end = block.find(b"\n")
+                block = b"" if end < 0 else block[end + 1:]
+                line, header = line + 1, False
+            if block:
+                yield block, line
+                line += block.count(b"\n")
+            if not data:
+                return
+
+
+def _row_lines(block: bytes, first_line: int) -> np.ndarray | None:
+    """Each row's line number when the block holds blank lines (which are lines but no rows), else None."""
+    if not (block.startswith((b"\n", b"\r\n")) or b"\n\n" in block or b"\n\r\n" in block):
+        return None
+    raw = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(raw == 10)
+    if not block.endswith(b"\n"):
+        ends = np.append(ends, len(block))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    length = ends - starts
+    blank = (length == 0) | ((length == 1) & (raw[np.minimum(starts, len(raw) - 1)] == 13))
+    return first_line + np.flatnonzero(~blank)
+
+
+def _parse_block(spec: DatasetSpec, path: Path, columns: list[str], block: bytes, first_line: int) -> Chunk | None:
     bad: list[pacsv.InvalidRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         bad.append(row)
         return "error"
 
-    read_opts = pacsv.ReadOptions(
-        use_threads=False, block_size=block_bytes,
-        column_names=None if spec.header else columns, autogenerate_column_names=False,
-    )
+    read_opts = pacsv.ReadOptions(use_threads=False, block_size=max(len(block), 1 << 16),
+                                  column_names=columns, autogenerate_column_names=False)
     parse_opts = pacsv.ParseOptions(delimiter=spec.delimiter, invalid_row_handler=on_invalid)
     convert_opts = pacsv.ConvertOptions(
         column_types={c: pa.string() for c in columns}, strings_can_be_null=False, quoted_strings_can_be_null=False
     )
-    line = 2 if spec.header else 1
-    rows = 0
+    row_lines = _row_lines(block, first_line)
+    last_line = first_line + max(block.count(b"\n") - 1, 0)
+    span = f"lines {first_line}-{last_line}"
     try:
-        with pa.input_stream(str(path), compression="detect") as stream:
-            reader = pacsv.open_csv(stream, read_options=read_opts, parse_options=parse_opts,
-                                    convert_options=convert_opts)
-            for batch in reader:
-                if batch.num_rows == 0:
-                    continue
-                frame = pd.DataFrame({
-                    name: pc.utf8_trim_whitespace(batch.column(i)).to_numpy(zero_copy_only=False)
-                    for i, name in enumerate(batch.schema.names)
-                })
-                yield Chunk(frame, line)
-                line += batch.num_rows
-                rows += batch.num_rows
-    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        table = pacsv.read_csv(pa.BufferReader(block), read_options=read_opts, parse_options=parse_opts,
+                               convert_options=convert_opts)
+    except pa.ArrowInvalid as exc:
         if bad:
             row = bad[0]
-            where = f"line {row.number}" if row.number is not None else f"near line {line}"
+            where = span
+            if row.number is not None:
+                pos = row.number - 1
+                line = first_line + pos if row_lines is None or pos >= len(row_lines) else int(row_lines[pos])
+                where = f"line {line}"
             raise EMMError(f"{path}, {where}: expected {row.expected_columns} columns, found "
                            f"{row.actual_columns} (row starts {row.text[:80]!r})") from exc
-        if isinstance(exc, (OSError, EOFError)) or "gzip" in str(exc).lower():
-            raise EMMError(f"{path}: cannot be read ({exc}); is it truncated or not really gzip?") from exc
-        if "Empty CSV file" in str(exc):
-            raise EMMError(f"{path}: the file has no rows") from exc
-        raise EMMError(f"{path}, near line {line}: {exc}") from exc
-    if rows == 0:
-        raise EMMError(f"{path}: the file has no data rows")
+        if not block.strip(b"\r\n"):  # only blank lines: no rows
+            return None
+        raise _utf8_error(path, block, first_line, columns, spec.delimiter) or EMMError(f"{path}, {span}: {exc}") \
+            from exc
+    if table.num_rows == 0:
+        return None
+    if row_lines is not None and len(row_lines) != table.num_rows:
+        row_lines = None  # lines that are not '\n'-terminated (old Mac '\r'): numbers are best effort
+    frame = pd.DataFrame({name: pc.utf8_trim_whitespace(table.column(i)).to_numpy()
+                          for i, name in enumerate(table.column_names)})
+    return Chunk(frame, first_line, row_lines)
+
+
+def _utf8_error(path: Path, block: bytes, first_line: int, columns: list[str], delimiter: str) -> EMMError | None:
+    """The first byte that is not UTF-8, with its true line (and column, when the line has no quotes)."""
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = block.rfind(b"\n", 0, exc.start) + 1
+        line = first_line + block.count(b"\n", 0, exc.start)
+        before = block[start:exc.start]
+        index = before.count(delimiter.encode())
+        column = f", column {columns[index]!r}" if b'"' not in before and index < len(columns) else ""
+        return EMMError(f"{path}, line {line}{column}: byte {block[exc.start:exc.start + 1]!r} is not valid "
+                        f"UTF-8; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+    return None
 
 
 def _iter_parquet(spec: DatasetSpec, path: Path, batch_rows: int = 1_000_000) -> Iterator[Chunk]:

@@ -31,6 +31,10 @@ class SparseFeature(_Frozen):
     offset: int = Field(description="where this feature's rows start in the one shared embedding table")
     bucket_of: str | None = Field(default=None, description="the dense column this feature buckets, if any")
     edges: list[float] | None = Field(default=None, description="quantile bin edges of a bucket feature")
+    values_sha256: str | None = Field(
+        default=None, description="vocab_digest of the known values in index order (None: schema from before "
+        "it was recorded, or synthetic ids)"
+    )
 
 
 class DenseFeature(_Frozen):
@@ -82,15 +86,19 @@ class Schema(_Frozen):
         return sum(f.vocab_size for f in self.sparse)
 
     def fingerprint(self) -> str:
-        """Hash of everything a trained model depends on: features, their order, vocab sizes, tasks."""
+        """Hash of everything a trained model depends on: features and their order, tasks, and the encoding.
+
+        The encoding part matters as much as the names: a model's embedding row ``k`` means "the k-th
+        vocabulary value" and its dense inputs mean "(x - min) / (max - min)", so a re-ingest whose
+        vocabulary contents or min/max ranges moved feeds the same model different numbers for the same raw
+        rows, even when every name and size is unchanged.
+        """
         core = {
-            "sparse": [(f.name, f.vocab_size) for f in self.sparse],
-            "dense": [f.name for f in self.dense],
+            "sparse": [(f.name, f.vocab_size, f.values_sha256) for f in self.sparse],
+            "dense": [(f.name, f.min, f.max) for f in self.dense],
             "tasks": self.task_names,
+            "bucket_edges": {f.name: f.edges for f in self.sparse if f.bucket_of is not None},
         }
-        buckets = {f.name: f.edges for f in self.sparse if f.bucket_of is not None}
-        if buckets:  # only then, so schemas without buckets keep their fingerprints
-            core["bucket_edges"] = buckets
         return hashlib.sha256(json.dumps(core).encode()).hexdigest()[:16]
 
     def save(self, folder: Path) -> None:
@@ -105,11 +113,17 @@ class Schema(_Frozen):
             raise EMMError(f"{Path(folder) / SCHEMA_FILE} is not a valid EMM schema ({exc}); rerun `emm ingest`") from exc
 
 
+def vocab_digest(values: list[str]) -> str:
+    """sha256 of a feature's known values in index order (what ``SparseFeature.values_sha256`` records)."""
+    return hashlib.sha256(json.dumps(list(values), ensure_ascii=False).encode()).hexdigest()
+
+
 def check_fingerprint(expected: str, schema: Schema, what: str) -> None:
     """Raise a clear error when an artifact was built on another schema."""
     if expected != schema.fingerprint():
         raise EMMError(
             f"{what} was trained on a different data schema (fingerprint {expected}) than "
-            f"{schema.dataset!r} now has ({schema.fingerprint()}): features, vocabularies or tasks changed. "
+            f"{schema.dataset!r} now has ({schema.fingerprint()}): features, vocabularies, dense ranges or tasks "
+            f"changed. "
             f"Retrain it (`emm pretrain`) on the current data, or re-ingest the data it was trained on."
         )

@@ -28,6 +28,10 @@ class TaskSpec(BaseModel):
     positive_values: list[str] | None = Field(
         default=None, description="label = 1 where the stripped raw value is one of these"
     )
+    negative_values: list[str] | None = Field(
+        default=None, description="with positive_values: label = 0 for these; any other value is refused at "
+        "ingest (without this list every value that is not positive counts as 0)"
+    )
     threshold: float | None = Field(default=None, description="label = 1 where float(value) > threshold")
     description: str = ""
 
@@ -35,6 +39,14 @@ class TaskSpec(BaseModel):
     def _one_rule(self) -> "TaskSpec":
         if (self.positive_values is None) == (self.threshold is None):
             raise ValueError(f"task on column {self.column!r}: give exactly one of positive_values or threshold")
+        if self.negative_values is not None:
+            if self.positive_values is None:
+                raise ValueError(f"task on column {self.column!r}: negative_values needs positive_values "
+                                 f"(a threshold rule already says what is negative)")
+            both = sorted(set(self.positive_values) & set(self.negative_values))
+            if both:
+                raise ValueError(f"task on column {self.column!r}: value(s) declared both positive and negative: "
+                                 f"{both}")
         return self
 
 

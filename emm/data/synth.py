@@ -44,6 +44,7 @@ from emm.data.options import SynthConfig
 from emm.data.encoding import Encoder
 from emm.data.schema import VOCAB_FILE, DenseFeature, Schema, SparseFeature, TaskInfo
 from emm.data.spec import SPLITS, resolve_dataset
+from emm.errors import EMMError
 from emm.io import atomic_dir, digest, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,6 @@ def split_rows(cfg: SynthConfig) -> dict[str, int]:
 
 def synthesize(cfg: SynthConfig, out_dir: Path) -> Schema:
     """Write the dataset into ``out_dir`` (atomically) and return its schema."""
-    from emm.errors import EMMError
-
     started = time.perf_counter()
     try:
         counts = split_rows(cfg)

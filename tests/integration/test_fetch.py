@@ -28,8 +28,13 @@ def test_corrupt_mirror_is_refused_and_destination_kept(shared_data, tmp_path):
     dest = tmp_path / "data" / "ali-ccp"
     dest.mkdir(parents=True)
     (dest / "keep.txt").write_text("previous contents")
-    with pytest.raises(EMMError, match=r"ali_ccp_val_sample\.csv: sha256 of its content is .* expected 1236e150"):
+    with pytest.raises(EMMError, match=r"ali_ccp_val_sample\.csv: sha256 of its content is .* expected 1236e150") \
+            as err:
         fetch_data(resolve_dataset("ali-ccp"), dest, tmp_path / "mirror")
+    # the message names the file that is really bad (the mirror's, not a temporary copy that is gone by now)
+    assert str(err.value).startswith(f"mirror file {target}: ")
+    assert "replace it with a good copy" in str(err.value).lower() and "delete it" not in str(err.value).lower()
+    assert ".tmp-" not in str(err.value)
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
     assert [p.name for p in dest.parent.iterdir()] == ["ali-ccp"]
 
@@ -59,3 +64,20 @@ def test_mirror_without_the_files(tmp_path):
     with pytest.raises(EMMError, match=r"raw file missing: looked for .*census-income\.data"):
         fetch_data(resolve_dataset("census-income"), tmp_path / "c", tmp_path / "mirror")
     assert not (tmp_path / "c").exists()
+
+
+def test_corrupt_download_names_the_url(shared_data, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in (shared_data / "aliexpress").iterdir():
+            data = p.read_bytes()
+            zf.writestr(p.name, data.replace(b"0", b"1", 1) if "test" in p.name else data)
+    archive = tmp_path / "ae.zip"
+    archive.write_bytes(buf.getvalue())
+    spec = resolve_dataset("aliexpress")
+    spec = spec.model_copy(update={"download": spec.download.model_copy(update={"url": archive.as_uri()})})
+    with pytest.raises(EMMError, match=r"aliexpress_test_sample\.csv downloaded from file://.*ae\.zip: sha256 of its "
+                                       r"content is .* expected c264673d") as err:
+        fetch_data(spec, tmp_path / "aliexpress")
+    assert ".tmp-" not in str(err.value) and "Delete it" not in str(err.value)
+    assert not (tmp_path / "aliexpress").exists()

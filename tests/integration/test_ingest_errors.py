@@ -188,3 +188,94 @@ def test_cli_prints_message_without_traceback_and_exits_2(tmp_path):
     assert result.exit_code == 2
     assert "does not exist" in result.output and "Traceback" not in result.output
     assert not os.path.exists(tmp_path / "out")
+
+
+def edit_lines(path: Path, edit) -> None:
+    """Replace the (bytes) lines of a gzipped file by ``edit(lines)``."""
+    with gzip.open(path, "rb") as fh:
+        lines = fh.readlines()
+    with gzip.open(path, "wb") as fh:
+        fh.writelines(edit(lines))
+
+
+def set_field(line: bytes, column: str, value: bytes) -> bytes:
+    fields = line.rstrip(b"\n").split(b", ")
+    fields[CENSUS.columns.index(column)] = value
+    return b", ".join(fields) + b"\n"
+
+
+@pytest.mark.parametrize("name", ["census-income.data.gz", "census-income.test.gz"])
+def test_infinite_dense_value_names_file_line_and_column(raw, previous_output, name):
+    """The same message whether the value sits in the first train chunk (the leakage audit) or elsewhere."""
+    before = snapshot(previous_output)
+    edit_lines(raw / name, lambda lines: [set_field(s, "age", b"inf") if i == 4 else s for i, s in enumerate(lines)])
+    with pytest.raises(EMMError, match=rf"{name.replace('.', '[.]')}, line 5, column 'age': dense value 'inf' is "
+                                       rf"not a finite number"):
+        run_ingest(raw, previous_output)
+    assert_untouched(previous_output, before)
+
+
+def test_line_numbers_count_blank_lines(raw, tmp_path):
+    """Blank lines are skipped as rows but still counted as lines: errors point at the true line."""
+    def edit(lines):
+        lines = [set_field(s, "age", b"abc") if i == 299 else s for i, s in enumerate(lines)]
+        return lines[:100] + [b"\n", b"\r\n"] + lines[100:]  # lines 101-102 blank: 'abc' moves to line 302
+    edit_lines(raw / "census-income.data.gz", edit)
+    with pytest.raises(EMMError, match=r"census-income\.data\.gz, line 302, column 'age': dense value 'abc'"):
+        run_ingest(raw, tmp_path / "out")
+
+
+def test_column_count_error_counts_blank_lines(raw, tmp_path):
+    edit_lines(raw / "census-income.test.gz",
+               lambda lines: lines[:9] + [b"\n"] + [s.rstrip(b"\n") + b", extra\n" if i == 1000 else s
+                                                     for i, s in enumerate(lines[9:], start=9)])
+    with pytest.raises(EMMError, match=r"census-income\.test\.gz, line 1002: expected 42 columns, found 43"):
+        run_ingest(raw, tmp_path / "out")
+
+
+def test_blank_lines_do_not_change_the_result(raw, census_small_data, tmp_path):
+    import pyarrow.parquet as pq
+
+    edit_lines(raw / "census-income.data.gz", lambda lines: [b"\n"] + lines[:3000] + [b"\n\n"] + lines[3000:]
+               + [b"\n"])
+    from emm.data.schema import Schema
+
+    run_ingest(raw, tmp_path / "out", block_mb=1)  # several chunks, so blank lines also sit inside later ones
+    a, b = Schema.load(census_small_data), Schema.load(tmp_path / "out")
+    assert a.sparse == b.sparse and a.dense == b.dense and a.rows == b.rows
+    pd_a = pq.read_table(census_small_data / "train.parquet").to_pandas()
+    pd_b = pq.read_table(tmp_path / "out" / "train.parquet").to_pandas()
+    assert pd_a.equals(pd_b)
+
+
+def test_non_utf8_byte_names_its_true_line_and_column(raw, previous_output):
+    before = snapshot(previous_output)
+    edit_lines(raw / "census-income.data.gz",
+               lambda lines: [set_field(s, "education", b"Childr\xe9n") if i == 2500 else s
+                              for i, s in enumerate(lines)])
+    with pytest.raises(EMMError, match=r"census-income\.data\.gz, line 2501, column 'education': byte b'\\xe9' "
+                                       r"is not valid UTF-8"):
+        run_ingest(raw, previous_output)
+    assert_untouched(previous_output, before)
+
+
+def test_leftover_of_a_killed_ingest_is_removed_by_the_next_run(raw, tmp_path):
+    """A run killed with SIGKILL cannot clean up; the next run on the same output removes its temp folder."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    killed = ("import os, signal, sys\nfrom pathlib import Path\nfrom emm.io import atomic_dir\n"
+              "with atomic_dir(Path(sys.argv[1])) as tmp:\n"
+              "    (tmp / 'train.parquet').write_bytes(b'PAR1 half a file')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", killed, str(out)], env=env, capture_output=True, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "train.parquet").exists()
+    run_ingest(raw, out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (out / "train.parquet").stat().st_size > 1000

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from emm.pipeline.params import IngestConfig
+import pytest
+
 from emm.data.ingest import ingest
+from emm.data.options import IngestConfig
 from emm.data.spec import resolve_dataset
+from emm.errors import EMMError
 
 
 def test_aliexpress_sample(shared_data, tmp_path):
-    schema = ingest(resolve_dataset("aliexpress"), shared_data / "aliexpress", tmp_path / "ae", IngestConfig())
+    # the published 100-row sample has no conversion in its 10-row val split: refused, naming split and task
+    with pytest.raises(EMMError, match=r"conversion.*val|val.*conversion"):
+        ingest(resolve_dataset("aliexpress"), shared_data / "aliexpress", tmp_path / "ae", IngestConfig())
+    assert not (tmp_path / "ae").exists()
+    schema = ingest(resolve_dataset("aliexpress"), shared_data / "aliexpress", tmp_path / "ae", IngestConfig(),
+                    ["click"])
     assert schema.n_sparse == 16 and schema.n_dense == 63
-    assert schema.task_names == ["click", "conversion"]
+    assert schema.task_names == ["click"]
     assert "search_id" not in [f.name for f in schema.sparse]
     # 10% of the 100 train rows carved into val, stratified by click (60 clicks / 40 not)
     assert schema.rows == {"train": 90, "val": 10, "test": 20}
