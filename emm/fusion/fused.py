@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from emm.data.schema import Schema
 from emm.errors import EMMError
 from emm.fusion.akf import AKFLevel
+from emm.fusion.blend import DonorBlend, DonorPaths
 from emm.fusion.decompose import Plan
 from emm.fusion.options import ABLATIONS, AKFOptions
 from emm.models.embedding import FeatureEmbedding
@@ -136,6 +137,14 @@ class FusedModel(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.width = _width(plan.levels[-1].out_shape)
         self.towers = nn.ModuleList(Tower(self.width, list(cfg.tower)) for _ in self.task_names)
+        self.donors: DonorPaths | None = None
+        self.blend: DonorBlend | None = None
+        if cfg.output == "donor_residual":
+            self.donors = DonorPaths(plan)
+            self.blend = DonorBlend(self.model_tasks, self.task_names)
+            for tower in self.towers:  # the residual starts at zero: at step 0 the model is the donors' blend
+                nn.init.zeros_(tower.net[-1].weight)
+                nn.init.zeros_(tower.net[-1].bias)
 
     def _gate_dim(self, plan: Plan, k: int) -> int:
         if k == 0:
@@ -163,7 +172,16 @@ class FusedModel(nn.Module):
             zs = level(inputs, gates)
             inputs = [(z,) for z in zs]
             gates = [z.reshape(z.shape[0], -1) for z in zs]
-        return torch.cat([tower(z.reshape(z.shape[0], -1)) for tower, z in zip(self.towers, zs)], dim=1)
+        out = torch.cat([tower(z.reshape(z.shape[0], -1)) for tower, z in zip(self.towers, zs)], dim=1)
+        if self.blend is not None:
+            out = out + self.blend(self.donor_logits(sparse, dense))
+        return out
+
+    def donor_logits(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        """``[B, n_models]``: every donor's own logit (``output="donor_residual"`` only)."""
+        if self.donors is None:
+            raise EMMError("this fused model keeps no donors (output='tower'); build it with output='donor_residual'")
+        return self.donors(sparse, dense)
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ AblationName = Literal[tuple(ABLATIONS)]  # type: ignore[valid-type]  # built fr
 EMBEDDING_MODES = ("retrain", "reuse")
 GATE_MODES = ("hard", "scaled", "ste")
 ATTENTION_MODES = ("task_query", "self_score")
+OUTPUT_MODES = ("tower", "donor_residual")
 
 
 class DecomposeConfig(Options):
@@ -67,3 +68,7 @@ class AKFOptions(Options):
                                    "no MTM; full = EMM")
     qkv_dim: int | None = Field(default=None, description="Q/K width (default: the level's width)")
     tower: list[int] = Field(default_factory=lambda: [8])
+    output: Literal[tuple(OUTPUT_MODES)] = Field(  # type: ignore[valid-type]
+        default="tower", description="tower = the paper (a fresh tower per task on the last level); "
+        "donor_residual = each task's frozen donors whole, blended, plus the AKF towers as a residual that "
+        "starts at zero (emm/fusion/blend.py)")

@@ -16,6 +16,7 @@ from emm.data.options import ScaleConfig
 from emm.data.schema import Schema
 from emm.data.stream import open_split
 from emm.errors import EMMError
+from emm.fusion.blend import fit_blend
 from emm.fusion.fused import FusedModel, build_fused
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, architecture
@@ -30,6 +31,7 @@ from emm.train.trainer import FitResult, Trainer
 from emm.weights import save_module
 
 log = logging.getLogger(__name__)
+STACK_ROWS = 1_000_000  # validation rows the donor stack is fitted on (all of them on Census-size data)
 
 
 @dataclass
@@ -58,13 +60,19 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
                        f"add one to pretrain.pool.{dataset} and pretrain again")
     torch.manual_seed(cfg.train.seed)
     model = build_fused(plan, [e.task for e in entries], schema.task_names, cfg.akf, schema)
+    blend = None
+    if model.blend is not None and cfg.blend_init == "stack":  # every rank fits on the same (whole) val rows
+        rows = open_split(data_dir, "val", schema, scale).head(STACK_ROWS)
+        blend = fit_blend(model, rows.sparse, rows.dense, rows.labels, seed=cfg.train.seed)
+        log.info("donor blend (stack on %d val rows): %s", len(rows), blend)
     rank, world = ctx.shard
     train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world) for s in ("train", "val", "test"))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracker.log_params({**cfg.akf.model_dump(), "levels": plan.num_levels, "pool": [e.name for e in entries],
                         "trainable_params": n_trainable, **cfg.train.model_dump()})
     trainer = Trainer(model, cfg.train, checkpoint_dir=Path(work_dir) / "checkpoint", fingerprint=schema.fingerprint(),
-                      tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}]")
+                      tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}]",
+                      score_start=model.blend is not None)
     fit = trainer.fit(train, val, resume=resume)
     val_m, test_m = trainer.evaluate(val), trainer.evaluate(test)
     tracker.log_metrics({**{f"test_auc_{t}": m["auc"] for t, m in test_m.items()},
@@ -80,6 +88,7 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
             "total_params": sum(p.numel() for p in model.parameters()),
             "fit": {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1)},
             "val": val_m, "test": test_m, "mlflow_run_id": tracker.run_id, "gates": model.gate_report(),
+            "blend_init": blend, "history": fit.history,
             "provenance": provenance(digest(cfg)),
         })
     log.info("fused model: test %s", {t: round(m["auc"], 5) for t, m in test_m.items()})

@@ -10,7 +10,7 @@ pool lists, tracking, the benchmark). Unknown keys are errors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -51,12 +51,15 @@ class FuseConfig(AKFOptions):
     """The fuse stage: the fused model's architecture (``AKFOptions``, what ``fused.json`` records) and its
     training. See emm/fusion/akf.py for what each switch does."""
 
+    blend_init: Literal["mean", "stack"] = Field(
+        default="stack", description="output donor_residual only: the donors' blend starts as their mean, or as "
+        "a logistic regression fitted on their validation logits (the donor stack)")
     train: TrainConfig = TrainConfig()
 
     @property
     def akf(self) -> AKFOptions:
         """The architecture half alone: what the fused model is built from."""
-        return AKFOptions.model_validate(self.model_dump(exclude={"train"}))
+        return AKFOptions.model_validate(self.model_dump(include=set(AKFOptions.model_fields)))
 
 
 class TrackingConfig(Options):

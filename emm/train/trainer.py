@@ -75,7 +75,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, checkpoint_dir: Path | None = None,
                  fingerprint: str | None = None, tracker: Tracker | None = None,
-                 progress: bool = True, desc: str = "train", dist: ddp.DistContext | None = None) -> None:
+                 progress: bool = True, desc: str = "train", dist: ddp.DistContext | None = None,
+                 score_start: bool = False) -> None:
         self.cfg = cfg
         self.desc = desc
         self.dist = dist or ddp.current()
@@ -85,6 +86,7 @@ class Trainer:
         self.fingerprint = fingerprint
         self.tracker = tracker or NullTracker()
         self.progress = progress
+        self.score_start = score_start  # the untrained model is a candidate: early stopping may return it
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise EMMError(f"{desc}: the model has no trainable parameters")
@@ -119,6 +121,12 @@ class Trainer:
             if loaded is not None:
                 state, best_state = loaded
                 log.info("%s: resumed after epoch %d", self.desc, state["epoch"])
+        if self.score_start and state["epoch"] == 0:
+            metrics = self.evaluate(val)
+            state.update(best_auc=mean_auc(metrics), best_epoch=0)
+            state["history"].append({"epoch": 0, "val_auc": state["best_auc"],
+                                     **{f"val_auc_{t}": m["auc"] for t, m in metrics.items()}})
+            log.info("%s epoch 0 (before training): val AUC %.5f", self.desc, state["best_auc"])
         self._net = ddp.wrap(self.model, (probe.sparse.to(self.device), probe.dense.to(self.device)), self.dist)
         train_dev = train.to(self.device) if isinstance(train, SplitTensors) else train
         started = time.perf_counter()

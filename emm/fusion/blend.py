@@ -1,0 +1,124 @@
+"""The donors' own predictions inside the fused model: each donor's whole frozen path, and their blend.
+
+Why: a fused model that drops the donors' heads starts from something no donor computes and must
+re-learn, through frozen layers, what the donors already knew; in practice it ended below its best
+donor. With ``output="donor_residual"`` the fused model keeps every donor whole (its embedding,
+components and head, frozen, in eval mode) and predicts, per task,
+
+    logit_t = blend_t(donor logits of task t) + r_t
+
+where ``blend_t`` is a per-task affine map of the task's donor logits (initialised to their mean, or
+fitted on validation logits: a logistic-regression stack) and ``r_t`` is the AKF stack's tower output,
+whose last layer starts at zero. So at step 0 the fused model *is* the blend, and training can only
+add to it what the cross-task AKF levels find.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from torch import Tensor, nn
+
+from emm.errors import EMMError
+from emm.fusion.decompose import Plan
+
+
+class DonorPaths(nn.Module):
+    """Every pool model as decomposed (components then head), frozen: ``(sparse, dense) -> [B, n_models]``.
+
+    They are deep copies of the plan's pieces, so the fused levels (which may re-initialise their
+    own copies under the ``baseline``/``+mtm`` ablations) never change them; ``train()`` keeps them
+    in eval mode, so Dropout never acts and BatchNorm statistics never move.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.paths = nn.ModuleList(
+            nn.ModuleList([*copy.deepcopy(plan.components[i]), copy.deepcopy(plan.heads[i])])
+            for i in range(plan.num_models))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> DonorPaths:
+        super().train(False)
+        return self
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        out = []
+        for path in self.paths:
+            h = path[0](*inputs)
+            for piece in path[1:]:
+                h = piece(h)
+            out.append(h.reshape(h.shape[0], -1)[:, :1])  # a donor returns one logit per row ([B] or [B, 1])
+        return torch.cat(out, dim=1)
+
+
+class DonorBlend(nn.Module):
+    """Per task, an affine map of that task's donor logits: ``sum_i w_ti * logit_i + b_t``.
+
+    Stored as a dense ``[T, n_models]`` weight with a fixed mask (a task only blends its own donors), so
+    the state dict is plain tensors. Starts as the mean of each task's donors.
+    """
+
+    def __init__(self, model_tasks: Sequence[str], task_names: Sequence[str]) -> None:
+        super().__init__()
+        mask = torch.tensor([[float(m == t) for m in model_tasks] for t in task_names])
+        if (mask.sum(1) == 0).any():
+            missing = [t for t, row in zip(task_names, mask) if row.sum() == 0]
+            raise EMMError(f"task(s) {missing} have no donor in the pool; add a model for each task")
+        self.register_buffer("mask", mask)
+        self.weight = nn.Parameter(mask / mask.sum(1, keepdim=True))
+        self.bias = nn.Parameter(torch.zeros(len(task_names)))
+
+    def forward(self, donor_logits: Tensor) -> Tensor:
+        return donor_logits @ (self.weight * self.mask).T + self.bias
+
+    @torch.no_grad()
+    def set_task(self, t: int, weights: np.ndarray, bias: float) -> None:
+        """Set task ``t``'s weights over its own donors (in pool order) and its bias."""
+        members = torch.nonzero(self.mask[t]).flatten()
+        if len(weights) != len(members):
+            raise EMMError(f"blend for task {t}: {len(weights)} weights for {len(members)} donors")
+        self.weight[t].zero_()
+        self.weight[t, members] = torch.as_tensor(np.asarray(weights), dtype=self.weight.dtype)
+        self.bias[t] = float(bias)
+
+
+def fit_stack(donor_logits: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Logistic regression of one task's labels on its donors' logits ``[N, n]``: the stack's (w, b).
+
+    Fitted on validation rows (the donors never trained on them), lightly regularised: with a handful
+    of strongly correlated inputs the unregularised fit is unstable across seeds.
+    """
+    labels = np.asarray(labels).ravel()
+    if labels.min() == labels.max():
+        raise EMMError("cannot fit the donor stack: the validation split has a single class for this task")
+    model = LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
+    model.fit(np.asarray(donor_logits, dtype=np.float64), labels.astype(int))
+    return model.coef_.ravel(), float(model.intercept_[0])
+
+
+@torch.no_grad()
+def fit_blend(model: nn.Module, sparse: Tensor, dense: Tensor, labels: Tensor, *, batch_size: int = 65536,
+              seed: int = 0) -> dict[str, dict[str, float]]:
+    """Set a donor-residual fused model's blend to the donor stack fitted on these (validation) rows.
+
+    ``labels`` is ``[N, T]`` in the model's task order. Returns the fitted weights per task, named by
+    donor, for the record. Deterministic, so every DDP rank given the same rows fits the same blend.
+    """
+    blend, donors = getattr(model, "blend", None), getattr(model, "donors", None)
+    if blend is None or donors is None:
+        raise EMMError("fit_blend needs a fused model built with output='donor_residual'")
+    logits = torch.cat([donors(sparse[i:i + batch_size], dense[i:i + batch_size])
+                        for i in range(0, len(sparse), batch_size)]).cpu().numpy()
+    fitted = {}
+    for t, task in enumerate(model.task_names):
+        members = torch.nonzero(blend.mask[t]).flatten().tolist()
+        weights, bias = fit_stack(logits[:, members], labels[:, t].cpu().numpy(), seed=seed)
+        blend.set_task(t, weights, bias)
+        fitted[task] = {**{model.model_names[i]: float(w) for i, w in zip(members, weights)}, "bias": bias}
+    return fitted
