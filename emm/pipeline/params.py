@@ -87,6 +87,9 @@ class BenchmarkProfile(Options):
         default_factory=lambda: ["mmoe", "ple", "aitm", "adatt"],
         description="baselines run beside the pool and EMM on the extra task sets")
     task_set_seeds: int = Field(default=1, gt=0, description="how many of `seeds` the extra task sets use")
+    recipes: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="name -> fuse settings (overrides of params.yaml `fuse`): extra fused "
+        "models trained on each seed's pool, compared in recipes.md")
 
     @field_validator("baselines", "task_set_methods")
     @classmethod

@@ -36,8 +36,8 @@ from emm.train.options import TrainConfig
 from emm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
-Kind = Literal["pool", "decompose", "baseline", "lightgbm", "fused"]
-PRIORITY = {"decompose": 0, "fused": 1, "pool": 2, "baseline": 3, "lightgbm": 4}  # critical path first
+Kind = Literal["pool", "decompose", "baseline", "lightgbm", "fused", "recipe"]
+PRIORITY = {"decompose": 0, "fused": 1, "recipe": 1, "pool": 2, "baseline": 3, "lightgbm": 4}  # critical path first
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def _run_fused(job: Job, resume: bool) -> dict[str, Any]:
 
 
 RUNNERS = {"pool": _run_pool, "decompose": _run_decompose, "baseline": _run_baseline, "lightgbm": _run_lightgbm,
-           "fused": _run_fused}
+           "fused": _run_fused, "recipe": _run_fused}  # a recipe is a fused model with other fuse settings
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -23,9 +23,10 @@ from emm.fusion.options import ABLATIONS
 from emm.models.single_task import ModelSpec
 from emm.pipeline.experiments.data import prepare_task_set, task_set_key
 from emm.pipeline.experiments.jobs import PRIORITY, Job, cached_result, describe, init_worker, run_job
+from emm.pipeline.experiments.recipes import write_recipes
 from emm.pipeline.experiments.report import write_reports
 from emm.pipeline.layout import stage_tracker
-from emm.pipeline.params import BASELINE_NAMES, BenchmarkProfile, Params, load_params
+from emm.pipeline.params import BASELINE_NAMES, BenchmarkProfile, FuseConfig, Params, load_params
 from emm.pipeline.pretrain import default_pool
 from emm.runtime import cpu_cores
 
@@ -92,6 +93,12 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
             others = [Job("baseline", b, config={"train": train_cfg(cfg.pretrain.train, seed), "kwargs": size
                                                  if b != "shared_bottom" else {"tower": size["tower"]}}, **common)
                       for b in baselines]
+            if is_main:
+                others += [Job("recipe", name, config={
+                    "fuse": FuseConfig.model_validate({**cfg.fuse.model_dump(mode="json"), **overrides, "train": {
+                        **train_cfg(cfg.fuse.train, seed), **overrides.get("train", {})}}).model_dump(mode="json"),
+                    "decompose": cfg.decompose.model_dump(mode="json")}, needs=(decompose.key,), **common)
+                    for name, overrides in prof.recipes.items()]
             if prof.lightgbm:
                 others.append(Job("lightgbm", "lightgbm", config={"threads": 1}, **common))
             jobs += [*pool_jobs, decompose, *fused, *others]
@@ -196,6 +203,8 @@ def run_benchmark(dataset: str, params: Path | str | None = None, *, profile: st
         results = execute(jobs, {ts: s.fingerprint() for ts, s in schemas.items()}, n_workers, log_child)
         seconds = time.perf_counter() - started
         files = write_reports(dataset, profile, results, schemas, main_set, out_dir, seconds)
+        if prof.recipes:
+            files.append(write_recipes(dataset, results, main_set, schemas[main_set].task_names, prof.recipes, out_dir))
         tracker.log_metrics({"benchmark_seconds": seconds})
         for f in files:
             tracker.log_artifact(f, "benchmark")
