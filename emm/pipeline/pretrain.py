@@ -4,6 +4,9 @@ Each model trains in its own work folder (``<artifacts>/<dataset>/pool-work/<nam
 per-epoch checkpoint and, once done, its weights and entry. So ``--resume`` after a kill skips finished
 models and continues the interrupted one from its last epoch; and Prefect can train pool members as
 concurrent tasks (``pretrain_model_stage``). ``pool/`` itself is assembled atomically at the end.
+
+The per-epoch checkpoint records what it was made from (the spec; the trainer adds the train settings
+and the data schema), so a changed setting trains fresh instead of continuing old work.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
     n_params = sum(p.numel() for p in model.parameters())
     tracker.log_params({"task": spec.task, "params": n_params, **spec.model_dump(), **cfg.train.model_dump()})
     trainer = Trainer(model, cfg.train, checkpoint_dir=work / "checkpoint", fingerprint=schema.fingerprint(),
-                      tracker=tracker, progress=progress, desc=spec.name)
+                      made_from={"spec": signature["spec"]}, tracker=tracker, progress=progress, desc=spec.name)
     result = trainer.fit(train, val, resume=resume)
     val_m, test_m = trainer.evaluate(val)[spec.task], trainer.evaluate(test)[spec.task]
     tracker.log_metrics({"best_val_auc": val_m["auc"], "test_auc": test_m["auc"], "best_val_logloss": val_m["logloss"],
@@ -186,7 +189,8 @@ def pretrain_model_stage(dataset: str, params: Path | str | None = None, name: s
                          parent_run_id: str | None = None, threads: int | None = None, track: bool = True,
                          progress: bool = False) -> dict:
     """Train one pool member in ``pool-work/<name>/`` (reused when already finished with the same
-    settings, continued from its last checkpoint when interrupted); returns its pool entry as JSON."""
+    settings, continued from its last checkpoint when interrupted under the same settings, else trained
+    afresh); returns its pool entry as JSON."""
     cfg = load_params(params)
     data_dir = stage_dir(cfg, dataset, "data")
     specs = {s.name: s for s in pool_specs(dataset, cfg.pretrain, Schema.load(data_dir))}
