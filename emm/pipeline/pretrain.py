@@ -5,8 +5,11 @@ per-epoch checkpoint and, once done, its weights and entry. So ``--resume`` afte
 models and continues the interrupted one from its last epoch; and Prefect can train pool members as
 concurrent tasks (``pretrain_model_stage``). ``pool/`` itself is assembled atomically at the end.
 
-The per-epoch checkpoint records what it was made from (the spec; the trainer adds the train settings
-and the data schema), so a changed setting trains fresh instead of continuing old work.
+What makes a trained result reusable is its *signature* (the spec, the train settings, the data schema),
+kept beside it in ``entry.json`` and, per member, in ``pool.json``. The per-epoch checkpoint records the
+same inputs (``Trainer(made_from=...)``, max_epochs aside), so a changed setting trains fresh instead of
+continuing old work. ``--only NAME`` retrains some members and takes the others' results as they are, from their work
+folders or the current ``pool/``, when their signatures still match.
 """
 
 from __future__ import annotations
@@ -80,8 +83,7 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
     schema = Schema.load(data_dir)
     work = Path(work_dir) / spec.name
     entry_file = work / "entry.json"
-    signature = {"spec": spec.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-                 "fingerprint": schema.fingerprint()}
+    signature = member_signature(spec, cfg, schema.fingerprint())
     if resume:  # rank 0 decides for everyone (the work folder may exist on its machine only)
         done = ddp.on_main(lambda: read_json(entry_file) if entry_file.exists() else None)
         if done is not None and done.get("signature") == signature:
@@ -122,13 +124,44 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
     return entry
 
 
-def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: PretrainConfig) -> Path:
-    """Write ``pool/`` atomically from the finished work folders."""
+def member_signature(spec: ModelSpec, cfg: PretrainConfig, fingerprint: str) -> dict:
+    """What a pool member's trained result was made from: equal signatures, interchangeable results."""
+    return {"spec": spec.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+            "fingerprint": fingerprint}
+
+
+def finished_member(spec: ModelSpec, cfg: PretrainConfig, fingerprint: str, work_dir: Path,
+                    pool_dir: Path) -> tuple[PoolEntry, Path] | None:
+    """A finished result of ``spec`` under the current settings, with its weights file: from its work
+    folder, else from the current ``pool/``; None when neither has one whose signature matches."""
+    signature = member_signature(spec, cfg, fingerprint)
+    work = Path(work_dir) / spec.name
+    if (work / "entry.json").is_file() and (work / "weights.safetensors").is_file():
+        done = read_json(work / "entry.json")
+        if done.get("signature") == signature:
+            return PoolEntry.model_validate(done["entry"]), work / "weights.safetensors"
+    pool_file = Path(pool_dir) / POOL_FILE
+    if pool_file.is_file():
+        pool = read_json(pool_file)
+        if (pool.get("signatures") or {}).get(spec.name) == signature:
+            for raw in pool.get("models", []):
+                if raw.get("name") == spec.name and (Path(pool_dir) / raw["weights"]).is_file():
+                    return PoolEntry.model_validate(raw), Path(pool_dir) / raw["weights"]
+    return None
+
+
+def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: PretrainConfig, *,
+                  sources: dict[str, Path] | None = None) -> Path:
+    """Write ``pool/`` atomically from the finished work folders (``sources``: other weight files by
+    member name, e.g. the current ``pool/``'s, read before it is replaced) with each member's signature."""
+    sources = sources or {}
     with atomic_dir(out_dir) as tmp:
         for e in entries:
-            shutil.copyfile(Path(work_dir) / e.name / "weights.safetensors", tmp / e.weights)
-        write_json(tmp / POOL_FILE, {"models": [e.model_dump(mode="json") for e in entries],
-                                     "provenance": provenance(digest(cfg))})
+            shutil.copyfile(sources.get(e.name, Path(work_dir) / e.name / "weights.safetensors"), tmp / e.weights)
+        write_json(tmp / POOL_FILE, {
+            "models": [e.model_dump(mode="json") for e in entries],
+            "signatures": {e.name: member_signature(e.spec, cfg, e.schema_fingerprint) for e in entries},
+            "provenance": provenance(digest(cfg))})
     return out_dir
 
 
@@ -136,25 +169,55 @@ def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: P
              tracker: Tracker | None = None, resume: bool = False, only: list[str] | None = None,
              progress: bool = True, scale: ScaleConfig | None = None) -> list[PoolEntry]:
     """Train every pool model (sequentially), each in a child run of ``tracker``, and write ``pool/``
-    (under torchrun: all ranks train, rank 0 alone tracks and writes)."""
+    (under torchrun: all ranks train, rank 0 alone tracks and writes).
+
+    ``only``: train just these members; the others keep their finished results (``finished_member``),
+    and when one has none under the current settings nothing is trained and the error names it.
+    """
     tracker = tracker or NullTracker()
     schema = Schema.load(data_dir)
     specs = pool_specs(dataset, cfg, schema)
+    kept: dict[str, tuple[PoolEntry, Path]] = {}
     if only:
         unknown = sorted(set(only) - {s.name for s in specs})
         if unknown:
             raise EMMError(f"--only names unknown pool model(s) {unknown}; the pool is {[s.name for s in specs]}")
-        specs = [s for s in specs if s.name in only]
-    tracker.log_params({"dataset": dataset, "models": [s.name for s in specs], "rows_train": schema.rows["train"]})
-    entries: list[PoolEntry] = []
-    for s in specs:
+        kept = _kept_members([s for s in specs if s.name not in only], cfg, schema, work_dir, out_dir, only)
+    to_train = [s for s in specs if s.name not in kept]
+    tracker.log_params({"dataset": dataset, "models": [s.name for s in to_train], "rows_train": schema.rows["train"]})
+    trained: dict[str, PoolEntry] = {}
+    for s in to_train:
         with tracker.child(s.name, tags={"emm.task": s.task}) as member:
-            entries.append(train_pool_model(s, data_dir, work_dir, cfg, resume=resume, tracker=member,
-                                            progress=progress, scale=scale))
+            trained[s.name] = train_pool_model(s, data_dir, work_dir, cfg, resume=resume, tracker=member,
+                                               progress=progress, scale=scale)
+    entries = [trained[s.name] if s.name in trained else kept[s.name][0] for s in specs]
     tracker.log_metrics({f"test_auc_{e.name}": e.test_auc for e in entries})
     if ddp.current().is_main:
-        assemble_pool(entries, work_dir, out_dir, cfg)
+        assemble_pool(entries, work_dir, out_dir, cfg, sources={n: path for n, (_, path) in kept.items()})
     return entries
+
+
+def _kept_members(others: list[ModelSpec], cfg: PretrainConfig, schema: Schema, work_dir: Path, pool_dir: Path,
+                  only: list[str]) -> dict[str, tuple[PoolEntry, Path]]:
+    """The finished results of the members ``--only`` leaves out, or an error naming those without one."""
+    def find() -> dict[str, tuple[dict, str]]:  # rank 0 reads (the folders may be on its machine only)
+        out = {}
+        for s in others:
+            hit = finished_member(s, cfg, schema.fingerprint(), work_dir, pool_dir)
+            if hit is not None:
+                out[s.name] = (hit[0].model_dump(mode="json"), str(hit[1]))
+        return out
+
+    found = ddp.on_main(find)
+    missing = [s.name for s in others if s.name not in found]
+    if missing:
+        raise EMMError(f"--only {only}: pool model(s) {missing} have no trained result under the current "
+                       f"pretrain settings (none in {Path(work_dir)}/<name>/entry.json or {Path(pool_dir) / POOL_FILE}"
+                       f" with a matching spec, pretrain.train and data schema); nothing was trained. Train "
+                       f"them: run `emm pretrain` without --only, or add them to --only")
+    for name in found:
+        log.info("%s: not retrained (--only), reusing %s", name, found[name][1])
+    return {n: (PoolEntry.model_validate(e), Path(p)) for n, (e, p) in found.items()}
 
 
 # ---- the stage, as the CLI / DVC and the Prefect flow call it ---------------------------------------------------
