@@ -8,8 +8,11 @@ concurrent tasks (``pretrain_model_stage``). ``pool/`` itself is assembled atomi
 What makes a trained result reusable is its *signature* (the spec, the train settings, the data schema),
 kept beside it in ``entry.json`` and, per member, in ``pool.json``. The per-epoch checkpoint records the
 same inputs (``Trainer(made_from=...)``, max_epochs aside), so a changed setting trains fresh instead of
-continuing old work. ``--only NAME`` retrains some members and takes the others' results as they are, from their work
-folders or the current ``pool/``, when their signatures still match.
+continuing old work. ``--only NAME`` retrains some members and takes the others' results as they are,
+from their work folders or the current ``pool/``, when their signatures still match.
+
+Before ``pool/`` is written its members are screened (``screen_members``): one no better than chance is
+warned about, and ``pretrain.min_val_auc`` refuses those below it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 ALTERNATES = ("dcn", "resmlp", "mlp-deep")
 DEFAULT_SPINE = [128, 64, 16]
 POOL_MODEL_BUILDER = "emm.models.pool:build_from_config"
+CHANCE_AUC = 0.5  # a constant predictor's AUC: a member at or below it has learned nothing
 _SEEDED_BUILD = threading.Lock()
 
 
@@ -150,6 +154,28 @@ def finished_member(spec: ModelSpec, cfg: PretrainConfig, fingerprint: str, work
     return None
 
 
+def screen_members(entries: list[PoolEntry], cfg: PretrainConfig, out_dir: Path) -> None:
+    """Warn about members no better than chance; refuse those below ``pretrain.min_val_auc``.
+
+    Why: a degenerate member (a constant predictor, a NaN AUC) lowers the pool's mean AUC, which is what
+    the fused model's Gain is measured against, so it would flatter EMM without anyone noticing.
+    """
+    for e in entries:
+        if not e.val_auc > CHANCE_AUC:
+            log.warning("pool model %r has val AUC %s: no better than chance (a constant or broken predictor?); "
+                        "it drags the pool's mean AUC down and so inflates the fused model's Gain. Check its spec "
+                        "and pretrain.train, or set pretrain.min_val_auc to refuse such members",
+                        e.name, e.val_auc)
+    if cfg.min_val_auc is None:
+        return
+    low = [e for e in entries if not e.val_auc >= cfg.min_val_auc]  # NaN is refused too
+    if low:
+        named = ", ".join(f"{e.name!r} (val AUC {e.val_auc:.4f})" for e in low)
+        raise EMMError(f"pool model(s) {named} are below pretrain.min_val_auc {cfg.min_val_auc}; nothing was "
+                       f"written to {out_dir}. Fix their spec in pretrain.pool or the settings in pretrain.train "
+                       f"and retrain them (emm pretrain --only NAME), or lower pretrain.min_val_auc")
+
+
 def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: PretrainConfig, *,
                   sources: dict[str, Path] | None = None) -> Path:
     """Write ``pool/`` atomically from the finished work folders (``sources``: other weight files by
@@ -192,6 +218,7 @@ def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: P
                                                progress=progress, scale=scale)
     entries = [trained[s.name] if s.name in trained else kept[s.name][0] for s in specs]
     tracker.log_metrics({f"test_auc_{e.name}": e.test_auc for e in entries})
+    screen_members(entries, cfg, out_dir)
     if ddp.current().is_main:
         assemble_pool(entries, work_dir, out_dir, cfg, sources={n: path for n, (_, path) in kept.items()})
     return entries
@@ -279,6 +306,7 @@ def assemble_pool_stage(dataset: str, params: Path | str | None = None, entries:
     if missing:
         raise EMMError(f"pool model(s) {missing} have not been trained; run pretraining for them first")
     ordered = [by_name[n] for n in order]
+    screen_members(ordered, cfg.pretrain, stage_dir(cfg, dataset, "pool"))
     assemble_pool(ordered, stage_dir(cfg, dataset, "pool-work"), stage_dir(cfg, dataset, "pool"), cfg.pretrain)
     if parent_run_id:
         close_pool_run(parent_run_id, params, failed=False, metrics={f"test_auc_{e.name}": e.test_auc for e in ordered})
