@@ -54,14 +54,15 @@ def pool_digest(pool_dir: Path) -> str:
     models = read_json(Path(pool_dir) / POOL_FILE).get("models", [])
     weights = {m["weights"]: sha256_file(Path(pool_dir) / m["weights"]) for m in models
                if (Path(pool_dir) / str(m.get("weights", ""))).is_file()}
-    return digest({"models": models, "weights": weights}, length=64)
+    return digest({"models": models, "weights": weights})
 
 
 def fuse_made_from(pool_dir: Path, components_dir: Path, cfg: FuseConfig, dcfg: DecomposeConfig) -> dict:
     """What a fuse checkpoint is made from besides the train settings and the schema (the trainer adds
-    those): the AKF architecture, the decompose settings, and the pool and components it froze."""
+    those): the AKF architecture, the decompose settings, and the pool and components it froze (digests
+    cut to ``digest``'s usual 16 hex digits, enough to tell artifacts apart and short in the log)."""
     return {"fuse": cfg.akf.model_dump(mode="json"), "decompose": dcfg.model_dump(mode="json"),
-            "pool": pool_digest(pool_dir), "components": tree_digest([Path(components_dir)])}
+            "pool": pool_digest(pool_dir), "components": tree_digest([Path(components_dir)])[:16]}
 
 
 def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out_dir: Path, work_dir: Path,
