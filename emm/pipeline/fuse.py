@@ -2,6 +2,10 @@
 
 What lands in ``fused/`` is described in ``emm.fusion.saved`` (the one loader); this stage adds the
 training record (fit, val/test metrics, gates, the MLflow run) to ``fused.json``.
+
+``--resume`` continues ``fused-work/checkpoint`` only when it was made from the same fuse and decompose
+settings and the same pool and components (``fuse_made_from``): the checkpoint holds the frozen
+components too, so resuming one from an older pool would bring the old pool back into ``fused/``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from emm.fusion.blend import fit_blend
 from emm.fusion.fused import FusedModel, build_fused
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, architecture
-from emm.io import atomic_dir, digest, provenance, read_json, write_json
+from emm.io import atomic_dir, digest, provenance, read_json, sha256_file, tree_digest, write_json
+from emm.models.pool import POOL_FILE
 from emm.pipeline.decompose import load_pool_plan
 from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import FuseConfig, load_params
@@ -41,6 +46,25 @@ class FuseResult:
     val: dict[str, dict[str, float]]
     test: dict[str, dict[str, float]]
     run_id: str | None
+
+
+def pool_digest(pool_dir: Path) -> str:
+    """sha256 over the pool's members (``pool.json``'s model entries) and their weight files.
+
+    ``pool.json``'s provenance (a timestamp) is left out: re-assembling the same members is the same pool.
+    """
+    models = read_json(Path(pool_dir) / POOL_FILE).get("models", [])
+    weights = {m["weights"]: sha256_file(Path(pool_dir) / m["weights"]) for m in models
+               if (Path(pool_dir) / str(m.get("weights", ""))).is_file()}
+    return digest({"models": models, "weights": weights})
+
+
+def fuse_made_from(pool_dir: Path, components_dir: Path, cfg: FuseConfig, dcfg: DecomposeConfig) -> dict:
+    """What a fuse checkpoint is made from besides the train settings and the schema (the trainer adds
+    those): the AKF architecture, the decompose settings, and the pool and components it froze (digests
+    cut to ``digest``'s usual 16 hex digits, enough to tell artifacts apart and short in the log)."""
+    return {"fuse": cfg.akf.model_dump(mode="json"), "decompose": dcfg.model_dump(mode="json"),
+            "pool": pool_digest(pool_dir), "components": tree_digest([Path(components_dir)])[:16]}
 
 
 def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out_dir: Path, work_dir: Path,
@@ -71,8 +95,8 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
     tracker.log_params({**cfg.akf.model_dump(), "levels": plan.num_levels, "pool": [e.name for e in entries],
                         "trainable_params": n_trainable, **cfg.train.model_dump()})
     trainer = Trainer(model, cfg.train, checkpoint_dir=Path(work_dir) / "checkpoint", fingerprint=schema.fingerprint(),
-                      tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}]",
-                      score_start=model.blend is not None)
+                      made_from=fuse_made_from(pool_dir, components_dir, cfg, dcfg), tracker=tracker,
+                      progress=progress, desc=f"fused[{cfg.ablation}]", score_start=model.blend is not None)
     fit = trainer.fit(train, val, resume=resume)
     val_m, test_m = trainer.evaluate(val), trainer.evaluate(test)
     tracker.log_metrics({**{f"test_auc_{t}": m["auc"] for t, m in test_m.items()},

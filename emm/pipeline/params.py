@@ -45,6 +45,12 @@ class PretrainConfig(Options):
         default_factory=dict,
         description="dataset -> list of model specs (emm.models.ModelSpec fields); default: DEFAULT_POOL",
     )
+    min_val_auc: float | None = Field(
+        default=None, ge=0, le=1,
+        description="refuse to write pool/ while a member's val AUC is below this (None = off; members at "
+                    "or below chance are always warned about): a degenerate member lowers the pool's mean "
+                    "AUC and so inflates the fused model's Gain",
+    )
 
 
 class FuseConfig(AKFOptions):

@@ -4,6 +4,15 @@ Each model trains in its own work folder (``<artifacts>/<dataset>/pool-work/<nam
 per-epoch checkpoint and, once done, its weights and entry. So ``--resume`` after a kill skips finished
 models and continues the interrupted one from its last epoch; and Prefect can train pool members as
 concurrent tasks (``pretrain_model_stage``). ``pool/`` itself is assembled atomically at the end.
+
+What makes a trained result reusable is its *signature* (the spec, the train settings, the data schema),
+kept beside it in ``entry.json`` and, per member, in ``pool.json``. The per-epoch checkpoint records the
+same inputs (``Trainer(made_from=...)``, max_epochs aside), so a changed setting trains fresh instead of
+continuing old work. ``--only NAME`` retrains some members and takes the others' results as they are,
+from their work folders or the current ``pool/``, when their signatures still match.
+
+Before ``pool/`` is written its members are screened (``screen_members``): one no better than chance is
+warned about, and ``pretrain.min_val_auc`` refuses those below it.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ log = logging.getLogger(__name__)
 ALTERNATES = ("dcn", "resmlp", "mlp-deep")
 DEFAULT_SPINE = [128, 64, 16]
 POOL_MODEL_BUILDER = "emm.models.pool:build_from_config"
+CHANCE_AUC = 0.5  # a constant predictor's AUC: a member at or below it has learned nothing
 _SEEDED_BUILD = threading.Lock()
 
 
@@ -77,8 +87,7 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
     schema = Schema.load(data_dir)
     work = Path(work_dir) / spec.name
     entry_file = work / "entry.json"
-    signature = {"spec": spec.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-                 "fingerprint": schema.fingerprint()}
+    signature = member_signature(spec, cfg, schema.fingerprint())
     if resume:  # rank 0 decides for everyone (the work folder may exist on its machine only)
         done = ddp.on_main(lambda: read_json(entry_file) if entry_file.exists() else None)
         if done is not None and done.get("signature") == signature:
@@ -98,7 +107,7 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
     n_params = sum(p.numel() for p in model.parameters())
     tracker.log_params({"task": spec.task, "params": n_params, **spec.model_dump(), **cfg.train.model_dump()})
     trainer = Trainer(model, cfg.train, checkpoint_dir=work / "checkpoint", fingerprint=schema.fingerprint(),
-                      tracker=tracker, progress=progress, desc=spec.name)
+                      made_from={"spec": signature["spec"]}, tracker=tracker, progress=progress, desc=spec.name)
     result = trainer.fit(train, val, resume=resume)
     val_m, test_m = trainer.evaluate(val)[spec.task], trainer.evaluate(test)[spec.task]
     tracker.log_metrics({"best_val_auc": val_m["auc"], "test_auc": test_m["auc"], "best_val_logloss": val_m["logloss"],
@@ -119,13 +128,66 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
     return entry
 
 
-def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: PretrainConfig) -> Path:
-    """Write ``pool/`` atomically from the finished work folders."""
+def member_signature(spec: ModelSpec, cfg: PretrainConfig, fingerprint: str) -> dict:
+    """What a pool member's trained result was made from: equal signatures, interchangeable results."""
+    return {"spec": spec.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+            "fingerprint": fingerprint}
+
+
+def finished_member(spec: ModelSpec, cfg: PretrainConfig, fingerprint: str, work_dir: Path,
+                    pool_dir: Path) -> tuple[PoolEntry, Path] | None:
+    """A finished result of ``spec`` under the current settings, with its weights file: from its work
+    folder, else from the current ``pool/``; None when neither has one whose signature matches."""
+    signature = member_signature(spec, cfg, fingerprint)
+    work = Path(work_dir) / spec.name
+    if (work / "entry.json").is_file() and (work / "weights.safetensors").is_file():
+        done = read_json(work / "entry.json")
+        if done.get("signature") == signature:
+            return PoolEntry.model_validate(done["entry"]), work / "weights.safetensors"
+    pool_file = Path(pool_dir) / POOL_FILE
+    if pool_file.is_file():
+        pool = read_json(pool_file)
+        if (pool.get("signatures") or {}).get(spec.name) == signature:
+            for raw in pool.get("models", []):
+                if raw.get("name") == spec.name and (Path(pool_dir) / raw["weights"]).is_file():
+                    return PoolEntry.model_validate(raw), Path(pool_dir) / raw["weights"]
+    return None
+
+
+def screen_members(entries: list[PoolEntry], cfg: PretrainConfig, out_dir: Path) -> None:
+    """Warn about members no better than chance; refuse those below ``pretrain.min_val_auc``.
+
+    Why: a degenerate member (a constant predictor, a NaN AUC) lowers the pool's mean AUC, which is what
+    the fused model's Gain is measured against, so it would flatter EMM without anyone noticing.
+    """
+    for e in entries:
+        if not e.val_auc > CHANCE_AUC:
+            log.warning("pool model %r has val AUC %s: no better than chance (a constant or broken predictor?); "
+                        "it drags the pool's mean AUC down and so inflates the fused model's Gain. Check its spec "
+                        "and pretrain.train, or set pretrain.min_val_auc to refuse such members",
+                        e.name, e.val_auc)
+    if cfg.min_val_auc is None:
+        return
+    low = [e for e in entries if not e.val_auc >= cfg.min_val_auc]  # NaN is refused too
+    if low:
+        named = ", ".join(f"{e.name!r} (val AUC {e.val_auc:.4f})" for e in low)
+        raise EMMError(f"pool model(s) {named} are below pretrain.min_val_auc {cfg.min_val_auc}; nothing was "
+                       f"written to {out_dir}. Fix their spec in pretrain.pool or the settings in pretrain.train "
+                       f"and retrain them (emm pretrain --only NAME), or lower pretrain.min_val_auc")
+
+
+def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: PretrainConfig, *,
+                  sources: dict[str, Path] | None = None) -> Path:
+    """Write ``pool/`` atomically from the finished work folders (``sources``: other weight files by
+    member name, e.g. the current ``pool/``'s, read before it is replaced) with each member's signature."""
+    sources = sources or {}
     with atomic_dir(out_dir) as tmp:
         for e in entries:
-            shutil.copyfile(Path(work_dir) / e.name / "weights.safetensors", tmp / e.weights)
-        write_json(tmp / POOL_FILE, {"models": [e.model_dump(mode="json") for e in entries],
-                                     "provenance": provenance(digest(cfg))})
+            shutil.copyfile(sources.get(e.name, Path(work_dir) / e.name / "weights.safetensors"), tmp / e.weights)
+        write_json(tmp / POOL_FILE, {
+            "models": [e.model_dump(mode="json") for e in entries],
+            "signatures": {e.name: member_signature(e.spec, cfg, e.schema_fingerprint) for e in entries},
+            "provenance": provenance(digest(cfg))})
     return out_dir
 
 
@@ -133,25 +195,56 @@ def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: P
              tracker: Tracker | None = None, resume: bool = False, only: list[str] | None = None,
              progress: bool = True, scale: ScaleConfig | None = None) -> list[PoolEntry]:
     """Train every pool model (sequentially), each in a child run of ``tracker``, and write ``pool/``
-    (under torchrun: all ranks train, rank 0 alone tracks and writes)."""
+    (under torchrun: all ranks train, rank 0 alone tracks and writes).
+
+    ``only``: train just these members; the others keep their finished results (``finished_member``),
+    and when one has none under the current settings nothing is trained and the error names it.
+    """
     tracker = tracker or NullTracker()
     schema = Schema.load(data_dir)
     specs = pool_specs(dataset, cfg, schema)
+    kept: dict[str, tuple[PoolEntry, Path]] = {}
     if only:
         unknown = sorted(set(only) - {s.name for s in specs})
         if unknown:
             raise EMMError(f"--only names unknown pool model(s) {unknown}; the pool is {[s.name for s in specs]}")
-        specs = [s for s in specs if s.name in only]
-    tracker.log_params({"dataset": dataset, "models": [s.name for s in specs], "rows_train": schema.rows["train"]})
-    entries: list[PoolEntry] = []
-    for s in specs:
+        kept = _kept_members([s for s in specs if s.name not in only], cfg, schema, work_dir, out_dir, only)
+    to_train = [s for s in specs if s.name not in kept]
+    tracker.log_params({"dataset": dataset, "models": [s.name for s in to_train], "rows_train": schema.rows["train"]})
+    trained: dict[str, PoolEntry] = {}
+    for s in to_train:
         with tracker.child(s.name, tags={"emm.task": s.task}) as member:
-            entries.append(train_pool_model(s, data_dir, work_dir, cfg, resume=resume, tracker=member,
-                                            progress=progress, scale=scale))
+            trained[s.name] = train_pool_model(s, data_dir, work_dir, cfg, resume=resume, tracker=member,
+                                               progress=progress, scale=scale)
+    entries = [trained[s.name] if s.name in trained else kept[s.name][0] for s in specs]
     tracker.log_metrics({f"test_auc_{e.name}": e.test_auc for e in entries})
+    screen_members(entries, cfg, out_dir)
     if ddp.current().is_main:
-        assemble_pool(entries, work_dir, out_dir, cfg)
+        assemble_pool(entries, work_dir, out_dir, cfg, sources={n: path for n, (_, path) in kept.items()})
     return entries
+
+
+def _kept_members(others: list[ModelSpec], cfg: PretrainConfig, schema: Schema, work_dir: Path, pool_dir: Path,
+                  only: list[str]) -> dict[str, tuple[PoolEntry, Path]]:
+    """The finished results of the members ``--only`` leaves out, or an error naming those without one."""
+    def find() -> dict[str, tuple[dict, str]]:  # rank 0 reads (the folders may be on its machine only)
+        out = {}
+        for s in others:
+            hit = finished_member(s, cfg, schema.fingerprint(), work_dir, pool_dir)
+            if hit is not None:
+                out[s.name] = (hit[0].model_dump(mode="json"), str(hit[1]))
+        return out
+
+    found = ddp.on_main(find)
+    missing = [s.name for s in others if s.name not in found]
+    if missing:
+        raise EMMError(f"--only {only}: pool model(s) {missing} have no trained result under the current "
+                       f"pretrain settings (none in {Path(work_dir)}/<name>/entry.json or {Path(pool_dir) / POOL_FILE}"
+                       f" with a matching spec, pretrain.train and data schema); nothing was trained. Train "
+                       f"them: run `emm pretrain` without --only, or add them to --only")
+    for name in found:
+        log.info("%s: not retrained (--only), reusing %s", name, found[name][1])
+    return {n: (PoolEntry.model_validate(e), Path(p)) for n, (e, p) in found.items()}
 
 
 # ---- the stage, as the CLI / DVC and the Prefect flow call it ---------------------------------------------------
@@ -186,7 +279,8 @@ def pretrain_model_stage(dataset: str, params: Path | str | None = None, name: s
                          parent_run_id: str | None = None, threads: int | None = None, track: bool = True,
                          progress: bool = False) -> dict:
     """Train one pool member in ``pool-work/<name>/`` (reused when already finished with the same
-    settings, continued from its last checkpoint when interrupted); returns its pool entry as JSON."""
+    settings, continued from its last checkpoint when interrupted under the same settings, else trained
+    afresh); returns its pool entry as JSON."""
     cfg = load_params(params)
     data_dir = stage_dir(cfg, dataset, "data")
     specs = {s.name: s for s in pool_specs(dataset, cfg.pretrain, Schema.load(data_dir))}
@@ -212,6 +306,7 @@ def assemble_pool_stage(dataset: str, params: Path | str | None = None, entries:
     if missing:
         raise EMMError(f"pool model(s) {missing} have not been trained; run pretraining for them first")
     ordered = [by_name[n] for n in order]
+    screen_members(ordered, cfg.pretrain, stage_dir(cfg, dataset, "pool"))
     assemble_pool(ordered, stage_dir(cfg, dataset, "pool-work"), stage_dir(cfg, dataset, "pool"), cfg.pretrain)
     if parent_run_id:
         close_pool_run(parent_run_id, params, failed=False, metrics={f"test_auc_{e.name}": e.test_auc for e in ordered})

@@ -10,6 +10,13 @@ Design choices, and why:
   the early-stopping state. Killing after epoch k and resuming gives the same weights bit for bit.
 - Checkpoints are plain dicts of tensors and numbers, saved with ``torch.save`` and loaded with
   ``weights_only=True`` (no pickle of code).
+- A checkpoint records what it was made from (``made_from``: the train settings, the data schema and
+  whatever the caller adds, e.g. a model spec or the digests of upstream artifacts) and is resumed only
+  when that record matches the current run. Otherwise it is stale work: resuming it would continue at
+  the old learning rate (the optimizer state carries it) or bring back the old frozen weights, so
+  the trainer logs what differs and trains from scratch. ``max_epochs`` is left out of the record on
+  purpose: raising it and resuming is the same as training uninterrupted with the new cap; a checkpoint
+  already past a lowered cap is ignored like a stale one.
 - Past one machine (``emm.train.distributed``, ``emm.data.stream``): the training data may also be a
   ``ParquetStream`` (batches read row group by row group, bounded memory), and under ``torchrun`` the
   model trains wrapped in DDP with each rank given its shard. In a single process with in-memory tensors
@@ -19,10 +26,11 @@ Design choices, and why:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +43,7 @@ from tqdm.auto import tqdm
 from emm.data.stream import ParquetStream
 from emm.data.tensors import SplitTensors
 from emm.errors import EMMError
-from emm.io import atomic_file
+from emm.io import atomic_file, digest
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
 from emm.train.metrics import mean_auc, task_metrics
@@ -74,16 +82,20 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, checkpoint_dir: Path | None = None,
-                 fingerprint: str | None = None, tracker: Tracker | None = None,
-                 progress: bool = True, desc: str = "train", dist: ddp.DistContext | None = None,
-                 score_start: bool = False) -> None:
+                 fingerprint: str | None = None, made_from: Mapping[str, Any] | None = None,
+                 tracker: Tracker | None = None, progress: bool = True, desc: str = "train",
+                 dist: ddp.DistContext | None = None, score_start: bool = False) -> None:
+        """``fingerprint`` (the data schema's) and ``made_from`` (JSON-able values: a spec, upstream
+        digests) join the train settings in the record a checkpoint must match to be resumed;
+        ``score_start`` makes the untrained model a candidate (epoch 0) that early stopping may return."""
         self.cfg = cfg
         self.desc = desc
         self.dist = dist or ddp.current()
         self.device = self._device(cfg.device)
         self.model = model.to(self.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.fingerprint = fingerprint
+        self.made_from = made_from_record(cfg, fingerprint, made_from)
+        self.made_from_digest = digest(self.made_from)
         self.tracker = tracker or NullTracker()
         self.progress = progress
         self.score_start = score_start  # the untrained model is a candidate: early stopping may return it
@@ -248,7 +260,8 @@ class Trainer:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         payload = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "best_model": best_state,
-            "state": state, "torch_rng": torch.get_rng_state(), "fingerprint": self.fingerprint or "",
+            "state": state, "torch_rng": torch.get_rng_state(),
+            "made_from": json.dumps(self.made_from, sort_keys=True), "made_from_digest": self.made_from_digest,
         }
         with atomic_file(self.checkpoint_dir / CHECKPOINT) as tmp:  # a kill mid-save keeps the previous epoch
             torch.save(payload, tmp)
@@ -260,11 +273,24 @@ class Trainer:
             return None
         # distributed: read on CPU, since the payload is pickled to the other ranks
         payload = torch.load(path, map_location="cpu" if self.dist.active else self.device, weights_only=True)
-        if self.fingerprint and payload.get("fingerprint") not in ("", self.fingerprint):
-            raise EMMError(f"{path} was written for data schema {payload['fingerprint']}, but the data now has "
-                           f"schema {self.fingerprint}; delete the checkpoint or re-ingest the matching data")
+        stale = self._stale_reason(payload)
+        if stale:
+            log.warning("%s: not resuming %s: %s; training from scratch", self.desc, path, stale)
+            return None
         payload["path"] = str(path)
         return payload
+
+    def _stale_reason(self, payload: dict[str, Any]) -> str | None:
+        """Why the checkpoint is not this run's unfinished work (None: it is)."""
+        if payload.get("made_from_digest") != self.made_from_digest:
+            if "made_from" not in payload:
+                return "it does not record what it was made from (written by an older version)"
+            changed = differences(json.loads(payload["made_from"]), self.made_from)
+            return f"it was made from different settings or inputs ({changed})"
+        if payload["state"]["epoch"] > self.cfg.max_epochs:
+            return (f"it is after epoch {payload['state']['epoch']}, past max_epochs {self.cfg.max_epochs} "
+                    f"(a run with this cap never got there)")
+        return None
 
     def _load_checkpoint(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         """Rank 0 reads the checkpoint and every rank applies it (one process: just read and apply)."""
@@ -280,6 +306,37 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["torch_rng"])
         return payload["state"], payload["best_model"]
+
+
+def made_from_record(cfg: TrainConfig, fingerprint: str | None = None,
+                     made_from: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must have been made from to be resumed: the train settings but ``max_epochs``
+    (see the module docstring), the data schema, and the caller's own entries (which win on a clash)."""
+    record: dict[str, Any] = {"train": cfg.model_dump(mode="json", exclude={"max_epochs"})}
+    if fingerprint:
+        record["schema"] = fingerprint
+    record.update(made_from or {})
+    return json.loads(json.dumps(record, sort_keys=True, default=str))  # JSON-normal: compares as it reloads
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
+    """``"train.lr 0.005 -> 0.001; pool 'ab..' -> 'cd..'"``: the leaves of two records that differ."""
+    a, b = _leaves(old), _leaves(new)
+    unset = "<unset>"
+    changed = [f"{k} {a.get(k, unset)!r} -> {b.get(k, unset)!r}" for k in sorted(set(a) | set(b))
+               if a.get(k, unset) != b.get(k, unset)]
+    more = f"; and {len(changed) - limit} more" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more if changed else "the records differ"
+
+
+def _leaves(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 @torch.no_grad()

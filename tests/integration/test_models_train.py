@@ -125,18 +125,80 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(income, tmp_
     assert saved["state"]["epoch"] == 1
 
 
-def test_checkpoint_from_another_schema_is_refused(income, tmp_path):
+def test_checkpoint_from_another_schema_trains_fresh(income, tmp_path, caplog):
+    """A checkpoint written for another data schema is stale work: ignored (the log names the schema
+    change), never resumed; one that fits the record but not the model is still an error."""
     schema, data = income
-    model = build_model(SPECS[0], schema)
     cfg = FAST.model_copy(update={"max_epochs": 1})
+    torch.manual_seed(3)
+    model = build_model(SPECS[0], schema)
+    init = copy.deepcopy(model.state_dict())
     Trainer(model, cfg, checkpoint_dir=tmp_path, fingerprint="aaaa", progress=False).fit(data["train"], data["val"])
-    with pytest.raises(EMMError, match=r"written for data schema aaaa, but the data now has schema bbbb"):
-        Trainer(model, cfg, checkpoint_dir=tmp_path, fingerprint="bbbb", progress=False).fit(
-            data["train"], data["val"], resume=True)
+    again = build_model(SPECS[0], schema)
+    again.load_state_dict(init)
+    with caplog.at_level("WARNING", logger="emm.train.trainer"):
+        result = Trainer(again, cfg.model_copy(update={"max_epochs": 2}), checkpoint_dir=tmp_path, fingerprint="bbbb",
+                         progress=False).fit(data["train"], data["val"], resume=True)
+    assert "not resuming" in caplog.text and "schema 'aaaa' -> 'bbbb'" in caplog.text
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["state"]["epoch"] == 2
     other = build_model(SPECS[2], schema)  # a DCN cannot take an MLP's checkpoint
     with pytest.raises(EMMError, match=r"does not fit this model's architecture"):
-        Trainer(other, cfg, checkpoint_dir=tmp_path, fingerprint="aaaa", progress=False).fit(
-            data["train"], data["val"], resume=True)
+        Trainer(other, cfg.model_copy(update={"max_epochs": 2}), checkpoint_dir=tmp_path, fingerprint="bbbb",
+                progress=False).fit(data["train"], data["val"], resume=True)
+
+
+def _fit_from(init: dict, schema, data, cfg: TrainConfig, folder, *, resume: bool = False, made_from=None):
+    model = build_model(SPECS[0], schema)
+    model.load_state_dict(init)
+    trainer = Trainer(model, cfg, checkpoint_dir=folder, made_from=made_from, progress=False)
+    return model, trainer, trainer.fit(data["train"], data["val"], resume=resume)
+
+
+def test_resume_after_settings_changed_trains_fresh_at_the_new_lr(income, tmp_path, caplog):
+    """Changing lr and resuming must not continue the old run (the optimizer state carries the old lr):
+    the result is a fresh run under the new settings, bit for bit."""
+    schema, data = income
+    torch.manual_seed(4)
+    init = copy.deepcopy(build_model(SPECS[0], schema).state_dict())
+    old = FAST.model_copy(update={"max_epochs": 2, "lr": 5e-3})
+    new = FAST.model_copy(update={"max_epochs": 3, "lr": 1e-3})
+    _fit_from(init, schema, data, old, tmp_path / "run")
+    with caplog.at_level("WARNING", logger="emm.train.trainer"):
+        resumed, trainer, result = _fit_from(init, schema, data, new, tmp_path / "run", resume=True)
+    assert "train.lr 0.005 -> 0.001" in caplog.text
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-3
+    saved = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 1e-3 and saved["state"]["epoch"] == 3
+    fresh, _, fresh_result = _fit_from(init, schema, data, new, tmp_path / "fresh")
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.history == fresh_result.history
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_resume_checks_the_callers_made_from_and_a_lowered_max_epochs(income, tmp_path, caplog):
+    """The caller's record (say, an upstream digest) must match too; and a checkpoint past a lowered
+    max_epochs is one a run with that cap never reached. Both train fresh."""
+    schema, data = income
+    torch.manual_seed(5)
+    init = copy.deepcopy(build_model(SPECS[0], schema).state_dict())
+    other_init = copy.deepcopy(build_model(SPECS[0], schema).state_dict())
+    cfg = FAST.model_copy(update={"max_epochs": 2, "patience": 10})
+    _fit_from(init, schema, data, cfg, tmp_path / "a", made_from={"pool": "old"})
+    with caplog.at_level("WARNING", logger="emm.train.trainer"):
+        _, _, result = _fit_from(init, schema, data, cfg.model_copy(update={"max_epochs": 1}), tmp_path / "a",
+                                 resume=True, made_from={"pool": "old"})
+    assert "past max_epochs 1" in caplog.text and result.epochs_run == 1 and len(result.history) == 1
+
+    _fit_from(init, schema, data, cfg, tmp_path / "b", made_from={"pool": "old"})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emm.train.trainer"):
+        resumed, _, _ = _fit_from(other_init, schema, data, cfg, tmp_path / "b", resume=True,
+                                  made_from={"pool": "new"})
+    assert "pool 'old' -> 'new'" in caplog.text
+    fresh, _, _ = _fit_from(other_init, schema, data, cfg, tmp_path / "c", made_from={"pool": "new"})
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
 
 
 def test_output_width_mismatch_is_named(splits):
