@@ -185,12 +185,17 @@ def evaluate_cmd(
 
     summary = evaluate_stage(dataset, params, register=not no_register)
     table = Table(title=f"{dataset}: fused model vs its pool (test, {summary['rows_test']:,} rows)")
-    for col in ("task", "EMM AUC", "pool mean", "pool best", "Gain", "Gain %"):
+    for col in ("task", "EMM AUC", "pool mean", "pool best", "Gain", "Gain %", "donor ensemble", "donor stack",
+                "EMM − best donor (by val), 95% CI"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for task, r in summary["tasks"].items():
+        ci = r["ci"]["fused_minus_best_donor"]
         table.add_row(task, f"{r['auc']:.5f}", f"{r['pool_mean_auc']:.5f}", f"{r['pool_best_auc']:.5f}",
-                      f"{r['gain']:+.5f}", f"{r['gain_pct']:+.3f}")
+                      f"{r['gain']:+.5f}", f"{r['gain_pct']:+.3f}", f"{r['donor_ensemble_auc']:.5f}",
+                      f"{r['donor_stack_auc']:.5f}",
+                      f"{ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}] vs {ci['donor']}")
     console.print(table)
+    console.print("CIs: paired bootstrap over the test rows (metrics.json `ci` also has EMM − ensemble and − stack)")
     if summary.get("registered_version"):
         console.print(f"registered {registered_name(dataset)} version {summary['registered_version']} (alias challenger)")
 
