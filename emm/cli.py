@@ -214,15 +214,25 @@ def promote_cmd(
 @app.command("predict")
 @user_errors
 def predict_cmd(
-    model_uri: Annotated[str, typer.Option("--model-uri", help="e.g. models:/emm-census-income@champion")],
-    input: Annotated[Path, typer.Option("--input", help="CSV or Parquet of raw feature columns")],
+    model_uri: Annotated[str, typer.Option("--model-uri", help="models:/emm-<dataset>@champion (or @challenger, "
+                                           "/<version>), runs:/<run id>/model, or a model folder")],
+    input: Annotated[Path, typer.Option("--input", help="CSV or Parquet of raw feature rows")],
     output: Annotated[Path, typer.Option("--output", help="CSV or Parquet of score_<task> columns")],
     params: ParamsOpt = None,
 ) -> None:
-    """Batch-score raw rows; unscorable rows go to <output>.rejected.csv with the reason."""
+    """Batch-score raw rows; unscorable rows go to <output>.rejected.csv with the reason.
+
+    The input names the model's raw feature columns in a header row (the ingested names; other columns,
+    such as labels, are ignored), with values as text, integers or floats. A CSV without a header row
+    that has all the columns of the dataset's declaration (a raw UCI Census file, gzipped or not) is read
+    in the declaration's column order. No code from the model folder is run: EMM rebuilds the model from
+    its bundle. Exit codes: 0 scored (rejects, if any, are reported); 2 a user error; 1 a crash.
+    """
     from emm.pipeline.predict import predict_stage
 
     report = predict_stage(model_uri, input, output, params)
+    if report.headerless:
+        console.print(f"{input} has no header row: read in the column order of the dataset's declaration")
     console.print(f"scored {report.scored:,} rows -> {report.output}")
     if report.rejected:
         console.print(f"[yellow]rejected {report.rejected:,} rows[/] -> {report.rejects}")

@@ -20,6 +20,7 @@ from emm.pipeline.fuse import fuse
 from emm.pipeline.decompose import decompose_pool
 from emm.pipeline.predict import predict_file
 from emm.pipeline.register import promote
+from emm.tracking.loading import load_scorer
 from emm.tracking.pyfunc import raw_example
 from emm.tracking.registry import CHALLENGER, CHAMPION, SCORE_TAG
 from emm.tracking.runs import open_run
@@ -116,7 +117,7 @@ def test_predict_scores_good_rows_and_rejects_bad_ones(pipeline, census_small_da
     configure(tracking.store)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("emm-census-income", CHAMPION, "1")
-    scorer = mlflow.pyfunc.load_model("models:/emm-census-income@champion")
+    scorer = load_scorer("models:/emm-census-income@champion", tracking.store)  # what `emm predict` loads
     rows = raw_example(census_small_data, rows=30).astype(str)
     rows.loc[3, "age"] = ""                      # missing value
     rows.loc[7, "wage_per_hour"] = "lots"        # not a number
