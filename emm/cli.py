@@ -195,6 +195,9 @@ def evaluate_cmd(
         console.print(f"registered {registered_name(dataset)} version {summary['registered_version']} (alias challenger)")
 
 
+EXIT_NOT_PROMOTED = 3  # promote ran fine and decided no: neither a crash (1) nor a user error (2)
+
+
 @app.command("promote")
 @user_errors
 def promote_cmd(
@@ -202,13 +205,17 @@ def promote_cmd(
     version: Annotated[Optional[str], typer.Option(help="version to promote (default: the challenger)")] = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Move alias champion to the challenger only if its mean test AUC beats the champion's."""
+    """Move alias champion to the challenger only if its mean test AUC beats the champion's.
+
+    Exit codes: 0 promoted; 3 not promoted (the candidate does not beat the champion, or already is it);
+    2 a user error (no such model or version, a version that is not a number); 1 a crash.
+    """
     from emm.pipeline.register import promote_stage
 
     promoted, reason = promote_stage(dataset, params, version=version)
     console.print(reason)
     if not promoted:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_NOT_PROMOTED)
 
 
 @app.command("predict")
