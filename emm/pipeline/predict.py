@@ -9,7 +9,8 @@ same value gives the same score whatever its dtype (``emm.tracking.pyfunc.raw_te
 
 Rows that cannot be scored (a required value missing, a dense value that is not a number) are never
 silently scored: they go to ``<output>.rejected.csv`` with the reason, and the run reports how many there
-were. A missing required *column* fails the whole run with the column names.
+were; a run without rejects removes a rejects file an earlier run left. A missing required *column*
+fails the whole run with the column names.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def rejects_path(output_path: Path) -> Path:
 
 def predict_file(scorer: Scorer, input_path: Path, output_path: Path,
                  declarations: dict[str, DatasetSpec] | None = None) -> PredictReport:
-    """Score ``input_path`` into ``output_path`` (written atomically); rejects beside it."""
+    """Score ``input_path`` into ``output_path`` (written atomically); rejects beside it, or none."""
     sparse, dense = scorer.sparse_columns, scorer.dense_columns
     layout = raw_layout(scorer.schema.dataset, declarations)
     frame, headerless = read_table(input_path, sparse + dense, layout)
@@ -137,13 +138,15 @@ def predict_file(scorer: Scorer, input_path: Path, output_path: Path,
     scores.insert(0, "row", np.flatnonzero(good.to_numpy()) + 1)
     output_path = Path(output_path)
     _write_table(scores, output_path)
-    rejects = None
+    rejects = rejects_path(output_path)
     if (~good).any():
-        rejects = rejects_path(output_path)
         rej = frame.loc[~good].copy()
         rej.insert(0, "reason", reasons[~good])
         rej.insert(0, "row", np.flatnonzero((~good).to_numpy()) + 1)
-        rej.to_csv(rejects, index=False)
+        _write_table(rej, rejects)
+    else:
+        rejects.unlink(missing_ok=True)  # a stale one from an earlier run would pass for this run's rejects
+        rejects = None
     return PredictReport(scored=int(good.sum()), rejected=int((~good).sum()), output=output_path, rejects=rejects,
                          headerless=headerless)
 

@@ -1,7 +1,7 @@
 """``emm predict`` on raw Census rows as users have them: the UCI file itself (headerless, gzipped, integer
 dense values), a CSV with the ingested names, a 1-row CSV, int64 / float / string Parquet; the same rows
 must score the same whatever their dtype, through ``emm predict`` and through ``mlflow.pyfunc`` alike,
-and exactly like the model on ingestion's own encoding of those rows."""
+and exactly like the model on ingestion's own encoding of those rows. Also: the rejects file."""
 
 from __future__ import annotations
 
@@ -156,3 +156,43 @@ def test_a_file_that_is_neither_named_nor_the_raw_layout_is_refused(logged, raw_
     with pytest.raises(EMMError, match=r"input lacks required column\(s\) .*or no header row and the 42 columns "
                                        r"of the dataset's declaration in order"):
         predict_stage(uri, tmp_path / "short.csv", tmp_path / "out.csv", params)
+
+
+def test_clean_rerun_removes_stale_rejects(logged, census_small_data, tmp_path):
+    params, uri, _ = logged
+    rows = raw_example(census_small_data, rows=10).astype(str)
+    bad = rows.copy()
+    bad.loc[2, "age"] = "old"
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    rows.to_csv(tmp_path / "good.csv", index=False)
+    out, rejects = tmp_path / "scores.csv", tmp_path / "scores.rejected.csv"
+    first = predict_stage(uri, tmp_path / "bad.csv", out, params)
+    assert first.rejects == rejects and pd.read_csv(rejects)["row"].tolist() == [3]
+    second = predict_stage(uri, tmp_path / "good.csv", out, params)
+    assert (second.scored, second.rejected, second.rejects) == (10, 0, None)
+    assert not rejects.exists()  # else it would pass for this run's rejects
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "good.csv", "scores.csv"]
+
+
+def test_rejects_file_is_written_atomically(logged, census_small_data, tmp_path, monkeypatch):
+    """A run that dies while writing its rejects leaves the previous rejects file whole, and no temp file."""
+    params, uri, _ = logged
+    rows = raw_example(census_small_data, rows=10).astype(str)
+    rows.loc[4, "age"] = ""
+    rows.to_csv(tmp_path / "in.csv", index=False)
+    out, rejects = tmp_path / "scores.csv", tmp_path / "scores.rejected.csv"
+    before = predict_stage(uri, tmp_path / "in.csv", out, params).rejects.read_text()
+    real_to_csv = pd.DataFrame.to_csv
+
+    def dies_halfway(self, path_or_buf=None, *args, **kwargs):
+        if path_or_buf is not None and ".rejected.csv" in str(path_or_buf):
+            Path(path_or_buf).write_text("row,reason\n1,")  # half a file, then the disk fills up
+            raise OSError("No space left on device")
+        return real_to_csv(self, path_or_buf, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", dies_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        predict_stage(uri, tmp_path / "in.csv", out, params)
+    monkeypatch.undo()
+    assert rejects.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "scores.csv", "scores.rejected.csv"]
