@@ -197,7 +197,11 @@ def evaluate_cmd(
     console.print(table)
     console.print("CIs: paired bootstrap over the test rows (metrics.json `ci` also has EMM − ensemble and − stack)")
     if summary.get("registered_version"):
-        console.print(f"registered {registered_name(dataset)} version {summary['registered_version']} (alias challenger)")
+        how = "reused (same fused weights)" if summary.get("registered_reused") else "registered"
+        console.print(f"{how} {registered_name(dataset)} version {summary['registered_version']} (alias challenger)")
+
+
+EXIT_NOT_PROMOTED = 3  # promote ran fine and decided no: neither a crash (1) nor a user error (2)
 
 
 @app.command("promote")
@@ -207,27 +211,41 @@ def promote_cmd(
     version: Annotated[Optional[str], typer.Option(help="version to promote (default: the challenger)")] = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Move alias champion to the challenger only if its mean test AUC beats the champion's."""
+    """Move alias champion to the challenger only if its mean test AUC beats the champion's.
+
+    Exit codes: 0 promoted; 3 not promoted (the candidate does not beat the champion, or already is it);
+    2 a user error (no such model or version, a version that is not a number); 1 a crash.
+    """
     from emm.pipeline.register import promote_stage
 
     promoted, reason = promote_stage(dataset, params, version=version)
     console.print(reason)
     if not promoted:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_NOT_PROMOTED)
 
 
 @app.command("predict")
 @user_errors
 def predict_cmd(
-    model_uri: Annotated[str, typer.Option("--model-uri", help="e.g. models:/emm-census-income@champion")],
-    input: Annotated[Path, typer.Option("--input", help="CSV or Parquet of raw feature columns")],
+    model_uri: Annotated[str, typer.Option("--model-uri", help="models:/emm-<dataset>@champion (or @challenger, "
+                                           "/<version>), runs:/<run id>/model, or a model folder")],
+    input: Annotated[Path, typer.Option("--input", help="CSV or Parquet of raw feature rows")],
     output: Annotated[Path, typer.Option("--output", help="CSV or Parquet of score_<task> columns")],
     params: ParamsOpt = None,
 ) -> None:
-    """Batch-score raw rows; unscorable rows go to <output>.rejected.csv with the reason."""
+    """Batch-score raw rows; unscorable rows go to <output>.rejected.csv with the reason.
+
+    The input names the model's raw feature columns in a header row (the ingested names; other columns,
+    such as labels, are ignored), with values as text, integers or floats. A CSV without a header row
+    that has all the columns of the dataset's declaration (a raw UCI Census file, gzipped or not) is read
+    in the declaration's column order. No code from the model folder is run: EMM rebuilds the model from
+    its bundle. Exit codes: 0 scored (rejects, if any, are reported); 2 a user error; 1 a crash.
+    """
     from emm.pipeline.predict import predict_stage
 
     report = predict_stage(model_uri, input, output, params)
+    if report.headerless:
+        console.print(f"{input} has no header row: read in the column order of the dataset's declaration")
     console.print(f"scored {report.scored:,} rows -> {report.output}")
     if report.rejected:
         console.print(f"[yellow]rejected {report.rejected:,} rows[/] -> {report.rejects}")
