@@ -1,4 +1,4 @@
-"""What models exist? The single-task pool (and, later, the multi-task baselines)."""
+"""What models exist? Embeddings, single-task bodies and the pool file, and the multi-task baselines (``baselines``)."""
 
 from emm.models.single_task import ModelSpec, SingleTaskModel, build_model
 

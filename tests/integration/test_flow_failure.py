@@ -1,4 +1,4 @@
-"""The ``emm`` flow, called directly on a temporary Prefect API and a real MLflow store (issue 7 item 6):
+"""The ``emm`` flow, called directly on a temporary Prefect API and a real MLflow store:
 a failing stage fails the flow with its EMMError message and registers nothing; the next run resumes from
 the cached stages; a deleted output folder is recomputed even though its cache record exists.
 """

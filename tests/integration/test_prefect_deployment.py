@@ -1,4 +1,4 @@
-"""End to end through real Prefect processes (issue 7 item 3): a ``prefect server``, the process work pool
+"""End to end through real Prefect processes: a ``prefect server``, the process work pool
 ``emm-process``, the deployment ``emm/full-pipeline`` from prefect.yaml, a worker, and
 ``prefect deployment run``, on real Census rows in a temporary copy of the project with params/tiny.yaml.
 
