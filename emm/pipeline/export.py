@@ -18,8 +18,8 @@ On disk: ``artifacts/<dataset>/export/`` (atomic) with ``fused.onnx`` (its metad
 input columns and the schema fingerprint) and ``export.json`` (the check, the opset, where it came from).
 Logged: when a registered version is named (``--model-uri models:/emm-<dataset>/N`` or ``@alias``), or by
 default the ``challenger``, both files go to that version's run under ``export/``, but only if that
-version was registered from this very ``fused/`` (same MLflow run): a version made by another fuse would
-otherwise carry an ONNX file of a different model.
+version is the model in ``fused/`` (the sha256 of the fused weights it was registered from; its fuse run
+for versions without that tag): a version of another model would otherwise carry a file of this one.
 """
 
 from __future__ import annotations
@@ -202,27 +202,41 @@ def parse_model_uri(uri: str, dataset: str) -> tuple[str, str | None, str | None
     return name, match["version"], match["alias"]
 
 
-def target_version(dataset: str, store: Path, fused_run: str | None, model_uri: str | None) -> tuple[Any, str]:
+def registered_from(version: Any, weights_sha256: str, fused_run: str | None) -> bool:
+    """Whether a registry version is the model in ``fused/``: by the sha256 of the fused weights it was
+    registered from (its tag; evaluating the same weights again reuses the version, so its run may be an
+    older fuse run), or, for a version without that tag, by the fuse run."""
+    from emm.tracking import registry
+
+    tagged = (getattr(version, "tags", None) or {}).get(registry.DIGEST_TAG)
+    if tagged:
+        return tagged == weights_sha256
+    return bool(fused_run) and version.run_id == fused_run
+
+
+def target_version(dataset: str, store: Path, fused_dir: Path, model_uri: str | None) -> tuple[Any, str]:
     """The registered version to log the export to, and a note when there is none.
 
-    Named (``model_uri``): it must exist and have been registered from this ``fused/`` (same MLflow run),
-    else an error. Default: the challenger, under the same condition; when it is missing or another
-    fuse's, only a note (the file is still exported). Checked before anything is written.
+    Named (``model_uri``): it must exist and be the model in ``fused/`` (``registered_from``), else an
+    error. Default: the challenger, under the same condition; when it is missing or another model, only
+    a note (the file is still exported). Checked before anything is written.
     """
     from emm.tracking import registry
     from emm.tracking.store import registered_name
 
     name = registered_name(dataset)
+    fused_run = read_json(Path(fused_dir) / FUSED_JSON).get("mlflow_run_id")
+    weights = sha256_file(Path(fused_dir) / FUSED_WEIGHTS)
     if model_uri is not None:
         _, number, alias = parse_model_uri(model_uri, dataset)
         registry.require_model(name, store, fix=f"run `emm evaluate {dataset}` first (it registers the fused model)")
         version = registry.get_version(name, number) if number else registry.version_by_alias(name, alias or "")
         if version is None:
             raise EMMError(f"{name!r} has no alias {alias!r}")
-        if not fused_run or version.run_id != fused_run:
-            raise EMMError(f"{model_uri} (version {version.version}) was registered from run {version.run_id}, but "
-                           f"fused/{FUSED_JSON} comes from run {fused_run}: the export would not be that version's "
-                           f"model. Name the version fused/ was registered as (or fuse and evaluate again)")
+        if not registered_from(version, weights, fused_run):
+            raise EMMError(f"{model_uri} (version {version.version}, run {version.run_id}) is not the model in "
+                           f"fused/ (run {fused_run}): the export would not be that version's model. Name the "
+                           f"version fused/ was registered as (or fuse and evaluate again)")
         return version, ""
     if not (Path(store) / "mlflow.db").is_file():
         return None, f"not logged: no MLflow store at {store}"
@@ -233,10 +247,10 @@ def target_version(dataset: str, store: Path, fused_run: str | None, model_uri: 
     version = registry.version_by_alias(name, registry.CHALLENGER)
     if version is None:
         return None, f"not logged: {name!r} has no {registry.CHALLENGER!r} version; name one with --model-uri"
-    if not fused_run or version.run_id != fused_run:
-        return None, (f"not logged: the challenger (version {version.version}) was registered from run "
-                      f"{version.run_id}, not from this fused/ (run {fused_run}); run `emm evaluate {dataset}` to "
-                      f"register it, or name the version with --model-uri")
+    if not registered_from(version, weights, fused_run):
+        return None, (f"not logged: the challenger (version {version.version}) is not the model in fused/ (run "
+                      f"{fused_run}); run `emm evaluate {dataset}` to register it, or name its version with "
+                      f"--model-uri")
     return version, ""
 
 
@@ -247,7 +261,7 @@ def log_to_version(dataset: str, store: Path, version: Any, out_dir: Path) -> tu
     with reopen_run(dataset, store, version.run_id, "export") as tracker:
         tracker.log_artifact(Path(out_dir) / ONNX_FILE, "export")
         tracker.log_artifact(Path(out_dir) / EXPORT_JSON, "export")
-    log.info("logged %s to version %s (run %s) under export/", ONNX_FILE, version.version, version.run_id)
+    log.debug("logged %s to version %s (run %s) under export/", ONNX_FILE, version.version, version.run_id)
     return str(version.version), version.run_id
 
 
@@ -264,8 +278,7 @@ def export_stage(dataset: str, params: Path | str | None = None, *, fmt: str = "
         raise EMMError(f"no fused model in {fused_dir}: run `emm fuse {dataset}` first")
     version, note = (None, "not logged (--no-log)")
     if log_model:
-        version, note = target_version(dataset, cfg.tracking.store, read_json(fused_dir / FUSED_JSON).get("mlflow_run_id"),
-                                       model_uri)
+        version, note = target_version(dataset, cfg.tracking.store, fused_dir, model_uri)
     report, _ = export_fused(dataset, stage_dir(cfg, dataset, "data"), fused_dir, out_dir)
     report.note = note
     if version is not None:
