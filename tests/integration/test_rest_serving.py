@@ -34,9 +34,18 @@ from tests.integration.test_mlflow_ui_promote import DATASET, MODEL, emm, free_p
 ROWS = 120
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL what is left after a grace period."""
-    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after a grace period, and wait until no
+    process of the group is left (the uvicorn worker outlives its parent by a moment)."""
+    for sig, grace in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5)):
         if proc.poll() is not None:
             break
         with contextlib.suppress(ProcessLookupError):
@@ -45,6 +54,9 @@ def stop_group(proc: subprocess.Popen) -> None:
             proc.wait(timeout=grace)
     with contextlib.suppress(ProcessLookupError, PermissionError):  # workers left in the group
         os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -70,8 +82,19 @@ def model_server(model_uri: str, env: dict[str, str], cwd: Path, log_path: Path,
             yield base
         finally:
             stop_group(proc)
-    with socket.socket() as s:  # nothing listens there any more
-        assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open after the server was stopped"
+    assert port_closed(port), f"port {port} still answers after the server's process group was stopped"
+
+
+def port_closed(port: int, wait_s: float = 10) -> bool:
+    """Whether nothing listens on the loopback port (within ``wait_s``: a killed worker takes a moment to go)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def post_split(base: str, frame: pd.DataFrame) -> httpx.Response:
@@ -89,7 +112,7 @@ def test_served_champion_scores_raw_rows_like_emm_predict(tiny_registry, census_
     raw = tmp_path / "rows.csv"
     write_head(census_small_raw / "census-income.test.gz", raw, ROWS)
     rows = pd.read_csv(raw, header=None, names=resolve_dataset(DATASET).columns, skipinitialspace=True)
-    assert rows["age"].dtype == np.int64 and rows["education"].dtype == object  # as a user's pandas has them
+    assert rows["age"].dtype == np.int64 and pd.api.types.is_string_dtype(rows["education"])  # as pandas reads them
     named = tmp_path / "named.csv"
     rows.to_csv(named, index=False)
     emm(["predict", "--model-uri", f"models:/{MODEL}@champion", "--input", str(named), "--output",
