@@ -60,6 +60,10 @@ class EpochClock(NullTracker):
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.at: dict[int, float] = {}
+        self.setup: float = 0.0  # the fuse stage logs its params once the model is built, before training
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.setup = time.perf_counter() - self.start
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if step is not None:
@@ -92,7 +96,8 @@ def fit_fused(cfg: Params, dataset: str) -> dict[str, Any]:
                    cfg.fuse.model_copy(update={"train": cfg.fuse.train.model_copy(update={"device": "cpu"})}),
                    cfg.decompose, tracker=clock, progress=False)
     total = time.perf_counter() - clock.start
-    return {"name": "fused", "to_best_s": clock.at.get(res.fit.best_epoch, 0.0), "total_s": total,
+    return {"name": "fused", "to_best_s": clock.at.get(res.fit.best_epoch, clock.setup), "total_s": total,
+            "setup_s": clock.setup,
             "best_epoch": res.fit.best_epoch, "epochs": res.fit.epochs_run,
             "test": {t: m["auc"] for t, m in res.test.items()},
             "params": sum(p.numel() for p in res.model.parameters() if p.requires_grad)}
@@ -118,9 +123,12 @@ def throughput(models: dict[str, nn.Module], data: SplitTensors, cfg: TrainConfi
     rates: dict[str, list[float]] = {k: [] for k in models}
     for r in range(1, rounds + 1 + (1 if warm else 0)):
         for k, trainer in trainers.items():
-            rate = epoch_rate(trainer, data, r)
-            if not (k in warm and r == 1):
-                rates[k].append(rate)
+            if k in warm and r == 1:
+                started = time.perf_counter()
+                epoch_rate(trainer, data, r)
+                print(f"  {k}: first round (compiling) {time.perf_counter() - started:.0f}s")
+                continue
+            rates[k].append(epoch_rate(trainer, data, r))
         print("  round " + str(r) + ": " + "  ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items() if v))
     return {k: statistics.median(v) for k, v in rates.items()}
 
@@ -155,22 +163,25 @@ def autograd_audit(model: nn.Module, batch: SplitTensors) -> str:
             f"(of {len(frozen)} frozen)")
 
 
-def step_breakdown(model: nn.Module, data: SplitTensors, cfg: TrainConfig, steps: int = 30,
-                   cut_frozen: bool = False) -> dict[str, float]:
-    """Median ms of forward, backward and optimizer step over training steps of ``model``.
+def step_breakdown(model: nn.Module, data: SplitTensors, cfg: TrainConfig, steps: int = 30) -> dict[str, dict[str, float]]:
+    """Median ms of forward, backward and optimizer step, for the fused model as it is ("fused") and with
+    every frozen module's output detached ("detached"), alternating step by step (the machine's load
+    falls on both alike).
 
-    ``cut_frozen`` detaches every frozen module's output: not the model (the gradient to what feeds
-    the frozen layers, the fresh embedding and lower AKF levels, is lost), only a measure of what the
-    backward through the frozen layers costs.
+    Detached is not the model (the gradient to what feeds the frozen layers, the fresh embedding and
+    lower AKF levels, is lost): it only measures what the backward through the frozen layers costs.
     """
-    handles = [m.register_forward_hook(lambda mod, a, out: out.detach()) for m in frozen_modules(model)] \
-        if cut_frozen else []
+    cut = {"on": False}
+    handles = [m.register_forward_hook(lambda mod, a, out: out.detach() if cut["on"] else None)
+               for m in frozen_modules(model)]
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    times: dict[str, dict[str, list[float]]] = {k: {"forward": [], "backward": [], "optimizer": []}
+                                                for k in ("fused", "detached")}
     model.train()
     gen = torch.Generator().manual_seed(0)
     try:
-        for step in range(steps + 3):
+        for step in range(2 * (steps + 3)):
+            cut["on"] = bool(step % 2)
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
             sparse, dense, labels = data.sparse[idx], data.dense[idx], data.labels[idx]
             t0 = time.perf_counter()
@@ -181,13 +192,13 @@ def step_breakdown(model: nn.Module, data: SplitTensors, cfg: TrainConfig, steps
             t2 = time.perf_counter()
             opt.step()
             t3 = time.perf_counter()
-            if step >= 3:  # warm-up steps left out
-                for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-                    times[key].append(1e3 * seconds)
+            if step >= 6:  # warm-up steps left out
+                for key, seconds in zip(("forward", "backward", "optimizer"), (t1 - t0, t2 - t1, t3 - t2)):
+                    times["detached" if cut["on"] else "fused"][key].append(1e3 * seconds)
     finally:
         for h in handles:
             h.remove()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: {part: statistics.median(v) for part, v in parts.items()} for k, parts in times.items()}
 
 
 def profile_step(model: nn.Module, data: SplitTensors, cfg: TrainConfig, steps: int = 20, top: int = 14) -> str:
@@ -245,10 +256,11 @@ def main() -> None:
         print("\nfused model, training step (torch.profiler, 20 steps of the Trainer, self CPU time):")
         print(profile_step(fused, train, tcfg))
         print(autograd_audit(fused, train.head(tcfg.batch_size)))
-        full, cut = step_breakdown(fused, train, tcfg), step_breakdown(fused, train, tcfg, cut_frozen=True)
-        print("median ms per step       forward  backward  optimizer")
-        print(f"  fused                   {full['forward']:7.2f}  {full['backward']:8.2f}  {full['optimizer']:9.2f}")
-        print(f"  frozen outputs detached {cut['forward']:7.2f}  {cut['backward']:8.2f}  {cut['optimizer']:9.2f}"
+        split = step_breakdown(fused, train, tcfg)
+        full, cut = split["fused"], split["detached"]
+        print("median ms per step (alternating) forward  backward  optimizer")
+        print(f"  fused                           {full['forward']:7.2f}  {full['backward']:8.2f}  {full['optimizer']:9.2f}")
+        print(f"  frozen outputs detached         {cut['forward']:7.2f}  {cut['backward']:8.2f}  {cut['optimizer']:9.2f}"
               "   (a measure, not a model: cuts the gradient to what feeds the frozen layers)")
 
     if not args.skip_fits:
@@ -259,7 +271,9 @@ def main() -> None:
             results.append(fit_scratch(name, schema, train, val, test, tcfg))
             print(f"  {name} done ({results[-1]['total_s']:.0f}s); load {load_average()}")
         tasks = schema.task_names
-        print(f"\n  {'model':8s} {'to best s':>9s} {'total s':>8s} {'best/run':>9s} {'trainable':>10s} "
+        print("\n  (fused: from the stage's start, its setup included: plan load, model build, "
+              f"{results[0]['setup_s']:.1f}s)")
+        print(f"  {'model':8s} {'to best s':>9s} {'total s':>8s} {'best/run':>9s} {'trainable':>10s} "
               + " ".join(f"{'test ' + t:>14s}" for t in tasks))
         for r in results:
             print(f"  {r['name']:8s} {r['to_best_s']:9.1f} {r['total_s']:8.1f} {r['best_epoch']:>4d}/{r['epochs']:<4d} "
