@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -161,7 +161,7 @@ class TableWriter:
         self.parquet = Path(final).suffix == ".parquet"
         self.rows = 0
         self.closed = False
-        self._csv: IO[str] | None = None
+        self._csv_started = False
         self._parquet: pq.ParquetWriter | None = None
 
     def write(self, frame: pd.DataFrame) -> None:
@@ -170,23 +170,18 @@ class TableWriter:
             if self._parquet is None:
                 self._parquet = pq.ParquetWriter(self.path, table.schema)
             self._parquet.write_table(table)
-        else:
-            if self._csv is None:
-                self._csv = open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
-                frame.to_csv(self._csv, index=False)
-            else:
-                frame.to_csv(self._csv, index=False, header=False)
+        else:  # by path, appending: nothing stays open between chunks
+            frame.to_csv(self.path, mode="a" if self._csv_started else "w", header=not self._csv_started, index=False)
+            self._csv_started = True
         self.rows += len(frame)
 
     def close(self, empty: pd.DataFrame | None = None) -> None:
         """Finish the file (again: a no-op); one that got no frame is written from ``empty`` (columns, no rows)."""
-        if self._parquet is None and self._csv is None and empty is not None and not self.closed:
+        if self._parquet is None and not self._csv_started and empty is not None and not self.closed:
             self.write(empty)
         if self._parquet is not None:
             self._parquet.close()
-        if self._csv is not None:
-            self._csv.close()
-        self._parquet = self._csv = None
+        self._parquet = None
         self.closed = True
 
 
