@@ -20,7 +20,7 @@ whenever something trainable (the fresh embedding, a lower AKF level) feeds them
 
 Needs ingest, pretrain and decompose:
     python -m benchmarks.fusion_cost [--dataset census-income] [--params params.yaml] [--rounds 3]
-                                     [--profile] [--compile] [--skip-fits]
+                                     [--profile] [--compile] [--skip-fits] [--max-epochs N]
 """
 
 from __future__ import annotations
@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time the fused model under torch.compile")
     parser.add_argument("--skip-fits", action="store_true", help="only samples/s (and the profile)")
+    parser.add_argument("--max-epochs", type=int, default=0, help="cap every fit at this many epochs (0: fuse.train's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -230,6 +231,9 @@ def main() -> None:
     data_dir = stage_dir(cfg, args.dataset, "data")
     schema = Schema.load(data_dir)
     train, val, test = (load_split(data_dir, s, schema) for s in ("train", "val", "test"))
+    if args.max_epochs:  # the same cap for the fuse stage and the baselines
+        cfg = cfg.model_copy(update={"fuse": cfg.fuse.model_copy(update={"train": cfg.fuse.train.model_copy(
+            update={"max_epochs": args.max_epochs})})})
     tcfg = cfg.fuse.train.model_copy(update={"device": "cpu"})
     print(f"{args.dataset}: train {len(train):,} / val {len(val):,} / test {len(test):,} rows; batch {tcfg.batch_size}, "
           f"lr {tcfg.lr}, patience {tcfg.patience}, max {tcfg.max_epochs} epochs; fuse: {cfg.fuse.akf.model_dump()}; "
@@ -265,11 +269,13 @@ def main() -> None:
 
     if not args.skip_fits:
         print("\nfits to the best validation epoch (one after the other):")
-        results = [fit_fused(cfg, args.dataset)]
-        print(f"  fused done ({results[-1]['total_s']:.0f}s); load {load_average()}")
-        for name in BASELINES:
+        results = [fit_scratch("mmoe", schema, train, val, test, tcfg)]  # the pair the target compares first
+        print(f"  mmoe done ({results[-1]['total_s']:.0f}s); load {load_average()}", flush=True)
+        results.insert(0, fit_fused(cfg, args.dataset))
+        print(f"  fused done ({results[0]['total_s']:.0f}s); load {load_average()}", flush=True)
+        for name in BASELINES[1:]:
             results.append(fit_scratch(name, schema, train, val, test, tcfg))
-            print(f"  {name} done ({results[-1]['total_s']:.0f}s); load {load_average()}")
+            print(f"  {name} done ({results[-1]['total_s']:.0f}s); load {load_average()}", flush=True)
         tasks = schema.task_names
         print("\n  (fused: from the stage's start, its setup included: plan load, model build, "
               f"{results[0]['setup_s']:.1f}s)")
