@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -88,20 +89,24 @@ def raw_rows(params: str, dataset: str, rows: int) -> pd.DataFrame:
     cfg = load_params(params)
     spec = resolve_dataset(dataset, cfg.datasets)
     path = resolve_file(Path(cfg.paths.raw_root) / dataset, spec.files["test"])
-    return pd.read_csv(path, header=None, names=spec.columns, sep=spec.delimiter, nrows=rows, skipinitialspace=True)
+    # keep_default_na=False: a raw value such as "NA" stays text (it is a category), never a NaN JSON cannot carry
+    return pd.read_csv(path, header=None, names=spec.columns, sep=spec.delimiter, nrows=rows, skipinitialspace=True,
+                       keep_default_na=False)
 
 
 def measure(client: httpx.Client, base: str, frame: pd.DataFrame, size: int, requests: int,
             deadline: float) -> list[float]:
     """Latencies (ms) of up to ``requests`` requests of ``size`` rows each (rows cycled), until ``deadline``."""
-    payloads = [{"dataframe_split": frame.iloc[i:i + size].to_dict(orient="split", index=False)}
+    # encoded before the loop: the latency is the server's (and loopback's), not the client's JSON encoder
+    payloads = [json.dumps({"dataframe_split": frame.iloc[i:i + size].to_dict(orient="split", index=False)}).encode()
                 for i in range(0, max(len(frame) - size, 0) + 1, max(size, 1))][:50]
     latencies = []
     for i in range(requests):
         if time.monotonic() > deadline:
             break
         started = time.perf_counter()
-        answer = client.post(f"{base}/invocations", json=payloads[i % len(payloads)])
+        answer = client.post(f"{base}/invocations", content=payloads[i % len(payloads)],
+                             headers={"Content-Type": "application/json"})
         latencies.append(1e3 * (time.perf_counter() - started))
         if answer.status_code != 200:
             raise SystemExit(f"the server answered {answer.status_code}: {answer.text[:500]}")
