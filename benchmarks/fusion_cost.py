@@ -20,7 +20,8 @@ whenever something trainable (the fresh embedding, a lower AKF level) feeds them
 
 Needs ingest, pretrain and decompose:
     python -m benchmarks.fusion_cost [--dataset census-income] [--params params.yaml] [--rounds 3]
-                                     [--profile] [--compile] [--skip-fits] [--max-epochs N]
+                                     [--profile] [--compile] [--skip-fits] [--max-epochs N] [--fits mmoe,...]
+                                     [--skip-rates]
 """
 
 from __future__ import annotations
@@ -224,6 +225,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the fused model under torch.compile")
     parser.add_argument("--skip-fits", action="store_true", help="only samples/s (and the profile)")
     parser.add_argument("--max-epochs", type=int, default=0, help="cap every fit at this many epochs (0: fuse.train's)")
+    parser.add_argument("--fits", default="fused," + ",".join(BASELINES), help="which fits to run (comma-separated)")
+    parser.add_argument("--skip-rates", action="store_true", help="no samples/s rounds (only the fits)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,6 +243,21 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
     print(f"load before: {load_average()}")
 
+    fits = [f for f in args.fits.split(",") if f]
+    unknown = sorted(set(fits) - {"fused", *BASELINES})
+    if unknown:
+        raise SystemExit(f"--fits: unknown {unknown}; choose from fused,{','.join(BASELINES)}")
+    if not args.skip_rates:
+        report_rates(cfg, args, schema, train, tcfg)
+    if args.profile:
+        report_profile(cfg, args, schema, train, tcfg)
+    if not args.skip_fits:
+        report_fits(cfg, args, schema, (train, val, test), tcfg, fits)
+    print(f"load after: {load_average()}")
+
+
+def report_rates(cfg: Params, args: argparse.Namespace, schema: Schema, train: SplitTensors, tcfg: TrainConfig) -> None:
+    """Training samples/s of every model in interleaved rounds, and the samples/s target."""
     print(f"\ntraining samples/s ({args.rate_rows:,} train rows per round, {args.rounds} interleaved rounds):")
     models: dict[str, nn.Module] = {"fused": fresh_fused(cfg, args.dataset, schema)}
     for name in BASELINES:
@@ -255,41 +273,48 @@ def main() -> None:
     print(f"  target: fused >= 0.5x MMoE samples/s: {'met' if rates['fused'] >= 0.5 * rates['mmoe'] else 'NOT met'} "
           f"({rates['fused'] / rates['mmoe']:.2f}x)")
 
-    if args.profile:
-        fused = fresh_fused(cfg, args.dataset, schema)
-        print("\nfused model, training step (torch.profiler, 20 steps of the Trainer, self CPU time):")
-        print(profile_step(fused, train, tcfg))
-        print(autograd_audit(fused, train.head(tcfg.batch_size)))
-        split = step_breakdown(fused, train, tcfg)
-        full, cut = split["fused"], split["detached"]
-        print("median ms per step (alternating) forward  backward  optimizer")
-        print(f"  fused                           {full['forward']:7.2f}  {full['backward']:8.2f}  {full['optimizer']:9.2f}")
-        print(f"  frozen outputs detached         {cut['forward']:7.2f}  {cut['backward']:8.2f}  {cut['optimizer']:9.2f}"
-              "   (a measure, not a model: cuts the gradient to what feeds the frozen layers)")
 
-    if not args.skip_fits:
-        print("\nfits to the best validation epoch (one after the other):")
-        results = [fit_scratch("mmoe", schema, train, val, test, tcfg)]  # the pair the target compares first
-        print(f"  mmoe done ({results[-1]['total_s']:.0f}s); load {load_average()}", flush=True)
-        results.insert(0, fit_fused(cfg, args.dataset))
-        print(f"  fused done ({results[0]['total_s']:.0f}s); load {load_average()}", flush=True)
-        for name in BASELINES[1:]:
-            results.append(fit_scratch(name, schema, train, val, test, tcfg))
-            print(f"  {name} done ({results[-1]['total_s']:.0f}s); load {load_average()}", flush=True)
-        tasks = schema.task_names
+def report_profile(cfg: Params, args: argparse.Namespace, schema: Schema, train: SplitTensors,
+                   tcfg: TrainConfig) -> None:
+    """Where the fused model's training step goes, and whether any frozen parameter gets a gradient."""
+    fused = fresh_fused(cfg, args.dataset, schema)
+    print("\nfused model, training step (torch.profiler, 20 steps of the Trainer, self CPU time):")
+    print(profile_step(fused, train, tcfg))
+    print(autograd_audit(fused, train.head(tcfg.batch_size)))
+    split = step_breakdown(fused, train, tcfg)
+    full, cut = split["fused"], split["detached"]
+    print("median ms per step (alternating) forward  backward  optimizer")
+    print(f"  fused                           {full['forward']:7.2f}  {full['backward']:8.2f}  {full['optimizer']:9.2f}")
+    print(f"  frozen outputs detached         {cut['forward']:7.2f}  {cut['backward']:8.2f}  {cut['optimizer']:9.2f}"
+          "   (a measure, not a model: cuts the gradient to what feeds the frozen layers)")
+
+
+
+def report_fits(cfg: Params, args: argparse.Namespace, schema: Schema, splits: tuple[SplitTensors, ...],
+                tcfg: TrainConfig, fits: list[str]) -> None:
+    """Each model to its best validation epoch, one after the other: wall, epochs, test AUC, the target."""
+    train, val, test = splits
+    print("\nfits to the best validation epoch (one after the other):")
+    results = []
+    for name in sorted(fits, key=["mmoe", "fused", "ple", "adatt"].index):  # the pair the target compares first
+        results.append(fit_fused(cfg, args.dataset) if name == "fused"
+                       else fit_scratch(name, schema, train, val, test, tcfg))
+        print(f"  {name} done ({results[-1]['total_s']:.0f}s); load {load_average()}", flush=True)
+    tasks = schema.task_names
+    if "fused" in fits:
         print("\n  (fused: from the stage's start, its setup included: plan load, model build, "
-              f"{results[0]['setup_s']:.1f}s)")
-        print(f"  {'model':8s} {'to best s':>9s} {'total s':>8s} {'best/run':>9s} {'trainable':>10s} "
-              + " ".join(f"{'test ' + t:>14s}" for t in tasks))
-        for r in results:
-            print(f"  {r['name']:8s} {r['to_best_s']:9.1f} {r['total_s']:8.1f} {r['best_epoch']:>4d}/{r['epochs']:<4d} "
-                  f"{r['params']:10,d} " + " ".join(f"{r['test'][t]:14.5f}" for t in tasks))
-        by = {r["name"]: r for r in results}
+              f"{next(r for r in results if r['name'] == 'fused')['setup_s']:.1f}s)")
+    print(f"  {'model':8s} {'to best s':>9s} {'total s':>8s} {'best/run':>9s} {'trainable':>10s} "
+          + " ".join(f"{'test ' + t:>14s}" for t in tasks))
+    for r in results:
+        print(f"  {r['name']:8s} {r['to_best_s']:9.1f} {r['total_s']:8.1f} {r['best_epoch']:>4d}/{r['epochs']:<4d} "
+              f"{r['params']:10,d} " + " ".join(f"{r['test'][t]:14.5f}" for t in tasks))
+    by = {r["name"]: r for r in results}
+    if "fused" in by and "mmoe" in by:
         met = by["fused"]["to_best_s"] < by["mmoe"]["to_best_s"]
         print(f"  target: fuse to its best epoch faster than MMoE to its best: {'met' if met else 'NOT met'} "
               f"({by['fused']['to_best_s']:.1f}s vs {by['mmoe']['to_best_s']:.1f}s; the fuse stage in all "
               f"{by['fused']['total_s']:.1f}s vs MMoE's fit in all {by['mmoe']['total_s']:.1f}s)")
-    print(f"load after: {load_average()}")
 
 
 if __name__ == "__main__":
