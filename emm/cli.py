@@ -185,14 +185,23 @@ def evaluate_cmd(
 
     summary = evaluate_stage(dataset, params, register=not no_register)
     table = Table(title=f"{dataset}: fused model vs its pool (test, {summary['rows_test']:,} rows)")
-    for col in ("task", "EMM AUC", "pool mean", "pool best", "Gain", "Gain %"):
+    for col in ("task", "EMM AUC", "pool mean", "pool best", "Gain", "Gain %", "donor ensemble", "donor stack",
+                "EMM − best donor (by val), 95% CI"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for task, r in summary["tasks"].items():
+        ci = r["ci"]["fused_minus_best_donor"]
         table.add_row(task, f"{r['auc']:.5f}", f"{r['pool_mean_auc']:.5f}", f"{r['pool_best_auc']:.5f}",
-                      f"{r['gain']:+.5f}", f"{r['gain_pct']:+.3f}")
+                      f"{r['gain']:+.5f}", f"{r['gain_pct']:+.3f}", f"{r['donor_ensemble_auc']:.5f}",
+                      f"{r['donor_stack_auc']:.5f}",
+                      f"{ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}] vs {ci['donor']}")
     console.print(table)
+    console.print("CIs: paired bootstrap over the test rows (metrics.json `ci` also has EMM − ensemble and − stack)")
     if summary.get("registered_version"):
-        console.print(f"registered {registered_name(dataset)} version {summary['registered_version']} (alias challenger)")
+        how = "reused (same fused weights)" if summary.get("registered_reused") else "registered"
+        console.print(f"{how} {registered_name(dataset)} version {summary['registered_version']} (alias challenger)")
+
+
+EXIT_NOT_PROMOTED = 3  # promote ran fine and decided no: neither a crash (1) nor a user error (2)
 
 
 @app.command("promote")
@@ -202,27 +211,41 @@ def promote_cmd(
     version: Annotated[Optional[str], typer.Option(help="version to promote (default: the challenger)")] = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Move alias champion to the challenger only if its mean test AUC beats the champion's."""
+    """Move alias champion to the challenger only if its mean test AUC beats the champion's.
+
+    Exit codes: 0 promoted; 3 not promoted (the candidate does not beat the champion, or already is it);
+    2 a user error (no such model or version, a version that is not a number); 1 a crash.
+    """
     from emm.pipeline.register import promote_stage
 
     promoted, reason = promote_stage(dataset, params, version=version)
     console.print(reason)
     if not promoted:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_NOT_PROMOTED)
 
 
 @app.command("predict")
 @user_errors
 def predict_cmd(
-    model_uri: Annotated[str, typer.Option("--model-uri", help="e.g. models:/emm-census-income@champion")],
-    input: Annotated[Path, typer.Option("--input", help="CSV or Parquet of raw feature columns")],
+    model_uri: Annotated[str, typer.Option("--model-uri", help="models:/emm-<dataset>@champion (or @challenger, "
+                                           "/<version>), runs:/<run id>/model, or a model folder")],
+    input: Annotated[Path, typer.Option("--input", help="CSV or Parquet of raw feature rows")],
     output: Annotated[Path, typer.Option("--output", help="CSV or Parquet of score_<task> columns")],
     params: ParamsOpt = None,
 ) -> None:
-    """Batch-score raw rows; unscorable rows go to <output>.rejected.csv with the reason."""
+    """Batch-score raw rows; unscorable rows go to <output>.rejected.csv with the reason.
+
+    The input names the model's raw feature columns in a header row (the ingested names; other columns,
+    such as labels, are ignored), with values as text, integers or floats. A CSV without a header row
+    that has all the columns of the dataset's declaration (a raw UCI Census file, gzipped or not) is read
+    in the declaration's column order. No code from the model folder is run: EMM rebuilds the model from
+    its bundle. Exit codes: 0 scored (rejects, if any, are reported); 2 a user error; 1 a crash.
+    """
     from emm.pipeline.predict import predict_stage
 
     report = predict_stage(model_uri, input, output, params)
+    if report.headerless:
+        console.print(f"{input} has no header row: read in the column order of the dataset's declaration")
     console.print(f"scored {report.scored:,} rows -> {report.output}")
     if report.rejected:
         console.print(f"[yellow]rejected {report.rejected:,} rows[/] -> {report.rejects}")

@@ -44,8 +44,9 @@ STAGES: dict[str, StageInputs] = {
                              "components/plan.json"),
     "fuse": StageInputs("decompose", ("fuse", "decompose", "scale"), ("emm/fusion", "emm/train", "emm/pipeline/fuse.py"),
                         ("data", "pool", "components"), "fused/fused.json"),
-    "evaluate": StageInputs("fuse", ("tracking",), ("emm/fusion", "emm/tracking", "emm/pipeline/evaluate.py",
-                                                    "emm/pipeline/register.py"), ("data", "pool", "fused"),
+    "evaluate": StageInputs("fuse", ("tracking",), ("emm/fusion", "emm/train", "emm/models", "emm/tracking",
+                                                    "emm/pipeline/evaluate.py", "emm/pipeline/register.py"),
+                            ("data", "pool", "fused"),
                             "eval/metrics.json"),
 }
 # One pool member, trained as its own Prefect task: the pretrain stage's inputs, one model's settings.

@@ -1,8 +1,10 @@
 """Stage 6, ``register`` / ``promote``: the fused model as a version of ``emm-<dataset>`` in the MLflow registry.
 
 ``register_fused`` logs the scorable model into the fuse run, registers a new version and aliases it
-``challenger``; ``promote`` moves ``champion`` to a version only if its mean test AUC beats the current
-champion's (the policy lives here; ``emm.tracking.registry`` only reads and writes the registry).
+``challenger``; evaluating the same fused model again (same ``fused.safetensors`` sha256) reuses its
+version and moves ``challenger`` back to it, so there is one version per fused model. ``promote`` moves
+``champion`` to a version only if its mean test AUC beats the current champion's (the policy lives here;
+``emm.tracking.registry`` only reads and writes the registry).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from emm.errors import EMMError
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS
-from emm.io import read_json
+from emm.io import read_json, sha256_file
 from emm.pipeline.params import TrackingConfig, load_params
 from emm.tracking import registry
 from emm.tracking.pyfunc import BUILDERS
@@ -26,21 +28,35 @@ FUSED_MODEL_BUILDER = BUILDERS[1]
 
 def register_fused(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, summary: dict[str, Any],
                    tracking: TrackingConfig) -> str:
-    """Log the pyfunc into the fuse run, register a new version of emm-<dataset>, alias it challenger."""
+    """Log the pyfunc into the fuse run, register a new version of emm-<dataset>, alias it challenger.
+
+    A version already registered from the same fused weights (its ``fused_sha256`` tag) is reused instead:
+    ``challenger`` moves to it and ``summary`` says so (``registered_reused``), so that rerunning
+    ``emm evaluate`` does not pile up versions of one model."""
     meta = read_json(Path(fused_dir) / FUSED_JSON)
+    weights = Path(fused_dir) / FUSED_WEIGHTS
+    fused_sha256 = sha256_file(weights)
     name = registered_name(dataset)
     with reopen_run(dataset, tracking.store, meta.get("mlflow_run_id"), "fused-evaluate") as tracker:
         tracker.log_metrics({"eval_mean_test_auc": summary["mean_test_auc"],
                              **{f"gain_{t}": r["gain"] for t, r in summary["tasks"].items()}})
         tracker.log_artifact(Path(eval_dir) / "metrics.json", "eval")
         tracker.log_artifact(Path(eval_dir) / "plots" / "auc.png", "eval")
-        version = tracker.log_model("model", builder=FUSED_MODEL_BUILDER, config=meta["architecture"],
-                                    outputs=meta["tasks"], weights=Path(fused_dir) / FUSED_WEIGHTS, data_dir=data_dir,
-                                    registered_name=name)
+        existing = registry.version_with_tag(name, registry.DIGEST_TAG, fused_sha256)
+        version = str(existing.version) if existing is not None else tracker.log_model(
+            "model", builder=FUSED_MODEL_BUILDER, config=meta["architecture"], outputs=meta["tasks"],
+            weights=weights, data_dir=data_dir, registered_name=name)
     assert version is not None  # a registered_name always yields a version
+    summary["fused_sha256"], summary["registered_reused"] = fused_sha256, existing is not None
+    if existing is not None:
+        registry.set_alias(name, registry.CHALLENGER, version)
+        log.info("%s version %s was registered from these fused weights already: reused it, alias %s",
+                 name, version, registry.CHALLENGER)
+        return version
     registry.tag_version(name, version, {
         registry.SCORE_TAG: f"{summary['mean_test_auc']:.6f}",
         **{f"test_auc_{t}": f"{r['auc']:.6f}" for t, r in summary["tasks"].items()},
+        registry.DIGEST_TAG: fused_sha256,
     })
     log.info("registered %s version %s as %s", name, version, registry.CHALLENGER)
     return version

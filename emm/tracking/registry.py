@@ -19,6 +19,9 @@ from emm.tracking.store import configure, tracking_uri
 log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
 SCORE_TAG = "mean_test_auc"
+# sha256 of the fused weights a version was registered from: evaluating the same fused model again reuses
+# that version instead of registering a duplicate (a new version number for the very same model).
+DIGEST_TAG = "fused_sha256"
 
 
 def tag_version(name: str, version: str, tags: dict[str, Any]) -> None:
@@ -53,6 +56,13 @@ def get_version(name: str, version: str):
     except mlflow.exceptions.MlflowException as exc:
         known = sorted(int(v.version) for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'"))
         raise EMMError(f"{name!r} has no version {version}; its versions are {known}") from exc
+
+
+def version_with_tag(name: str, key: str, value: str):
+    """The newest version of ``name`` tagged ``key=value``, or None (also when ``name`` is not registered)."""
+    versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    matching = [v for v in versions if v.tags.get(key) == value]
+    return max(matching, key=lambda v: int(v.version)) if matching else None
 
 
 def version_by_alias(name: str, alias: str):

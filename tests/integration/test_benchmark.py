@@ -1,16 +1,18 @@
 """`emm benchmark` on real Census rows: every baseline learns on real data, and a tiny profile of
-the whole benchmark writes Table I/II, Figure 3, the selection heat map and one MLflow parent run, and a
-second run reuses every finished job."""
+the whole benchmark writes Table I/II (with the donor ensemble and stack rows and EMM's paired CIs),
+Figure 3, the selection heat map and one MLflow parent run, and a second run reuses every finished job."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from emm.pipeline.params import BASELINE_NAMES
 from emm.data.schema import Schema
@@ -98,6 +100,8 @@ def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path
     assert set(emm_rows) == {"income", "marital"} and all(r["seeds"] == "2" for r in emm_rows.values())
     assert all(0.5 < float(r["auc_mean"]) <= 1.0 for r in emm_rows.values()), emm_rows
 
+    check_donor_rows_and_paired_cis(run, out, table1, rows)
+
     table2 = (out / "table2.md").read_text()
     for variant in ["| baseline |", "| baseline+MTM |", "| baseline+p (trained components) |", "| EMM (fused) |"]:
         assert variant in table2
@@ -134,6 +138,55 @@ def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path
                                  order_by=["attributes.start_time DESC"])
     second = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert {c.data.tags["emm.benchmark.cached"] for c in second} == {"True"}
+
+
+def check_donor_rows_and_paired_cis(run, out: Path, table1: str, rows: list[dict[str, str]]) -> None:
+    """The donor ensemble/stack rows and EMM's paired CIs, recomputed from the per-row scores the jobs stored."""
+    for row in ["donor ensemble (mean of logits)", "donor stack (logistic regression on validation logits)",
+                "best donor by validation AUC", "donor ensemble", "donor stack", "best baseline by validation AUC"]:
+        assert f"| {row} |" in table1, row
+    assert "income diff [95% CI]" in table1 and "marital seed std" in table1
+    assert "- income: EMM − donor ensemble = " in table1 and ", 95% CI [" in table1  # and in the verdict
+    main = [r for r in run.results if r["task_set"] == "income+marital"]
+    schema = Schema.load(Path(main[0]["data_dir"]))
+    y = load_split(Path(main[0]["data_dir"]), "test", schema).labels.numpy()
+    for r in main:
+        if r["kind"] in ("pool", "baseline", "fused"):
+            test = np.load(r["scores"]["test"])
+            assert test.dtype == np.float32 and test.shape == (len(y), len(r["score_tasks"]))
+            assert Path(r["scores"]["test"]).with_suffix("").with_suffix(".json").exists()  # beside the result json
+            for j, task in enumerate(r["score_tasks"]):  # the stored rows are those behind the table's AUCs
+                assert roc_auc_score(y[:, schema.task_names.index(task)], test[:, j]) == pytest.approx(
+                    r["tasks"][task]["test_auc"], abs=1e-6), (r["kind"], r["method"], task)
+
+    def scores(kind: str, method: str, seed: int, task: str) -> np.ndarray:
+        r = next(r for r in main if (r["kind"], r["method"], r["seed"]) == (kind, method, seed))
+        return np.load(r["scores"]["test"])[:, r["score_tasks"].index(task)]
+
+    donors = {t: [r["method"] for r in main if r["kind"] == "pool" and r["seed"] == 1 and r["score_tasks"] == [t]]
+              for t in schema.task_names}
+    by_key = {(r["model"], r["task"]): r for r in rows}
+    for i, task in enumerate(schema.task_names):
+        ens = [roc_auc_score(y[:, i], np.mean([scores("pool", m, s, task) for m in donors[task]], axis=0))
+               for s in (1, 2)]
+        cell = by_key[("donor ensemble (mean of logits)", task)]
+        assert cell["kind"] == "donors" and cell["seeds"] == "2"
+        assert float(cell["auc_mean"]) == pytest.approx(np.mean(ens), abs=1e-5)
+        assert 0.5 < float(by_key[("donor stack (logistic regression on validation logits)", task)]["auc_mean"]) <= 1
+        val = {m: np.mean([r["tasks"][task]["val_auc"] for r in main if r["kind"] == "pool" and r["method"] == m])
+               for m in donors[task]}
+        best = max(val, key=val.get)  # by validation AUC
+        ci = by_key[("EMM − best donor by validation AUC", task)]
+        assert ci["kind"] == "paired_ci" and ci["against"] == best and ci["seeds"] == "2" and ci["n_resamples"] == "1000"
+        per_seed = [roc_auc_score(y[:, i], scores("fused", "full", s, task)) -
+                    roc_auc_score(y[:, i], scores("pool", best, s, task)) for s in (1, 2)]
+        assert float(ci["diff"]) == pytest.approx(np.mean(per_seed), abs=1e-6)
+        assert float(ci["diff_seed_std"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-6)
+        for label in ("best donor by validation AUC", "donor ensemble", "donor stack",
+                      "best baseline by validation AUC"):
+            ci = by_key[(f"EMM − {label}", task)]
+            assert float(ci["ci_low"]) <= float(ci["diff"]) <= float(ci["ci_high"]), ci
+            assert float(ci["ci_high"]) - float(ci["ci_low"]) > 0, ci
 
 
 def test_unknown_profile_and_baseline_are_refused(tmp_path: Path, census_small_raw: Path) -> None:

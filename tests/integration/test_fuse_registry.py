@@ -14,13 +14,16 @@ from emm.pipeline.params import DecomposeConfig, FuseConfig, PretrainConfig, Tra
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
+from emm.fusion.saved import FUSED_WEIGHTS, load_fused
+from emm.io import sha256_file
 from emm.pipeline.evaluate import evaluate
-from emm.fusion.saved import load_fused
 from emm.pipeline.fuse import fuse
 from emm.pipeline.decompose import decompose_pool
 from emm.pipeline.predict import predict_file
 from emm.pipeline.register import promote
+from emm.tracking.loading import load_scorer
 from emm.tracking.pyfunc import raw_example
+from emm.tracking import registry
 from emm.tracking.registry import CHALLENGER, CHAMPION, SCORE_TAG
 from emm.tracking.runs import open_run
 from emm.tracking.store import configure
@@ -116,7 +119,7 @@ def test_predict_scores_good_rows_and_rejects_bad_ones(pipeline, census_small_da
     configure(tracking.store)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("emm-census-income", CHAMPION, "1")
-    scorer = mlflow.pyfunc.load_model("models:/emm-census-income@champion")
+    scorer = load_scorer("models:/emm-census-income@champion", tracking.store)  # what `emm predict` loads
     rows = raw_example(census_small_data, rows=30).astype(str)
     rows.loc[3, "age"] = ""                      # missing value
     rows.loc[7, "wage_per_hour"] = "lots"        # not a number
@@ -146,3 +149,27 @@ def test_fused_checkpoint_from_other_schema_refused(pipeline, census_three_task_
     root, _, _ = pipeline
     with pytest.raises(EMMError, match=r"fused model in .* was trained on a different data schema"):
         load_fused(root / "fused", census_three_task_schema)
+
+
+def test_evaluating_the_same_fused_model_again_reuses_its_version(pipeline):
+    """`emm evaluate` run twice on one fused model: one version, challenger back on it, the summary says so."""
+    root, dirs, tracking = pipeline
+    configure(tracking.store)
+    client = mlflow.MlflowClient()
+
+    def versions() -> list[str]:
+        return sorted(str(v.version) for v in client.search_model_versions("name = 'emm-census-income'"))
+
+    def challenger() -> str:
+        return str(client.get_model_version_by_alias("emm-census-income", CHALLENGER).version)
+
+    assert versions() == ["1", "2"] and challenger() == "2"
+    again = evaluate("census-income", dirs["data_dir"], dirs["pool_dir"], root / "fused",
+                     root / "fused-eval-again", tracking=tracking)
+    assert versions() == ["1", "2"], "evaluating the same fused model registered another version"
+    assert again["registered_version"] == "1" and again["registered_reused"] is True
+    assert challenger() == "1"
+    assert client.get_model_version("emm-census-income", "1").tags[registry.DIGEST_TAG] == \
+        sha256_file(root / "fused" / FUSED_WEIGHTS) == again["fused_sha256"]
+    recorded = json.loads((root / "fused-eval-again" / "metrics.json").read_text())
+    assert recorded["registered_version"] == "1" and recorded["registered_reused"] is True

@@ -2,7 +2,10 @@
 signature, so its finished result is reused when the benchmark is run again with the same inputs.
 
 Every job trains on the shared ``Trainer`` with early stopping on validation AUC and reports validation and
-test AUC per task. Why worker processes with one torch thread each: the models are small, and two
+test AUC per task. Jobs that train a network also store their per-row scores beside the result json
+(``<result>.test.npy``, float32, [rows, tasks]; pool models also ``.val.npy``, and logits rather than
+probabilities, which the donor ensemble and stack are built from): the report pairs them row by row for
+paired bootstrap CIs. Why worker processes with one torch thread each: the models are small, and two
 single-threaded processes train ~1.7x faster on 2 cores than one process using both (measured).
 """
 
@@ -17,27 +20,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.fusion.options import DecomposeConfig
-from emm.io import digest, read_json, write_json
+from emm.io import atomic_file, digest, read_json, write_json
 from emm.train.lightgbm_row import lightgbm_per_task
 from emm.models.baselines.registry import build_baseline
 from emm.models.pool import PoolEntry
-from emm.models.single_task import ModelSpec
+from emm.models.single_task import ModelSpec, build_model
 from emm.pipeline.decompose import decompose_pool
 from emm.pipeline.fuse import fuse
 from emm.pipeline.params import FuseConfig, PretrainConfig
 from emm.pipeline.pretrain import assemble_pool, train_pool_model
 from emm.runtime import set_quiet_env
+from emm.train.compare import predict_logits
 from emm.train.options import TrainConfig
-from emm.train.trainer import Trainer
+from emm.train.trainer import Trainer, predict_proba
+from emm.weights import load_module
 
 log = logging.getLogger(__name__)
 Kind = Literal["pool", "decompose", "baseline", "lightgbm", "fused", "recipe"]
 PRIORITY = {"decompose": 0, "fused": 1, "recipe": 1, "pool": 2, "baseline": 3, "lightgbm": 4}  # critical path first
+SCORED = {"pool", "baseline", "fused", "recipe", "lightgbm"}  # kinds whose per-row test scores are stored
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,25 @@ def cached_result(job: Job, signature: str) -> dict[str, Any] | None:
     if not job.result_path.exists():
         return None
     stored = read_json(job.result_path)
-    return stored["result"] if stored.get("signature") == signature else None
+    if stored.get("signature") != signature:
+        return None
+    result = stored["result"]
+    if job.kind in SCORED and not _scores_present(result):  # a result from before scores were stored
+        return None
+    return result
+
+
+def _scores_present(result: dict[str, Any]) -> bool:
+    paths = result.get("scores") or {}
+    return bool(paths) and all(Path(p).exists() for p in paths.values())
+
+
+def save_scores(job: Job, split: str, scores: np.ndarray) -> str:
+    """Write one split's per-row scores [rows, tasks] as float32 beside the job's result json."""
+    path = job.result_path.with_suffix(f".{split}.npy")
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:  # a file handle: np.save would append .npy to tmp
+        np.save(fh, np.asarray(scores, dtype=np.float32).reshape(len(scores), -1))
+    return str(path)
 
 
 def init_worker(threads: int) -> None:
@@ -100,7 +125,7 @@ def run_job(job: Job, signature: str) -> dict[str, Any]:
     started_file.write_text(signature)
     t0 = time.perf_counter()
     result = RUNNERS[job.kind](job, resume)
-    result.update(kind=job.kind, method=job.method, seed=job.seed, task_set=job.task_set,
+    result.update(kind=job.kind, method=job.method, seed=job.seed, task_set=job.task_set, data_dir=job.data_dir,
                   wall_seconds=round(time.perf_counter() - t0, 1))
     write_json(job.result_path, {"signature": signature, "result": result})
     started_file.unlink(missing_ok=True)
@@ -118,12 +143,21 @@ def _scores(val: dict, test: dict) -> dict[str, dict[str, float]]:
 
 def _run_pool(job: Job, resume: bool) -> dict[str, Any]:
     spec = ModelSpec.model_validate(job.config["spec"])
-    entry = train_pool_model(spec, Path(job.data_dir), job.work_dir.parent / "pool-work",
-                             PretrainConfig(train=_train_cfg(job)), resume=resume, progress=False)
+    work = job.work_dir.parent / "pool-work"
+    entry = train_pool_model(spec, Path(job.data_dir), work, PretrainConfig(train=_train_cfg(job)), resume=resume,
+                             progress=False)
+    schema = Schema.load(Path(job.data_dir))
+    model = build_model(spec, schema)
+    load_module(model, work / spec.name / "weights.safetensors", what=f"pool model {spec.name!r}",
+                fix="delete the benchmark's raw/ folder for this profile and run it again")
+    eval_batch = _train_cfg(job).eval_batch_size
+    scores = {s: save_scores(job, s, predict_logits(model, load_split(Path(job.data_dir), s, schema), eval_batch))
+              for s in ("val", "test")}
     return {"tasks": {entry.task: {"val_auc": entry.val_auc, "test_auc": entry.test_auc,
                                    "test_logloss": entry.test_logloss}},
             "entry": entry.model_dump(mode="json"), "params": entry.params, "epochs_run": entry.epochs_run,
-            "best_epoch": entry.best_epoch, "seconds": entry.seconds}
+            "best_epoch": entry.best_epoch, "seconds": entry.seconds,
+            "scores": scores, "score_kind": "logit", "score_tasks": [entry.task]}
 
 
 def _run_decompose(job: Job, resume: bool) -> dict[str, Any]:
@@ -147,15 +181,20 @@ def _run_baseline(job: Job, resume: bool) -> dict[str, Any]:
     fit = trainer.fit(train, val, resume=resume)
     return {"tasks": _scores(trainer.evaluate(val), trainer.evaluate(test)),
             "params": sum(p.numel() for p in model.parameters()), "epochs_run": fit.epochs_run,
-            "best_epoch": fit.best_epoch, "seconds": round(fit.seconds, 1)}
+            "best_epoch": fit.best_epoch, "seconds": round(fit.seconds, 1),
+            "scores": {"test": save_scores(job, "test", trainer.predict(test))}, "score_kind": "probability",
+            "score_tasks": schema.task_names}
 
 
 def _run_lightgbm(job: Job, resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
     out = lightgbm_per_task(Path(job.data_dir), seed=job.seed, params={"num_threads": job.config.get("threads", 1)})
+    tasks = list(out)
+    probs = np.stack([out[t]["test_scores"] for t in tasks], axis=1)
     return {"tasks": {t: {"val_auc": r["val_auc"], "test_auc": r["test_auc"]} for t, r in out.items()},
             "best_iteration": {t: r["best_iteration"] for t, r in out.items()},
-            "seconds": round(time.perf_counter() - started, 1)}
+            "seconds": round(time.perf_counter() - started, 1),
+            "scores": {"test": save_scores(job, "test", probs)}, "score_kind": "probability", "score_tasks": tasks}
 
 
 def _run_fused(job: Job, resume: bool) -> dict[str, Any]:
@@ -164,9 +203,14 @@ def _run_fused(job: Job, resume: bool) -> dict[str, Any]:
     res = fuse(job.dataset, Path(job.data_dir), seed_dir / "pool", seed_dir / "components", job.work_dir / "fused",
                job.work_dir / "train", cfg, DecomposeConfig.model_validate(job.config["decompose"]),
                resume=resume, progress=False)
+    schema = Schema.load(Path(job.data_dir))
+    test = load_split(Path(job.data_dir), "test", schema)
+    probs = predict_proba(res.model, test, cfg.train.eval_batch_size)  # as fuse's own test AUC was computed
     return {"tasks": _scores(res.val, res.test), "gates": res.model.gate_report(),
             "params": sum(p.numel() for p in res.model.parameters() if p.requires_grad),
-            "epochs_run": res.fit.epochs_run, "best_epoch": res.fit.best_epoch, "seconds": round(res.fit.seconds, 1)}
+            "epochs_run": res.fit.epochs_run, "best_epoch": res.fit.best_epoch, "seconds": round(res.fit.seconds, 1),
+            "scores": {"test": save_scores(job, "test", probs)}, "score_kind": "probability",
+            "score_tasks": schema.task_names}
 
 
 RUNNERS = {"pool": _run_pool, "decompose": _run_decompose, "baseline": _run_baseline, "lightgbm": _run_lightgbm,

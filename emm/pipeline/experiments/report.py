@@ -16,7 +16,7 @@ import numpy as np
 
 from emm.data.schema import Schema
 from emm.fusion.options import ABLATIONS
-from emm.pipeline.experiments import paper
+from emm.pipeline.experiments import paired, paper
 
 DISPLAY = {"shared_bottom": "SharedBottom", "mmoe": "MMoE", "ple": "PLE", "aitm": "AITM", "adatt": "AdaTT",
            "lightgbm": "LightGBM (one per task)", **{a.name: a.label for a in ABLATIONS.values()}}
@@ -51,7 +51,7 @@ class Cell:
 @dataclass
 class Row:
     name: str
-    kind: str                     # pool | reference | baseline | lightgbm | emm | ablation
+    kind: str                     # pool | reference | donors | baseline | lightgbm | emm | ablation
     cells: dict[str, Cell]        # task -> test AUC over seeds
     paper_key: str | None = None
 
@@ -85,9 +85,13 @@ def _donor_summary(results: list[dict[str, Any]], task_set: str, tasks: list[str
     return Row(SINGLE_MEAN, "reference", mean_cells, "single-task mean"), Row(BEST_DONOR, "reference", best_cells)
 
 
-def table1_rows(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> list[Row]:
+def table1_rows(results: list[dict[str, Any]], task_set: str, tasks: list[str],
+                scores: paired.Scores | None = None) -> list[Row]:
+    """``scores``: the task set's stored per-row scores (``paired.collect``), read here when not given."""
     rows = [Row(m, "pool", _aucs(results, task_set, "pool", m)) for m in _methods(results, task_set, "pool")]
     rows += list(_donor_summary(results, task_set, tasks))
+    donors = paired.donor_aucs(scores or paired.collect(results, task_set, tasks))
+    rows += [Row(name, "donors", {t: Cell(v) for t, v in cells.items()}) for name, cells in donors.items() if cells]
     rows += [Row(DISPLAY.get(m, m), "baseline", _aucs(results, task_set, "baseline", m), m)
              for m in _methods(results, task_set, "baseline")]
     if _methods(results, task_set, "lightgbm"):
@@ -119,11 +123,15 @@ def data_line(schema: Schema, seeds: list[int]) -> str:
     return line
 
 
-def write_table1(dataset: str, rows: list[Row], tasks: list[str], header: str, out_dir: Path) -> tuple[Path, Path]:
+def write_table1(dataset: str, rows: list[Row], tasks: list[str], header: str, out_dir: Path,
+                 pairs: list[paired.PairedRow] | None = None) -> tuple[Path, Path]:
+    """Table I as markdown and csv; ``pairs``, EMM's paired CIs, add a section and ``paired_ci`` csv rows."""
     ref = next(r for r in rows if r.name == SINGLE_MEAN)
+    pairs = pairs or []
     lines = [f"# Table I: {dataset}", "", header, "",
              "Test AUC, mean ± sample std over seeds. Gain = AUC − single-task mean (the paper's definition). "
-             "`paper` = the paper's Table I.", "",
+             "`paper` = the paper's Table I. The donor ensemble and stack are built per seed from that seed's "
+             "pool models.", "",
              "| model | " + " | ".join(f"{t} AUC | {t} Gain | {t} paper" for t in tasks) + " | mean AUC |",
              "|---|" + "---:|---:|---:|" * len(tasks) + "---:|"]
     csv_rows = []
@@ -141,11 +149,13 @@ def write_table1(dataset: str, rows: list[Row], tasks: list[str], header: str, o
                              "auc_std": _fmt(cell.std), "seeds": cell.n, "gain": _fmt(gain), "paper_auc": _fmt(p)})
         name = f"**{row.name}**" if row.kind == "emm" else row.name
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(_mean_over_tasks(row, tasks))} |")
-    lines += ["", *verdict(rows, tasks)]
+    lines += ["", *paired.ci_section(pairs, tasks, DISPLAY), *verdict(rows, tasks), *paired.ci_verdict(pairs, DISPLAY)]
     md, csv_path = out_dir / "table1.md", out_dir / "table1.csv"
     md.write_text("\n".join(lines) + "\n")
+    csv_rows += paired.csv_rows(pairs, DISPLAY)
     with open(csv_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(csv_rows[0]) if csv_rows else ["model"])
+        fields = list(dict.fromkeys(k for r in csv_rows for k in r)) or ["model"]
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(csv_rows)
     return md, csv_path
@@ -209,8 +219,8 @@ def plot_table1(rows: list[Row], tasks: list[str], path: Path, title: str) -> Pa
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 0.42 * len(rows) + 1.6), squeeze=False)
-    colors = {"pool": "#adb5bd", "reference": "#6c757d", "baseline": "#4c6ef5", "lightgbm": "#2b8a3e",
-              "emm": "#d9480f"}
+    colors = {"pool": "#adb5bd", "reference": "#6c757d", "donors": "#495057", "baseline": "#4c6ef5",
+              "lightgbm": "#2b8a3e", "emm": "#d9480f"}
     for ax, task in zip(axes[0], tasks):
         shown = [r for r in rows if task in r.cells and r.cells[task].n]
         means = [r.cells[task].mean for r in shown]
@@ -350,8 +360,9 @@ def write_reports(dataset: str, profile: str, results: list[dict[str, Any]], sch
         f"{compute_min:.0f} worker-minutes in all" + (
             f"; this report's run took {seconds / 60:.1f} min wall" if seconds is not None else "") + (
             f" and reused {reused} finished runs from an earlier one." if reused else ".")
-    rows = table1_rows(results, main_set, main_tasks)
-    files = [*write_table1(dataset, rows, main_tasks, header, out_dir)]
+    scores = paired.collect(results, main_set, main_tasks)
+    rows = table1_rows(results, main_set, main_tasks, scores)
+    files = [*write_table1(dataset, rows, main_tasks, header, out_dir, paired.paired_rows(scores))]
     files.append(plot_table1(rows, main_tasks, out_dir / "table1.png", f"{dataset}: test AUC over seeds {seeds}"))
     files.append(write_table2(dataset, results, main_set, main_tasks, header, out_dir))
     extra = {ts: s.task_names for ts, s in schemas.items() if ts != main_set}
