@@ -36,7 +36,7 @@ from emm.data.stream import open_split
 from emm.errors import EMMError
 from emm.io import atomic_dir, digest, provenance, read_json, write_json
 from emm.models.external import FactoryMember, Member, parse_member, pin_weights, source_of
-from emm.models.pool import POOL_FILE, PoolEntry
+from emm.models.pool import POOL_FILE, PoolEntry, read_pool
 from emm.models.single_task import ModelSpec, build_model
 from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import PretrainConfig, load_params
@@ -330,6 +330,14 @@ def pool_model_names(dataset: str, params: Path | str | None = None) -> list[str
     cfg = load_params(params)
     schema = Schema.load(stage_dir(cfg, dataset, "data"))
     return [s.name for s in pool_specs(dataset, cfg.pretrain, schema)]
+
+
+def pool_entries(dataset: str, params: Path | str | None = None) -> tuple[Path, list[PoolEntry]]:
+    """The members of the current ``pool/`` (for `emm pool list`), with the folder they were read from."""
+    folder = stage_dir(load_params(params), dataset, "pool")
+    if not (folder / POOL_FILE).is_file():
+        raise EMMError(f"{folder / POOL_FILE} does not exist: run `emm pretrain {dataset}` first")
+    return folder, read_pool(folder)
 
 
 def open_pool_run(dataset: str, params: Path | str | None = None, *, models: list[str] | None = None) -> str | None:
