@@ -81,7 +81,7 @@ def trace(module: nn.Module, example: Sequence[Tensor], *, name: str, class_name
             graph = tracer.trace(meta_root, meta_args)
     except Exception as exc:
         raise EMMError(
-            f"pool model {name!r} ({type(module).__name__}) cannot be traced into a portable graph: "
+            f"pool model {name!r} ({class_name}) cannot be traced into a portable graph: "
             f"{type(exc).__name__}: {_first_line(exc)}. EMM traces the forward once with torch.fx (branches on "
             "tensor shapes are fine, branches on tensor values are not): replace `if tensor...:` by torch.where, "
             "and keep the forward to torch operations") from exc
