@@ -123,3 +123,31 @@ def test_rechub_and_builtin_pool_fuse_register_and_score_standalone(trained_rech
     assert fresh["user_code_loaded"] == []
     for task in ("income", "marital"):
         assert fresh["scores"][f"score_{task}"] == pytest.approx(here[f"score_{task}"].tolist(), abs=1e-6)
+
+
+def test_registered_builtin_member_joins_another_pool_by_alias(census_small_data, tmp_path):
+    """`emm pretrain` registers built-in members as versions of emm-<dataset>-<task>; a later pool names one
+    by alias and gets it back rebuilt from its spec (no pickle, no retraining), and it fuses as a built-in."""
+    store = tmp_path / "mlruns"
+    first = project(tmp_path / "first", census_small_data,
+                    [{"name": "income-mlp", "task": "income", "arch": "mlp", "hidden": [16]},
+                     {"name": "marital-mlp", "task": "marital", "arch": "mlp", "hidden": [16]}],
+                    store=store, log_models=True)
+    trained = {e.name: e for e in pretrain_stage("census-income", first, progress=False)}
+    configure(store)
+    client = mlflow.MlflowClient()
+    name = task_model_name("census-income", "income")
+    version = client.get_model_version(name, "1")
+    assert version.tags["emm.member"] == "income-mlp"
+    assert version.tags["test_auc"] == f"{trained['income-mlp'].test_auc:.6f}"
+    client.set_registered_model_alias(name, "best", "1")
+
+    second = project(tmp_path / "second", census_small_data,
+                     [{"name": "income-registered", "task": "income", "uri": f"models:/{name}@best"},
+                      {"name": "marital-mlp", "task": "marital", "arch": "mlp", "hidden": [16]}], store=store)
+    entries = pretrain_stage("census-income", second, track=False, progress=False)
+    got = entries[0]
+    assert got.source == "mlflow" and got.origin.resolved_uri == f"models:/{name}/1" and got.epochs_run == 0
+    assert got.spec.arch == "mlp" and got.test_auc == pytest.approx(trained["income-mlp"].test_auc, abs=1e-9)
+    plan, _ = decompose_stage("census-income", second)  # a built-in architecture: identical layers as ever
+    assert plan.align == "identical" and plan.num_levels >= 2
