@@ -46,6 +46,12 @@ def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: Decompose
     pool = load_pool(pool_dir, schema)
     if len(pool) < 2:
         raise EMMError(f"{pool_dir} holds {len(pool)} model(s); fusion needs a pool of at least 2")
+    lonely = [t for t in schema.task_names if t not in {e.task for e, _ in pool}]
+    if lonely:
+        raise EMMError(f"task(s) {lonely} have no model in {pool_dir} (it holds {[(e.name, e.task) for e, _ in pool]}), "
+                       f"so the fused model could not score them; nothing was written to {out_dir}. Add an entry for "
+                       f"each to pretrain.pool.{schema.dataset} (built-in `arch:`, MLflow `uri:` or your own "
+                       "`factory:` + `weights:`) and run `emm pretrain`, or ingest without those tasks")
     pool = [pool[i] for i in plan_order([e for e, _ in pool])]
     entries, models = [e for e, _ in pool], [m for _, m in pool]
     example = example_batch(data_dir, schema, cfg.example_rows)

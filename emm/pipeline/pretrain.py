@@ -73,7 +73,8 @@ def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[Member
     """The pool members of ``dataset``: built-in specs, MLflow and factory entries (weights pinned by sha256).
 
     Refused here, before anything is trained or imported: an entry of no known kind, two entries with one
-    name, an entry for a task the data lacks, and a task with no entry at all (it could never be fused).
+    name, an entry for a task the data lacks. A task with no entry is only warned about by ``pretrain`` (a
+    pool may be built up in parts); the decompose stage refuses it, as nothing could fuse it.
     """
     raw = cfg.pool.get(dataset) or default_pool(schema.task_names)
     where = f"pretrain.pool.{dataset}"
@@ -88,11 +89,6 @@ def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[Member
         if m.task not in schema.task_names:
             raise EMMError(f"{where}: model {m.name!r} is for task {m.task!r}, but the ingested "
                            f"data has tasks {schema.task_names}")
-    lonely = [t for t in schema.task_names if t not in {m.task for m in members}]
-    if lonely:
-        raise EMMError(f"{where}: task(s) {lonely} have no model (the pool has {[(m.name, m.task) for m in members]}), "
-                       "so the fused model could not score them; add an entry for each: a built-in one (`arch:`), an "
-                       "MLflow model (`uri:`) or your own (`factory:` + `weights:`), or ingest without those tasks")
     return [pin_weights(m) if isinstance(m, FactoryMember) else m for m in members]
 
 
@@ -258,6 +254,10 @@ def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: P
     tracker = tracker or NullTracker()
     schema = Schema.load(data_dir)
     specs = pool_specs(dataset, cfg, schema)
+    lonely = [t for t in schema.task_names if t not in {s.task for s in specs}]
+    if lonely:
+        log.warning("pretrain.pool.%s has no model for task(s) %s: this pool can be listed but not fused (the "
+                    "decompose stage refuses it); add an entry for each", dataset, lonely)
     kept: dict[str, tuple[PoolEntry, Path]] = {}
     if only:
         unknown = sorted(set(only) - {s.name for s in specs})

@@ -1,6 +1,7 @@
-"""Bad outside pool members, one test each: every one stops `emm pretrain` with an EMMError that names the
+"""Bad outside pool members, one test each: each stops `emm pretrain` with an EMMError that names the
 entry and the fix, before pool/ is written (an outside member listed first is imported before anything
-is trained)."""
+is trained); a pool that leaves a task without a model, or a member no alignment can cut, is stopped by
+`emm decompose` before components/ is written."""
 
 from __future__ import annotations
 
@@ -182,9 +183,17 @@ def test_two_entries_with_the_same_name(census_small_data, tmp_path, tabular_wei
         pool_specs("census-income", cfg.pretrain, Schema.load(census_small_data))
 
 
-def test_a_task_with_no_model(census_small_data, tmp_path):
-    refused(tmp_path, census_small_data, INCOME, tmp_path / "mlruns",
-            r"task\(s\) \['marital'\] have no model .*add an entry for each", pool=[INCOME])
+def test_a_task_with_no_model(census_small_data, tmp_path, caplog):
+    """Pretraining part of a pool is allowed (warned about); decomposing it is refused, nothing written."""
+    second = {"name": "income-mlp-2", "task": "income", "arch": "mlp", "hidden": [8]}
+    params = project(tmp_path, census_small_data, [INCOME, second], store=tmp_path / "mlruns")
+    with caplog.at_level(logging.WARNING, logger="emm"):
+        pretrain_stage("census-income", params, track=False, progress=False)
+    assert "has no model for task(s) ['marital']" in caplog.text
+    with pytest.raises(EMMError, match=r"task\(s\) \['marital'\] have no model in .*pool.*nothing was written.*"
+                                       r"Add an entry for each to pretrain.pool.census-income"):
+        decompose_stage("census-income", params)
+    assert not (tmp_path / "artifacts" / "census-income" / "components").exists()
 
 
 def test_value_branch_cannot_be_made_portable(census_small_data, tmp_path, tabular_weights):
