@@ -34,13 +34,13 @@ sys.path.insert(0, str(HERE.parent))  # emm itself, from a checkout
 
 import mlflow  # noqa: E402
 import mlflow.pytorch  # noqa: E402
+import rechub_models  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch_rechub.trainers import CTRTrainer  # noqa: E402
 
-import rechub_models  # noqa: E402
 from emm.cli import pool_table  # noqa: E402
 from emm.data.batches import UserBatches, save_encoding  # noqa: E402
 from emm.errors import EMMError  # noqa: E402

@@ -197,8 +197,8 @@ def check_encoding(record: dict[str, Any] | None, schema: Schema, name: str, whe
     if differences:
         raise EMMError(f"pool model {name!r} was trained on another data encoding ({where}: fingerprint "
                        f"{record.get('fingerprint')}) than {schema.dataset!r} has now ({schema.fingerprint()}): "
-                       + "; ".join(differences) + ". Retrain it on the current ingest (emm.data.batches.UserBatches) or "
-                       "re-ingest the data it was trained on")
+                       + "; ".join(differences) + ". Retrain it on the current ingest (emm.data.batches.UserBatches) "
+                       "or re-ingest the data it was trained on")
     return True
 
 
@@ -304,8 +304,8 @@ def _index_guard(path: str, table: nn.Module, schema: Schema, x: dict[str, Tenso
                                f"index {int(idx.max())}; build it with the vocabulary sizes of the current schema "
                                "(emm.data.batches.feature_table)")
         raise _IndexMisfit(f"pool model {name!r}: feature {feature!r} has {size} in the data, but the model's "
-                           f"embedding {path!r} has only {rows} rows; build it with the vocabulary sizes of the current "
-                           "schema (emm.data.batches.feature_table)")
+                           f"embedding {path!r} has only {rows} rows; build it with the vocabulary sizes of the "
+                           "current schema (emm.data.batches.feature_table)")
 
     return hook
 

@@ -95,8 +95,8 @@ def build_member(spec: ModelSpec | PortableSpec, schema: Schema) -> nn.Module:
         return build_model(spec, schema)
     if spec.input_shapes != [[schema.n_sparse], [schema.n_dense]]:
         raise EMMError(f"pool model {spec.name!r} was imported for inputs of per-row shapes {spec.input_shapes}, but "
-                       f"{schema.dataset!r} has {schema.n_sparse} sparse and {schema.n_dense} dense features; import it "
-                       "again on the current data (`emm pretrain`)")
+                       f"{schema.dataset!r} has {schema.n_sparse} sparse and {schema.n_dense} dense features; import "
+                       "it again on the current data (`emm pretrain`)")
     return build_portable(spec.graph)
 
 

@@ -48,7 +48,8 @@ def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: Decompose
         raise EMMError(f"{pool_dir} holds {len(pool)} model(s); fusion needs a pool of at least 2")
     lonely = [t for t in schema.task_names if t not in {e.task for e, _ in pool}]
     if lonely:
-        raise EMMError(f"task(s) {lonely} have no model in {pool_dir} (it holds {[(e.name, e.task) for e, _ in pool]}), "
+        held = [(e.name, e.task) for e, _ in pool]
+        raise EMMError(f"task(s) {lonely} have no model in {pool_dir} (it holds {held}), "
                        f"so the fused model could not score them; nothing was written to {out_dir}. Add an entry for "
                        f"each to pretrain.pool.{schema.dataset} (built-in `arch:`, MLflow `uri:` or your own "
                        "`factory:` + `weights:`) and run `emm pretrain`, or ingest without those tasks")
@@ -81,8 +82,9 @@ def explain(exc: EMMError, entries: list[PoolEntry], models: list[nn.Module], ex
     if cfg.align == "identical" and NO_COMMON in str(exc):
         outside = [e.name for e in entries if e.source != "builtin"]
         note = f" (outside models in this pool: {outside})" if outside else ""
-        return EMMError(f"{exc}\nThe pool's members share no identical layer{note}: set `decompose: {{align: project}}` "
-                        "in params.yaml to cut every member at equal relative depth with trained adapters between them")
+        return EMMError(f"{exc}\nThe pool's members share no identical layer{note}: set "
+                        "`decompose: {align: project}` in params.yaml to cut every member at equal relative depth "
+                        "with trained adapters between them")
     return exc
 
 

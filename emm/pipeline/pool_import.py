@@ -30,14 +30,23 @@ from torch import nn
 
 from emm.data.batches import encoding_path, read_encoding
 from emm.data.options import ScaleConfig
-from emm.data.schema import Schema, check_fingerprint
+from emm.data.schema import Schema
 from emm.data.stream import ParquetStream, open_split
 from emm.data.tensors import load_split
 from emm.errors import EMMError
 from emm.io import read_json, sha256_file, write_json
-from emm.models.external import (ExternalAdapter, FactoryMember, Member, UriMember, build_factory_model,
-                                 check_encoding, check_member, pin_weights, source_of)
-from emm.models.pool import ExternalOrigin, PoolEntry, PortableSpec, build_member
+from emm.models.external import (
+    ExternalAdapter,
+    FactoryMember,
+    Member,
+    UriMember,
+    build_factory_model,
+    check_encoding,
+    check_member,
+    pin_weights,
+    source_of,
+)
+from emm.models.pool import ExternalOrigin, PoolEntry, PortableSpec
 from emm.models.portable import make_portable
 from emm.models.single_task import ModelSpec, build_model
 from emm.tracker import NullTracker, Tracker
@@ -66,9 +75,9 @@ def import_signature(member: Member, fingerprint: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def load_member(member: FactoryMember | UriMember, schema: Schema, store: Path) -> Iterator[Loaded]:
-    """Load an outside member and check the encoding it was trained on (the files live until the block ends)."""
+    """Load an outside member (a factory entry already pinned) and check the encoding it was trained on
+    (the files live until the block ends)."""
     if isinstance(member, FactoryMember):
-        member = pin_weights(member)
         sidecar = encoding_path(member.weights)
         record = read_encoding(sidecar) if sidecar.is_file() else None
         recorded = check_encoding(record, schema, member.name, f"no {sidecar}" if record is None else str(sidecar))
@@ -100,7 +109,11 @@ def load_member(member: FactoryMember | UriMember, schema: Schema, store: Path) 
 def import_member(member: FactoryMember | UriMember, data_dir: Path, work_dir: Path, *, store: Path,
                   tracker: Tracker | None = None, scale: ScaleConfig | None = None, resume: bool = False,
                   write: bool = True) -> PoolEntry:
-    """Import one outside member into ``work_dir/<name>/`` (reused when resuming with the same signature)."""
+    """Import one outside member into ``work_dir/<name>/``.
+
+    When resuming, a factory member whose signature (entry, weights sha256, schema) matches its work folder is
+    reused; a ``uri:`` member is imported again, since an alias may have moved since (a registry lookup and
+    two passes over val/test are cheap next to training)."""
     tracker = tracker or NullTracker()
     started = time.perf_counter()
     schema = Schema.load(data_dir)
@@ -108,7 +121,8 @@ def import_member(member: FactoryMember | UriMember, data_dir: Path, work_dir: P
     if isinstance(member, FactoryMember):
         member = pin_weights(member)
     signature = import_signature(member, schema.fingerprint())
-    if resume and (work / "entry.json").is_file() and read_json(work / "entry.json").get("signature") == signature:
+    if resume and isinstance(member, FactoryMember) and (work / "entry.json").is_file() \
+            and read_json(work / "entry.json").get("signature") == signature:
         log.info("%s: already imported, reusing %s", member.name, work)
         return PoolEntry.model_validate(read_json(work / "entry.json")["entry"])
     example = load_split(data_dir, "val", schema).head(CHECK_ROWS)
@@ -157,9 +171,3 @@ def score(model: nn.Module, data_dir: Path, split: str, schema: Schema, task: st
     else:
         probs, labels = predict_proba(model, data), data.labels.numpy()
     return task_metrics(labels, probs, [task])[task]
-
-
-def check_imported(entry: PoolEntry, weights: Path, schema: Schema) -> None:
-    """An imported result is still loadable on ``schema`` (used before reusing it)."""
-    check_fingerprint(entry.schema_fingerprint, schema, f"pool model {entry.name!r}")
-    load_module(build_member(entry.spec, schema), weights, what=f"pool model {entry.name!r}", fix="import it again")

@@ -112,7 +112,8 @@ def load_uri(uri: str, name: str, store: Path, *, trust_pickle: bool) -> Iterato
         try:
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=tmp))
         except (mlflow.exceptions.MlflowException, OSError) as exc:
-            raise EMMError(f"pool model {name!r}: cannot download {resolved} from {tracking_uri(store)}: {exc}") from exc
+            raise EMMError(f"pool model {name!r}: cannot download {resolved} from {tracking_uri(store)}: "
+                           f"{exc}") from exc
         bundle = _emm_bundle(folder)
         if bundle is not None:
             yield _load_bundle(bundle, resolved, run_id)
@@ -159,8 +160,9 @@ def _load_pytorch(folder: Path, name: str, resolved: str, run_id: str | None, *,
                        "(and trust_pickle: true), or better save a factory + safetensors entry")
     if not trust_pickle:
         code = flavors["pytorch"].get("code")
+        carries = f" that carries code ({code})" if code else ""
         raise EMMError(
-            f"pool model {name!r}: {resolved} is a pickled PyTorch model{' that carries code (' + code + ')' if code else ''}. "
+            f"pool model {name!r}: {resolved} is a pickled PyTorch model{carries}. "
             "Loading it unpickles a Python object, which runs any code the file names (and puts the model's code "
             "folder on sys.path): whoever can write to that run or register that name can run code in this process. "
             "EMM loads it only with `trust_pickle: true` on this entry; the safer way is a factory + safetensors entry")

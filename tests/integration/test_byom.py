@@ -28,8 +28,7 @@ from emm.pipeline.pretrain import pretrain_stage, task_model_name
 from emm.tracking.pyfunc import raw_example
 from emm.tracking.store import configure
 from tests.conftest import REPO
-from tests.integration.test_byom_support import (USER_MODULE, project, set_align, trained_rechub,  # noqa: F401
-                                                 user_code)
+from tests.integration.test_byom_support import USER_MODULE, project, set_align, trained_rechub, user_code  # noqa: F401
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -22,8 +22,7 @@ from emm.pipeline.decompose import decompose_stage
 from emm.pipeline.params import load_params
 from emm.pipeline.pretrain import pool_specs, pretrain_stage
 from emm.tracking.store import configure
-from tests.integration.test_byom_support import (USER_MODULE, project, set_align, trained_rechub,  # noqa: F401
-                                                 user_code)
+from tests.integration.test_byom_support import USER_MODULE, project, set_align, trained_rechub, user_code  # noqa: F401
 
 MARITAL = {"name": "marital-mlp", "task": "marital", "arch": "mlp", "hidden": [16]}
 INCOME = {"name": "income-mlp", "task": "income", "arch": "mlp", "hidden": [16]}
@@ -65,7 +64,8 @@ def test_unknown_uri_and_unknown_alias(trained_rechub, tmp_path):
     refused(tmp_path / "a", t.data_dir, entry, t.store, r"pool model 'theirs'.*no registered model 'no-such-model'.*"
             r"registered: \[.*'rechub-income'")
     entry["uri"] = "models:/rechub-income@champion"
-    refused(tmp_path / "b", t.data_dir, entry, t.store, r"'rechub-income' has no alias 'champion' \(aliases: \['prod'\]\)")
+    refused(tmp_path / "b", t.data_dir, entry, t.store,
+            r"'rechub-income' has no alias 'champion' \(aliases: \['prod'\]\)")
 
 
 def test_factory_not_importable(census_small_data, tmp_path, tabular_weights):

@@ -145,7 +145,8 @@ def trained_rechub(user_code, census_small_data, tmp_path_factory) -> Trained:
     mlflow.set_experiment("rechub")
     with mlflow.start_run():
         mlflow.pytorch.log_model(dcnv2, name="model", serialization_format="pickle",
-                                 pip_requirements=["torch", "torch-rechub==0.9.0"], registered_model_name="rechub-income")
+                                 pip_requirements=["torch", "torch-rechub==0.9.0"],
+                                 registered_model_name="rechub-income")
         log_encoding(census_small_data)
     mlflow.MlflowClient().set_registered_model_alias("rechub-income", "prod", "1")
     return Trained(census_small_data, store, weights, dcn_kwargs, "models:/rechub-income@prod",
