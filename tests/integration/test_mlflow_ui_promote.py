@@ -31,7 +31,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, write_head
 
 DATASET = "census-income"
 MODEL = f"emm-{DATASET}"
@@ -201,9 +201,7 @@ def scores(registry: Registry, uri: str, rows: Path, out: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_champion_set_in_mlflow_ui_is_what_predict_scores(tiny_registry, mlflow_ui, tmp_path):
-    from emm.data.schema import Schema
-    from emm.tracking.pyfunc import raw_example
+def test_champion_set_in_mlflow_ui_is_what_predict_scores(tiny_registry, mlflow_ui, tmp_path, census_small_raw):
 
     client = mlflow.MlflowClient(tracking_uri=tiny_registry.uri, registry_uri=tiny_registry.uri)
     versions = sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
@@ -219,15 +217,10 @@ def test_champion_set_in_mlflow_ui_is_what_predict_scores(tiny_registry, mlflow_
     aliases = {alias: str(v) for alias, v in client.get_registered_model(MODEL).aliases.items()}
     assert aliases == {"champion": TARGET, "challenger": "2"}
 
-    # Raw test rows, decoded from the ingested split. Dense columns are cast to float and so written with a
-    # decimal point: raw rows with integer dense values currently crash `emm predict` (a known bug being
-    # fixed elsewhere); once fixed, this can read rows straight from the raw census file.
-    rows = raw_example(tiny_registry.data_dir, rows=200)
-    dense = [f.name for f in Schema.load(tiny_registry.data_dir).dense]
-    rows[dense] = rows[dense].astype(float)
+    # Raw rows straight from the UCI test file (headerless, integer dense values), as a user would pass them.
     src = tmp_path / "rows.csv"
-    rows.to_csv(src, index=False)
-
+    write_head(census_small_raw / "census-income.test.gz", src, 200)
+    rows = pd.read_csv(src, header=None)
     champion = scores(tiny_registry, f"models:/{MODEL}@champion", src, tmp_path / "champion.csv")
     v1 = scores(tiny_registry, f"models:/{MODEL}/1", src, tmp_path / "v1.csv")
     v2 = scores(tiny_registry, f"models:/{MODEL}/2", src, tmp_path / "v2.csv")
