@@ -281,6 +281,31 @@ def predict_cmd(
         console.print(f"[yellow]rejected {report.rejected:,} rows[/] -> {report.rejects}")
 
 
+@app.command("export")
+@user_errors
+def export_cmd(
+    dataset: Annotated[str, typer.Argument(help="a dataset with a fused model")],
+    fmt: Annotated[str, typer.Option("--format", help="export format (onnx)")] = "onnx",
+    model_uri: Annotated[Optional[str], typer.Option(
+        "--model-uri", help="registered version to log the export to, e.g. models:/emm-census-income/3 "
+        "(default: the challenger, if it was registered from this fused/)")] = None,
+    no_log: Annotated[bool, typer.Option("--no-log", help="only write the file; log nothing to MLflow")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Export the fused model for fast scoring: artifacts/<dataset>/export/fused.onnx ((sparse, dense) -> logits,
+    dynamic batch), checked against torch with onnxruntime, and logged to the registered version's run."""
+    from emm.pipeline.export import export_stage
+
+    report = export_stage(dataset, params, fmt=fmt, model_uri=model_uri, log_model=not no_log)
+    console.print(f"exported {report.path}: max |onnxruntime - torch| {report.max_abs_diff:.2e} on logits, "
+                  f"{report.max_abs_diff_probability:.2e} on probabilities, {report.rows_checked:,} validation rows "
+                  f"({report.seconds:.0f}s)")
+    if report.version:
+        console.print(f"logged to version {report.version} (run {report.run_id}) under export/")
+    elif report.note:
+        console.print(f"[yellow]{report.note}[/]", highlight=False)
+
+
 def _is_main_rank() -> bool:
     """False in torchrun's ranks other than 0 (pretrain/fuse run DDP there; rank 0 alone reports)."""
     import os

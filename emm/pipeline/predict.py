@@ -11,17 +11,28 @@ Rows that cannot be scored (a required value missing, a dense value that is not 
 silently scored: they go to ``<output>.rejected.csv`` with the reason, and the run reports how many there
 were; a run without rejects removes a rejects file an earlier run left. A missing required *column*
 fails the whole run with the column names.
+
+Streaming: the input is read, scored and written ``chunk_rows`` rows at a time (Parquet by record batches
+of its row groups, CSV by pandas' ``chunksize``), so memory follows the chunk size, not the file size; a
+progress bar counts the rows (on a terminal). The output and the rejects are written to temporary
+siblings as they grow and renamed into place only when the whole input is done: a run that fails midway
+(a malformed line in the last chunk) leaves the previous output or none, never part of one. A file
+scores the same chunked as in one piece: each row is encoded and scored on its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from emm.data.spec import DatasetSpec, resolve_dataset
 from emm.errors import EMMError
@@ -29,6 +40,8 @@ from emm.io import atomic_file
 from emm.pipeline.params import load_params
 from emm.tracking.loading import load_scorer
 from emm.tracking.pyfunc import Scorer, raw_text
+
+CHUNK_ROWS = 65_536  # rows read, scored and written at a time: what bounds memory, whatever the input size
 
 
 @dataclass
@@ -64,27 +77,54 @@ def _first_row(path: Path, delimiter: str) -> list[str]:
     return [str(v).strip() for v in first.iloc[0]] if len(first) else []
 
 
-def read_table(path: Path, needed: list[str], layout: RawLayout | None = None) -> tuple[pd.DataFrame, bool]:
-    """The input rows (Parquet in its own dtypes, CSV as text) and whether it was read as headerless."""
+class InputRows(NamedTuple):
+    """The input as a stream of chunks, whether it was read as headerless, and its row count if known."""
+
+    chunks: Iterator[pd.DataFrame]
+    headerless: bool
+    total: int | None
+
+
+def read_chunks(path: Path, needed: list[str], layout: RawLayout | None = None,
+                chunk_rows: int = CHUNK_ROWS) -> InputRows:
+    """The input rows, ``chunk_rows`` at a time (Parquet in its own dtypes, CSV as text); a file that cannot
+    be read, at its start or further down, is an ``EMMError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise EMMError(f"input file {path} does not exist")
+    if chunk_rows < 1:
+        raise EMMError(f"chunk_rows must be a positive number of rows, got {chunk_rows}")
     kind = "Parquet" if path.suffix == ".parquet" else "CSV"
+    failure = (ValueError, OSError, EOFError, pd.errors.ParserError, pa.ArrowException)  # EmptyDataError: ValueError
+
+    def guarded(chunks: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        try:
+            yield from chunks
+        except failure as exc:
+            raise EMMError(f"input file {path} cannot be read as {kind}: {exc}") from exc
+
     try:
         if kind == "Parquet":
-            return pq.read_table(path).to_pandas(), False
+            parquet = pq.ParquetFile(path)
+            batches = (b.to_pandas() for b in parquet.iter_batches(batch_size=chunk_rows))
+            return InputRows(guarded(batches), False, parquet.metadata.num_rows)
         headerless = False
         if layout is not None:  # headerless: the declared number of fields, none of them a column name
             first = _first_row(path, layout.delimiter)
             headerless = len(first) == len(layout.columns) and not set(first) & set(needed)
+        options = dict(dtype=str, keep_default_na=False, skipinitialspace=True, chunksize=chunk_rows)
         if headerless:
-            frame = pd.read_csv(path, header=None, names=layout.columns, sep=layout.delimiter, dtype=str,
-                                keep_default_na=False, skipinitialspace=True)
+            reader = pd.read_csv(path, header=None, names=layout.columns, sep=layout.delimiter, **options)
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-        return frame, headerless
-    except (ValueError, OSError, EOFError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
+            reader = pd.read_csv(path, **options)
+    except failure as exc:
         raise EMMError(f"input file {path} cannot be read as {kind}: {exc}") from exc
+
+    def csv_chunks() -> Iterator[pd.DataFrame]:
+        with reader:
+            yield from reader
+
+    return InputRows(guarded(csv_chunks()), headerless, None)
 
 
 def require_columns(frame: pd.DataFrame, needed: list[str], layout: RawLayout | None = None) -> None:
@@ -110,12 +150,39 @@ def validate_rows(frame: pd.DataFrame, sparse: list[str], dense: list[str]) -> p
     return reasons
 
 
-def _write_table(frame: pd.DataFrame, path: Path) -> None:
-    with atomic_file(path) as tmp:
-        if path.suffix == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
+class TableWriter:
+    """Appends frames to one CSV or Parquet file, the header or the schema from the first.
+
+    ``path`` is where to write (an ``atomic_file`` temporary), ``final`` the file it becomes: its suffix
+    picks the format."""
+
+    def __init__(self, path: Path, final: Path, schema: pa.Schema | None = None) -> None:
+        self.path, self.schema = Path(path), schema
+        self.parquet = Path(final).suffix == ".parquet"
+        self.rows = 0
+        self.closed = False
+        self._csv_started = False
+        self._parquet: pq.ParquetWriter | None = None
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.parquet:
+            table = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.path, table.schema)
+            self._parquet.write_table(table)
+        else:  # by path, appending: nothing stays open between chunks
+            frame.to_csv(self.path, mode="a" if self._csv_started else "w", header=not self._csv_started, index=False)
+            self._csv_started = True
+        self.rows += len(frame)
+
+    def close(self, empty: pd.DataFrame | None = None) -> None:
+        """Finish the file (again: a no-op); one that got no frame is written from ``empty`` (columns, no rows)."""
+        if self._parquet is None and not self._csv_started and empty is not None and not self.closed:
+            self.write(empty)
+        if self._parquet is not None:
+            self._parquet.close()
+        self._parquet = None
+        self.closed = True
 
 
 def rejects_path(output_path: Path) -> Path:
@@ -123,32 +190,52 @@ def rejects_path(output_path: Path) -> Path:
 
 
 def predict_file(scorer: Scorer, input_path: Path, output_path: Path,
-                 declarations: dict[str, DatasetSpec] | None = None) -> PredictReport:
-    """Score ``input_path`` into ``output_path`` (written atomically); rejects beside it, or none."""
+                 declarations: dict[str, DatasetSpec] | None = None, *, chunk_rows: int = CHUNK_ROWS,
+                 progress: bool | None = None) -> PredictReport:
+    """Score ``input_path`` into ``output_path`` chunk by chunk (both files appear whole, at the end); rejects
+    beside it, or none. ``progress``: a row counter on stderr (None: only on a terminal)."""
     sparse, dense = scorer.sparse_columns, scorer.dense_columns
     layout = raw_layout(scorer.schema.dataset, declarations)
-    frame, headerless = read_table(input_path, sparse + dense, layout)
-    if frame.empty:
-        raise EMMError(f"input file {input_path} has no rows")
-    require_columns(frame, sparse + dense, layout)
-    text = pd.DataFrame({c: raw_text(frame[c]) for c in sparse + dense})
-    reasons = validate_rows(text, sparse, dense)
-    good = reasons.eq("")
-    scores = scorer.predict(text.loc[good])
-    scores.insert(0, "row", np.flatnonzero(good.to_numpy()) + 1)
+    rows = read_chunks(input_path, sparse + dense, layout, chunk_rows)
     output_path = Path(output_path)
-    _write_table(scores, output_path)
     rejects = rejects_path(output_path)
-    if (~good).any():
-        rej = frame.loc[~good].copy()
-        rej.insert(0, "reason", reasons[~good])
-        rej.insert(0, "row", np.flatnonzero((~good).to_numpy()) + 1)
-        _write_table(rej, rejects)
-    else:
+    columns = ["row", *[f"score_{t}" for t in scorer.outputs]]
+    schema = pa.schema([("row", pa.int64()), *[(c, pa.float32()) for c in columns[1:]]])
+    no_scores = pd.DataFrame({c: pd.Series(dtype="int64" if c == "row" else "float32") for c in columns})
+    seen = 0
+    with contextlib.ExitStack() as stack:  # unwinds in reverse: writers closed, then the temporary files renamed
+        scores_out = TableWriter(stack.enter_context(atomic_file(output_path)), output_path, schema)
+        stack.callback(scores_out.close, no_scores)
+        rejects_out: TableWriter | None = None
+        bar = stack.enter_context(tqdm(total=rows.total, unit="rows", desc=f"scoring {Path(input_path).name}",
+                                       disable=None if progress is None else not progress, mininterval=1.0))
+        for frame in rows.chunks:
+            if seen == 0:
+                require_columns(frame, sparse + dense, layout)
+            text = pd.DataFrame({c: raw_text(frame[c]) for c in sparse + dense})
+            reasons = validate_rows(text, sparse, dense)
+            good = reasons.eq("").to_numpy()
+            if good.any():
+                scores = scorer.predict(text.loc[good])
+                scores.insert(0, "row", seen + np.flatnonzero(good) + 1)
+                scores_out.write(scores)
+            if not good.all():
+                if rejects_out is None:  # opened at the first reject: a run without rejects writes none
+                    rejects_out = TableWriter(stack.enter_context(atomic_file(rejects)), rejects)
+                    stack.callback(rejects_out.close)
+                rej = frame.loc[~good].copy()
+                rej.insert(0, "reason", reasons[~good])
+                rej.insert(0, "row", seen + np.flatnonzero(~good) + 1)
+                rejects_out.write(rej)
+            seen += len(frame)
+            bar.update(len(frame))
+        if seen == 0:
+            raise EMMError(f"input file {input_path} has no rows")
+    if rejects_out is None:
         rejects.unlink(missing_ok=True)  # a stale one from an earlier run would pass for this run's rejects
-        rejects = None
-    return PredictReport(scored=int(good.sum()), rejected=int((~good).sum()), output=output_path, rejects=rejects,
-                         headerless=headerless)
+    rejected = rejects_out.rows if rejects_out is not None else 0
+    return PredictReport(scored=seen - rejected, rejected=rejected, output=output_path,
+                         rejects=rejects if rejects_out is not None else None, headerless=rows.headerless)
 
 
 def predict_stage(model_uri: str, input_path: Path, output_path: Path,

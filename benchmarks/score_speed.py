@@ -1,0 +1,167 @@
+"""Scoring speed: the fused model in torch eager and in onnxruntime vs the two LightGBM models, same raw rows.
+
+The rows are the first ``--rows`` lines of the raw UCI test file (``data/<dataset>/``), read as
+``emm predict`` reads a headerless raw file (text). They are encoded once by the ingestion ``Encoder``
+(vocabularies, dense scaling, buckets), which every model needs, and that cost is shown apart; then,
+in interleaved rounds (torch, onnxruntime, LightGBM, torch, ...), each model scores the encoded rows and
+the medians are reported as rows/s, with ratios, and end to end (encoding included).
+
+- torch eager: the saved fused model (``fused/``), ``predict_proba`` (sigmoid included), batch ``--batch-size``.
+- onnxruntime: ``export/fused.onnx`` when it was exported from these fused weights (``emm export``),
+  else exported here into a temporary folder; logits -> sigmoid, same batch size.
+- LightGBM: one booster per task, trained here exactly as the benchmark's LightGBM row trains them
+  (``emm.train.lightgbm_row``: its parameters, features and early stopping); scoring both tasks is
+  one row's work.
+Every side gets ``--threads`` threads. The ONNX-vs-torch max abs difference is over the same rows.
+
+    python -m benchmarks.score_speed [--dataset census-income] [--rows 50000] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from emm.data.encoding import Encoder
+from emm.data.reader import resolve_file
+from emm.data.schema import Schema
+from emm.data.spec import resolve_dataset
+from emm.data.tensors import frame_to_tensors
+from emm.fusion.saved import FUSED_WEIGHTS, load_fused
+from emm.io import read_json, sha256_file
+from emm.pipeline.export import EXPORT_JSON, ONNX_FILE, export_onnx, onnx_logits, onnx_session
+from emm.pipeline.layout import stage_dir
+from emm.pipeline.params import load_params
+from emm.train.lightgbm_row import DEFAULT_PARAMS
+from emm.train.trainer import predict_proba
+
+from benchmarks.train_throughput import load_average
+
+
+def raw_rows(cfg: Any, dataset: str, rows: int) -> pd.DataFrame:
+    """The first ``rows`` rows of the dataset's raw test file, as text, in the declaration's columns."""
+    spec = resolve_dataset(dataset, cfg.datasets)
+    path = resolve_file(Path(cfg.paths.raw_root) / dataset, spec.files["test"])
+    return pd.read_csv(path, header=None, names=spec.columns, sep=spec.delimiter, dtype=str, nrows=rows,
+                       keep_default_na=False, skipinitialspace=True)
+
+
+def train_lightgbm(data_dir: Path, schema: Schema, threads: int, seed: int = 2026) -> tuple[list[str], list[Any]]:
+    """One booster per task, as ``lightgbm_per_task`` trains them (its features, parameters, early stopping)."""
+    import lightgbm as lgb
+
+    categorical = [f.name for f in schema.sparse if f.bucket_of is None]
+    features = categorical + [f.name for f in schema.dense]
+    frames = {s: pq.read_table(Path(data_dir) / f"{s}.parquet").to_pandas() for s in ("train", "val")}
+    boosters = []
+    for task in schema.task_names:
+        train = lgb.Dataset(frames["train"][features], frames["train"][task], categorical_feature=categorical,
+                            free_raw_data=False)
+        val = lgb.Dataset(frames["val"][features], frames["val"][task], reference=train,
+                          categorical_feature=categorical)
+        boosters.append(lgb.train({**DEFAULT_PARAMS, "num_threads": threads, "seed": seed, "metric": "auc"}, train,
+                                  num_boost_round=2000, valid_sets=[val],
+                                  callbacks=[lgb.early_stopping(50, verbose=False)]))
+    return features, boosters
+
+
+def onnx_file(cfg: Any, dataset: str, model: torch.nn.Module, example: tuple[torch.Tensor, torch.Tensor],
+              tmp: Path) -> tuple[Path, str]:
+    """``export/fused.onnx`` if it was made from the current fused weights, else a fresh export in ``tmp``."""
+    export_dir, fused_dir = stage_dir(cfg, dataset, "export"), stage_dir(cfg, dataset, "fused")
+    if (export_dir / EXPORT_JSON).is_file():
+        if read_json(export_dir / EXPORT_JSON).get("fused_weights_sha256") == sha256_file(fused_dir / FUSED_WEIGHTS):
+            return export_dir / ONNX_FILE, f"{export_dir / ONNX_FILE} (emm export)"
+    export_onnx(model, tmp / ONNX_FILE, example)
+    return tmp / ONNX_FILE, "exported here (no export/ of these fused weights)"
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - started, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="census-income")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="threads for torch, onnxruntime and LightGBM alike")
+    parser.add_argument("--batch-size", type=int, default=65_536, help="rows per torch / onnxruntime call")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_params(args.params)
+    data_dir = stage_dir(cfg, args.dataset, "data")
+    schema = Schema.load(data_dir)
+    encoder = Encoder.load(data_dir, schema)
+    rows = raw_rows(cfg, args.dataset, args.rows)
+    model, _ = load_fused(stage_dir(cfg, args.dataset, "fused"), schema)
+    print(f"{args.dataset}: {len(rows):,} raw test rows; {args.threads} threads each; batch {args.batch_size:,}")
+    print(f"load before: {load_average()}")
+
+    encode_s: list[float] = []
+    for _ in range(args.rounds):
+        seconds, (encoded, tensors) = timed(lambda: (lambda e: (e, frame_to_tensors(e, schema, with_labels=False)))(
+            encoder.transform(rows, source="raw rows", first_line=None)))
+        encode_s.append(seconds)
+    features, boosters = train_lightgbm(data_dir, schema, args.threads)
+    lgb_input = encoded[features]
+    with tempfile.TemporaryDirectory() as tmp:
+        path, where = onnx_file(cfg, args.dataset, model, (tensors.sparse[:64], tensors.dense[:64]), Path(tmp))
+        session = onnx_session(path, threads=args.threads)
+        sparse_np, dense_np = tensors.sparse.numpy(), tensors.dense.numpy()
+        sides = {
+            "torch eager": lambda: predict_proba(model, tensors, args.batch_size),
+            "onnxruntime": lambda: 1 / (1 + np.exp(-onnx_logits(session, sparse_np, dense_np, args.batch_size))),
+            "LightGBM x2": lambda: np.stack([b.predict(lgb_input, num_iteration=b.best_iteration,
+                                                       num_threads=args.threads) for b in boosters], axis=1),
+        }
+        for fn in sides.values():  # warm-up
+            fn()
+        seconds: dict[str, list[float]] = {k: [] for k in sides}
+        outputs: dict[str, Any] = {}
+        for r in range(args.rounds):
+            for k, fn in sides.items():
+                s, outputs[k] = timed(fn)
+                seconds[k].append(s)
+            print(f"  round {r + 1}: " + "  ".join(f"{k} {len(rows) / v[-1]:,.0f}/s" for k, v in seconds.items()))
+        with torch.no_grad():
+            logits_torch = model(tensors.sparse, tensors.dense).numpy()
+        logits_onnx = onnx_logits(session, sparse_np, dense_np, args.batch_size)
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        model(tensors.sparse[:1024], tensors.dense[:1024])
+    per_row = flops.get_total_flops() / 1024
+
+    n = len(rows)
+    enc = statistics.median(encode_s)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    lgb = med["LightGBM x2"]
+    print(f"load after: {load_average()}")
+    print(f"ONNX file: {where}")
+    print(f"encoding the raw rows (Encoder.transform + tensors), shared by all: {n / enc:12,.0f} rows/s ({enc:.3f}s)")
+    print(f"{'model':14s} {'score rows/s':>13s} {'vs LightGBM':>12s} {'with encoding':>14s} {'vs LightGBM':>12s}")
+    for k, s in med.items():
+        print(f"{k:14s} {n / s:13,.0f} {lgb / s:11.1f}x {n / (s + enc):14,.0f} {(lgb + enc) / (s + enc):11.1f}x")
+    print(f"onnxruntime vs torch eager: {med['torch eager'] / med['onnxruntime']:.2f}x faster")
+    print(f"ONNX vs torch, max abs difference on these rows: {np.abs(logits_onnx - logits_torch).max():.3g} (logits), "
+          f"{np.abs(outputs['onnxruntime'] - outputs['torch eager']).max():.3g} (probabilities)")
+    best = min(med["torch eager"], med["onnxruntime"])
+    print(f"target: fused model >= 5x LightGBM's rows/s (scoring): {'met' if lgb / best >= 5 else 'NOT met'} "
+          f"({lgb / best:.1f}x); the fused model does {per_row / 1e3:,.0f}k FLOPs per row (torch's flop counter), "
+          f"i.e. {per_row * n / best / 1e9:.1f} GFLOP/s at its best")
+
+
+if __name__ == "__main__":
+    main()
