@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(soft_wrap=True)  # messages name paths: never hard-wrap them (no terminal in CI, pipes)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
