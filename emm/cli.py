@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(soft_wrap=True)  # messages name paths: never hard-wrap them (no terminal in CI, pipes)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
@@ -108,13 +108,43 @@ def pretrain_cmd(
                              track=not no_track, progress=sys.stderr.isatty() and _is_main_rank())
     if not _is_main_rank():  # under torchrun: rank 0 reports
         return
-    table = Table(title=f"{dataset}: single-task pool")
-    for col in ("model", "task", "params", "epochs", "val AUC", "test AUC", "seconds"):
-        table.add_column(col, justify="left" if col in ("model", "task") else "right")
+    console.print(pool_table(f"{dataset}: single-task pool", entries))
+
+
+def pool_table(title: str, entries: list) -> Table:
+    """Every pool member: where it came from, its task, size, epochs (0/0 = imported) and AUCs."""
+    table = Table(title=title)
+    for col in ("model", "source", "task", "params", "epochs", "val AUC", "test AUC", "encoding"):
+        table.add_column(col, justify="left" if col in ("model", "source", "task", "encoding") else "right",
+                         overflow="fold")
     for e in entries:
-        table.add_row(e.name, e.task, f"{e.params:,}", f"{e.best_epoch}/{e.epochs_run}", f"{e.val_auc:.5f}",
-                      f"{e.test_auc:.5f}", f"{e.seconds:.0f}")
-    console.print(table)
+        table.add_row(e.name, member_source(e), e.task, f"{e.params:,}", f"{e.best_epoch}/{e.epochs_run}",
+                      f"{e.val_auc:.5f}", f"{e.test_auc:.5f}", e.origin.encoding if e.origin else "trained here")
+    return table
+
+
+def member_source(entry) -> str:  # noqa: ANN001 - a PoolEntry (imported lazily with the stage)
+    """``builtin mlp``, ``factory pkg.mod:build``, ``mlflow models:/NAME/3``."""
+    if entry.origin is None:
+        return f"builtin {entry.spec.arch}"
+    return f"{entry.source} {entry.origin.factory or entry.origin.resolved_uri or entry.origin.uri}"
+
+
+pool_app = typer.Typer(help="The model pool: what can be fused.", no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
+
+
+@pool_app.command("list")
+@user_errors
+def pool_list_cmd(
+    dataset: Annotated[str, typer.Argument(help="a dataset with a pool (emm pretrain)")],
+    params: ParamsOpt = None,
+) -> None:
+    """Every member of pool/: source (built-in, factory, MLflow), task, params, val/test AUC."""
+    from emm.pipeline.pretrain import pool_entries
+
+    folder, entries = pool_entries(dataset, params)
+    console.print(pool_table(f"{dataset}: pool ({folder})", entries))
 
 
 @app.command("benchmark")

@@ -4,6 +4,10 @@ On disk: ``fused.json`` (pool specs + decompose settings + the architecture, ``F
 and ``fused.safetensors`` (the whole state dict, frozen components included). Rebuilding needs no pickle
 and no other folder: fresh pool models from their specs are decomposed again on a dummy batch (the plan
 depends only on shapes), the fused architecture is rebuilt on that plan, and the weights loaded.
+
+A member imported from outside (a torch-rechub model, your own class) is in ``pool_specs`` as its
+portable graph (``emm.models.pool.PortableSpec``: torch.fx nodes over torch.nn layers, as JSON), so it is
+rebuilt here with torch alone: the registered fused model scores where its author's code is not installed.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from emm.fusion.decompose import decompose
 from emm.fusion.fused import FusedModel
 from emm.fusion.options import DecomposeConfig
 from emm.io import read_json
-from emm.models.single_task import ModelSpec, build_model
+from emm.models.pool import PortableSpec, build_member, member_spec
+from emm.models.single_task import ModelSpec
 from emm.weights import load_module
 
 FUSED_JSON, FUSED_WEIGHTS = "fused.json", "fused.safetensors"
 
 
-def architecture(specs: list[ModelSpec], dcfg: DecomposeConfig, model: FusedModel) -> dict[str, Any]:
+def architecture(specs: list[ModelSpec | PortableSpec], dcfg: DecomposeConfig, model: FusedModel) -> dict[str, Any]:
     """What ``build_from_config`` needs to rebuild ``model``: recorded as ``fused.json``'s ``architecture``."""
     return {"pool_specs": [s.model_dump(mode="json") for s in specs], "decompose": dcfg.model_dump(mode="json"),
             "fused": model.config_dict()}
@@ -32,10 +37,12 @@ def architecture(specs: list[ModelSpec], dcfg: DecomposeConfig, model: FusedMode
 
 def build_from_config(config: dict[str, Any], schema: Schema) -> FusedModel:
     """Rebuild the fused architecture (weights not loaded) from ``fused.json``'s ``architecture``."""
-    specs = [ModelSpec.model_validate(s) for s in config["pool_specs"]]
+    specs = [member_spec(s) for s in config["pool_specs"]]
     dcfg = DecomposeConfig.model_validate(config["decompose"])
-    models = [build_model(s, schema).eval() for s in specs]
-    dummy = (torch.zeros(4, schema.n_sparse, dtype=torch.long), torch.zeros(4, schema.n_dense))
+    models = [build_member(s, schema).eval() for s in specs]
+    # every feature at its 'unseen' index: valid for EMM's one table and for per-feature tables alike
+    unseen = torch.tensor([[f.offset for f in schema.sparse]], dtype=torch.long).repeat(4, 1)
+    dummy = (unseen, torch.zeros(4, schema.n_dense))
     plan = decompose(models, dummy, names=[s.name for s in specs], align=dcfg.align, levels=dcfg.levels,
                      head=dcfg.head)
     return FusedModel.from_config(plan, config["fused"])

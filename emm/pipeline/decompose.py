@@ -2,27 +2,42 @@
 
 The example batch that fixes the traced shapes is the first rows of the validation split, so the plan
 depends only on the pool and the schema (not on which rows are drawn).
+
+A pool may mix built-in and imported members (``emm.models.pool.build_member`` rebuilds both as plain
+modules). The plan lists members rebuilt from a spec first, in pool order, then the portable (imported) ones: the fused
+model's fresh embedding is sized from the first level-0 embedding table it finds, which must be EMM's
+shared table, not an outside model's per-feature one. Where the members share no identical layer the
+error says so and names ``decompose.align: project``; a member with no single-tensor cut point at all
+(a wide or FM branch beside the deep tower) is named as one no alignment can cut.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from torch import Tensor, nn
+
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
-from emm.fusion.decompose import Plan, decompose
+from emm.fusion.decompose import Plan, decompose, trace_model
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.store import load_plan, save_plan
-from emm.models.pool import PoolEntry, load_pool, read_pool
-from emm.models.single_task import build_model
+from emm.models.pool import PoolEntry, PortableSpec, build_member, load_pool, read_pool
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import load_params
+
+NO_COMMON = "share no identical layer"  # the start of emm.fusion.decompose's no-common-level message
 
 
 def example_batch(data_dir: Path, schema: Schema, rows: int):
     val = load_split(data_dir, "val", schema).head(rows)
     return val.sparse, val.dense
+
+
+def plan_order(entries: list[PoolEntry]) -> list[int]:
+    """Indices of the pool's members in plan order: built-in ones first (see the module docstring)."""
+    return sorted(range(len(entries)), key=lambda i: isinstance(entries[i].spec, PortableSpec))
 
 
 def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: DecomposeConfig) -> tuple[Plan, list[PoolEntry]]:
@@ -31,19 +46,55 @@ def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: Decompose
     pool = load_pool(pool_dir, schema)
     if len(pool) < 2:
         raise EMMError(f"{pool_dir} holds {len(pool)} model(s); fusion needs a pool of at least 2")
-    entries = [e for e, _ in pool]
-    plan = decompose([m for _, m in pool], example_batch(data_dir, schema, cfg.example_rows),
-                     names=[e.name for e in entries], align=cfg.align, levels=cfg.levels, head=cfg.head)
+    lonely = [t for t in schema.task_names if t not in {e.task for e, _ in pool}]
+    if lonely:
+        held = [(e.name, e.task) for e, _ in pool]
+        raise EMMError(f"task(s) {lonely} have no model in {pool_dir} (it holds {held}), "
+                       f"so the fused model could not score them; nothing was written to {out_dir}. Add an entry for "
+                       f"each to pretrain.pool.{schema.dataset} (built-in `arch:`, MLflow `uri:` or your own "
+                       "`factory:` + `weights:`) and run `emm pretrain`, or ingest without those tasks")
+    pool = [pool[i] for i in plan_order([e for e, _ in pool])]
+    entries, models = [e for e, _ in pool], [m for _, m in pool]
+    example = example_batch(data_dir, schema, cfg.example_rows)
+    try:
+        plan = decompose(models, example, names=[e.name for e in entries], align=cfg.align, levels=cfg.levels,
+                         head=cfg.head)
+    except EMMError as exc:
+        raise explain(exc, entries, models, example, cfg) from exc
     save_plan(plan, out_dir, model_names=[e.name for e in entries], tasks=[e.task for e in entries])
     return plan, entries
 
 
+def explain(exc: EMMError, entries: list[PoolEntry], models: list[nn.Module], example: tuple[Tensor, Tensor],
+            cfg: DecomposeConfig) -> EMMError:
+    """A decomposition failure, said in pool terms: members no alignment can cut, or the align setting to try."""
+    if "cut point" not in str(exc) and NO_COMMON not in str(exc):
+        return exc
+    uncuttable = [(e, type(m).__name__) for e, m in zip(entries, models)
+                  if not trace_model(m, example, name=e.name, head=cfg.head).cut_valid()]
+    if uncuttable:
+        named = ", ".join(f"{e.name!r} ({kind}, {e.source})" for e, kind in uncuttable)
+        return EMMError(
+            f"pool model(s) {named} have no point where a single tensor carries everything downstream: a branch (a "
+            "wide or FM part, say) stays live beside the deep tower all the way to the output, so Algorithm 1 cannot "
+            "cut them into components with either decompose.align. Remove them from pretrain.pool, or give them one "
+            "path (e.g. torch-rechub DCNv2 with model_structure='stacked' rather than WideDeep or DeepFM)")
+    if cfg.align == "identical" and NO_COMMON in str(exc):
+        outside = [e.name for e in entries if e.source != "builtin"]
+        note = f" (outside models in this pool: {outside})" if outside else ""
+        return EMMError(f"{exc}\nThe pool's members share no identical layer{note}: set "
+                        "`decompose: {align: project}` in params.yaml to cut every member at equal relative depth "
+                        "with trained adapters between them")
+    return exc
+
+
 def load_pool_plan(data_dir: Path, pool_dir: Path, components_dir: Path,
                    cfg: DecomposeConfig) -> tuple[Plan, list[PoolEntry]]:
-    """Rebuild the saved plan: fresh models from the pool's specs give the structure, the store the weights."""
+    """Rebuild the saved plan: fresh members from the pool's specs give the structure, the store the weights."""
     schema = Schema.load(data_dir)
     entries = read_pool(pool_dir)
-    models = [build_model(e.spec, schema) for e in entries]
+    entries = [entries[i] for i in plan_order(entries)]
+    models = [build_member(e.spec, schema) for e in entries]
     plan = load_plan(components_dir, models, example_batch(data_dir, schema, cfg.example_rows))
     return plan, entries
 

@@ -43,7 +43,10 @@ class PretrainConfig(Options):
     train: TrainConfig = TrainConfig()
     pool: dict[str, list[dict[str, Any]]] = Field(
         default_factory=dict,
-        description="dataset -> list of model specs (emm.models.ModelSpec fields); default: DEFAULT_POOL",
+        description="dataset -> list of pool entries, each one of: built-in {name, task, arch, ...} "
+        "(emm.models.ModelSpec, trained here), MLflow {name, task, uri, inputs, output, trust_pickle} or factory "
+        "{name, task, factory, kwargs, weights, inputs, output} (emm.models.external, imported, never trained); "
+        "checked by emm.pipeline.pretrain.pool_specs; default: two built-in models per task",
     )
     min_val_auc: float | None = Field(
         default=None, ge=0, le=1,

@@ -13,6 +13,12 @@ from their work folders or the current ``pool/``, when their signatures still ma
 
 Before ``pool/`` is written its members are screened (``screen_members``): one no better than chance is
 warned about, and ``pretrain.min_val_auc`` refuses those below it.
+
+Pool entries may also come from outside (``uri:`` an MLflow model, ``factory:`` your builder + weights; see
+``emm.models.external``): those are imported, checked and scored by ``emm.pipeline.pool_import`` into the
+same work folders and the same ``pool.json`` records, never trained. Each built-in member is also
+registered as a version of ``emm-<dataset>-<task>`` (when models are logged), so the MLflow registry
+lists what can be fused and a later pool can name one by alias.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from emm.data.schema import Schema
 from emm.data.stream import open_split
 from emm.errors import EMMError
 from emm.io import atomic_dir, digest, provenance, read_json, write_json
-from emm.models.pool import POOL_FILE, PoolEntry
+from emm.models.external import FactoryMember, Member, parse_member, pin_weights, source_of
+from emm.models.pool import POOL_FILE, PoolEntry, read_pool
 from emm.models.single_task import ModelSpec, build_model
 from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import PretrainConfig, load_params
+from emm.pipeline.pool_import import import_member, import_signature
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
 from emm.train.trainer import Trainer
@@ -61,17 +69,34 @@ def default_pool(task_names: list[str], spine: list[int] | None = None) -> list[
     return specs
 
 
-def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[ModelSpec]:
+def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[Member]:
+    """The pool members of ``dataset``: built-in specs, MLflow and factory entries (weights pinned by sha256).
+
+    Refused here, before anything is trained or imported: an entry of no known kind, two entries with one
+    name, an entry for a task the data lacks. A task with no entry is only warned about by ``pretrain`` (a
+    pool may be built up in parts); the decompose stage refuses it, as nothing could fuse it.
+    """
     raw = cfg.pool.get(dataset) or default_pool(schema.task_names)
-    specs = [ModelSpec.model_validate(s) for s in raw]
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise EMMError(f"pretrain.pool.{dataset}: model names must be unique, got {names}")
-    for s in specs:
-        if s.task not in schema.task_names:
-            raise EMMError(f"pretrain.pool.{dataset}: model {s.name!r} is for task {s.task!r}, but the ingested "
+    where = f"pretrain.pool.{dataset}"
+    members = [parse_member(s, f"{where}[{i}]") for i, s in enumerate(raw)]
+    names = [m.name for m in members]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        listed = ", ".join(f"[{i}] {m.name!r} ({source_of(m)})" for i, m in enumerate(members) if m.name in dupes)
+        raise EMMError(f"{where}: model names must be unique, but {dupes} name more than one entry ({listed}); "
+                       "rename one (the name is its file in pool/ and its MLflow run)")
+    for m in members:
+        if m.task not in schema.task_names:
+            raise EMMError(f"{where}: model {m.name!r} is for task {m.task!r}, but the ingested "
                            f"data has tasks {schema.task_names}")
-    return specs
+    return [pin_weights(m) if isinstance(m, FactoryMember) else m for m in members]
+
+
+def member_key(member: Member, cfg: PretrainConfig, fingerprint: str) -> dict:
+    """The signature of a member's result: trained (built-in) or imported (outside) from what it is now."""
+    if isinstance(member, ModelSpec):
+        return member_signature(member, cfg, fingerprint)
+    return import_signature(member, fingerprint)
 
 
 def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: PretrainConfig, *,
@@ -80,7 +105,8 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
     """Train one pool member (or reuse its finished result when resuming); returns its entry.
 
     Under torchrun every rank trains on its shard (``scale``: streamed or in memory) and only rank 0
-    writes the work folder (and is handed a real tracker).
+    writes the work folder (and is handed a real tracker). With models logged, the trained member is
+    registered as a new version of ``emm-<dataset>-<task>`` (``register_member``).
     """
     ctx = ddp.current()
     tracker = tracker or NullTracker()
@@ -120,12 +146,33 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
                       mlflow_run_id=tracker.run_id)
     if ctx.is_main:
         save_module(model, work / "weights.safetensors")
-        tracker.log_model("model", builder=POOL_MODEL_BUILDER, config=spec.model_dump(), outputs=[spec.task],
-                          weights=work / "weights.safetensors", data_dir=data_dir)
+        register_member(entry, tracker, work / "weights.safetensors", data_dir, schema)
         write_json(entry_file, {"signature": signature, "entry": entry.model_dump(mode="json")})
     log.info("%s: test AUC %.5f (val %.5f), %d epochs, %.0fs", spec.name, test_m["auc"], val_m["auc"],
              result.epochs_run, result.seconds)
     return entry
+
+
+def task_model_name(dataset: str, task: str) -> str:
+    """The registered model a task's built-in pool members are versions of."""
+    return f"emm-{dataset}-{task}"
+
+
+def register_member(entry: PoolEntry, tracker: Tracker, weights: Path, data_dir: Path, schema: Schema) -> None:
+    """Log the member's scorer into its run and, when the tracker logs models, register it as a version of
+    ``emm-<dataset>-<task>`` tagged with its name, AUCs and schema fingerprint (a plain log otherwise)."""
+    dataset = getattr(tracker, "dataset", None)
+    register = bool(getattr(tracker, "log_models", False)) and dataset is not None
+    name = task_model_name(dataset, entry.task) if register else None
+    version = tracker.log_model("model", builder=POOL_MODEL_BUILDER, config=entry.spec.model_dump(),
+                                outputs=[entry.task], weights=weights, data_dir=data_dir, registered_name=name)
+    if name and version:
+        from emm.tracking.external import tag_member_version  # local: an untracked pretrain never imports mlflow
+
+        tag_member_version(name, version, {"emm.member": entry.name, "val_auc": f"{entry.val_auc:.6f}",
+                                           "test_auc": f"{entry.test_auc:.6f}", "emm.schema_fingerprint":
+                                           schema.fingerprint(), "arch": getattr(entry.spec, "arch", "")})
+        log.info("%s: registered as %s version %s", entry.name, name, version)
 
 
 def member_signature(spec: ModelSpec, cfg: PretrainConfig, fingerprint: str) -> dict:
@@ -134,11 +181,11 @@ def member_signature(spec: ModelSpec, cfg: PretrainConfig, fingerprint: str) -> 
             "fingerprint": fingerprint}
 
 
-def finished_member(spec: ModelSpec, cfg: PretrainConfig, fingerprint: str, work_dir: Path,
+def finished_member(spec: Member, cfg: PretrainConfig, fingerprint: str, work_dir: Path,
                     pool_dir: Path) -> tuple[PoolEntry, Path] | None:
     """A finished result of ``spec`` under the current settings, with its weights file: from its work
     folder, else from the current ``pool/``; None when neither has one whose signature matches."""
-    signature = member_signature(spec, cfg, fingerprint)
+    signature = member_key(spec, cfg, fingerprint)
     work = Path(work_dir) / spec.name
     if (work / "entry.json").is_file() and (work / "weights.safetensors").is_file():
         done = read_json(work / "entry.json")
@@ -177,25 +224,29 @@ def screen_members(entries: list[PoolEntry], cfg: PretrainConfig, out_dir: Path)
 
 
 def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: PretrainConfig, *,
-                  sources: dict[str, Path] | None = None) -> Path:
+                  sources: dict[str, Path] | None = None, members: list[Member] | None = None) -> Path:
     """Write ``pool/`` atomically from the finished work folders (``sources``: other weight files by
-    member name, e.g. the current ``pool/``'s, read before it is replaced) with each member's signature."""
+    member name, e.g. the current ``pool/``'s, read before it is replaced) with each member's signature
+    (``members``: the params entries, needed for imported members; built-in ones sign with their spec)."""
     sources = sources or {}
+    by_name = {m.name: m for m in members or []}
     with atomic_dir(out_dir) as tmp:
         for e in entries:
             shutil.copyfile(sources.get(e.name, Path(work_dir) / e.name / "weights.safetensors"), tmp / e.weights)
         write_json(tmp / POOL_FILE, {
             "models": [e.model_dump(mode="json") for e in entries],
-            "signatures": {e.name: member_signature(e.spec, cfg, e.schema_fingerprint) for e in entries},
+            "signatures": {e.name: member_key(by_name.get(e.name, e.spec), cfg, e.schema_fingerprint)
+                           for e in entries},
             "provenance": provenance(digest(cfg))})
     return out_dir
 
 
 def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: PretrainConfig, *,
              tracker: Tracker | None = None, resume: bool = False, only: list[str] | None = None,
-             progress: bool = True, scale: ScaleConfig | None = None) -> list[PoolEntry]:
-    """Train every pool model (sequentially), each in a child run of ``tracker``, and write ``pool/``
-    (under torchrun: all ranks train, rank 0 alone tracks and writes).
+             progress: bool = True, scale: ScaleConfig | None = None, store: Path = Path("mlruns")) -> list[PoolEntry]:
+    """Train (built-in) or import (outside) every pool model, sequentially, each in a child run of
+    ``tracker``, and write ``pool/`` (under torchrun: all ranks train, rank 0 alone tracks and writes).
+    ``store``: the MLflow store ``uri:`` entries are read from.
 
     ``only``: train just these members; the others keep their finished results (``finished_member``),
     and when one has none under the current settings nothing is trained and the error names it.
@@ -203,6 +254,10 @@ def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: P
     tracker = tracker or NullTracker()
     schema = Schema.load(data_dir)
     specs = pool_specs(dataset, cfg, schema)
+    lonely = [t for t in schema.task_names if t not in {s.task for s in specs}]
+    if lonely:
+        log.warning("pretrain.pool.%s has no model for task(s) %s: this pool can be listed but not fused (the "
+                    "decompose stage refuses it); add an entry for each", dataset, lonely)
     kept: dict[str, tuple[PoolEntry, Path]] = {}
     if only:
         unknown = sorted(set(only) - {s.name for s in specs})
@@ -213,18 +268,29 @@ def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: P
     tracker.log_params({"dataset": dataset, "models": [s.name for s in to_train], "rows_train": schema.rows["train"]})
     trained: dict[str, PoolEntry] = {}
     for s in to_train:
-        with tracker.child(s.name, tags={"emm.task": s.task}) as member:
-            trained[s.name] = train_pool_model(s, data_dir, work_dir, cfg, resume=resume, tracker=member,
-                                               progress=progress, scale=scale)
+        with tracker.child(s.name, tags={"emm.task": s.task, "emm.source": source_of(s)}) as member:
+            trained[s.name] = pool_member(s, data_dir, work_dir, cfg, resume=resume, tracker=member,
+                                          progress=progress, scale=scale, store=store)
     entries = [trained[s.name] if s.name in trained else kept[s.name][0] for s in specs]
     tracker.log_metrics({f"test_auc_{e.name}": e.test_auc for e in entries})
     screen_members(entries, cfg, out_dir)
     if ddp.current().is_main:
-        assemble_pool(entries, work_dir, out_dir, cfg, sources={n: path for n, (_, path) in kept.items()})
+        assemble_pool(entries, work_dir, out_dir, cfg, sources={n: path for n, (_, path) in kept.items()},
+                      members=specs)
     return entries
 
 
-def _kept_members(others: list[ModelSpec], cfg: PretrainConfig, schema: Schema, work_dir: Path, pool_dir: Path,
+def pool_member(member: Member, data_dir: Path, work_dir: Path, cfg: PretrainConfig, *, resume: bool,
+                tracker: Tracker, progress: bool, scale: ScaleConfig | None, store: Path) -> PoolEntry:
+    """Train a built-in member, or import an outside one (every rank imports; rank 0 writes)."""
+    if isinstance(member, ModelSpec):
+        return train_pool_model(member, data_dir, work_dir, cfg, resume=resume, tracker=tracker, progress=progress,
+                                scale=scale)
+    return import_member(member, data_dir, work_dir, store=store, tracker=tracker, scale=scale, resume=resume,
+                         write=ddp.current().is_main)
+
+
+def _kept_members(others: list[Member], cfg: PretrainConfig, schema: Schema, work_dir: Path, pool_dir: Path,
                   only: list[str]) -> dict[str, tuple[PoolEntry, Path]]:
     """The finished results of the members ``--only`` leaves out, or an error naming those without one."""
     def find() -> dict[str, tuple[dict, str]]:  # rank 0 reads (the folders may be on its machine only)
@@ -256,7 +322,7 @@ def pretrain_stage(dataset: str, params: Path | str | None = None, *, resume: bo
                                                tags={"emm.stage": "pretrain"}) as tracker:
         return pretrain(dataset, stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
                         stage_dir(cfg, dataset, "pool-work"), cfg.pretrain, tracker=tracker, resume=resume,
-                        only=only, progress=progress, scale=cfg.scale)
+                        only=only, progress=progress, scale=cfg.scale, store=cfg.tracking.store)
 
 
 def pool_model_names(dataset: str, params: Path | str | None = None) -> list[str]:
@@ -264,6 +330,14 @@ def pool_model_names(dataset: str, params: Path | str | None = None) -> list[str
     cfg = load_params(params)
     schema = Schema.load(stage_dir(cfg, dataset, "data"))
     return [s.name for s in pool_specs(dataset, cfg.pretrain, schema)]
+
+
+def pool_entries(dataset: str, params: Path | str | None = None) -> tuple[Path, list[PoolEntry]]:
+    """The members of the current ``pool/`` (for `emm pool list`), with the folder they were read from."""
+    folder = stage_dir(load_params(params), dataset, "pool")
+    if not (folder / POOL_FILE).is_file():
+        raise EMMError(f"{folder / POOL_FILE} does not exist: run `emm pretrain {dataset}` first")
+    return folder, read_pool(folder)
 
 
 def open_pool_run(dataset: str, params: Path | str | None = None, *, models: list[str] | None = None) -> str | None:
@@ -278,8 +352,8 @@ def open_pool_run(dataset: str, params: Path | str | None = None, *, models: lis
 def pretrain_model_stage(dataset: str, params: Path | str | None = None, name: str = "", *,
                          parent_run_id: str | None = None, threads: int | None = None, track: bool = True,
                          progress: bool = False) -> dict:
-    """Train one pool member in ``pool-work/<name>/`` (reused when already finished with the same
-    settings, continued from its last checkpoint when interrupted under the same settings, else trained
+    """Train (or import) one pool member in ``pool-work/<name>/`` (reused when already finished with the
+    same settings, continued from its last checkpoint when interrupted under the same settings, else done
     afresh); returns its pool entry as JSON."""
     cfg = load_params(params)
     data_dir = stage_dir(cfg, dataset, "data")
@@ -289,9 +363,9 @@ def pretrain_model_stage(dataset: str, params: Path | str | None = None, name: s
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))  # per thread: OpenMP's thread count is per calling thread
     with stage_tracker(cfg.tracking, dataset, name, enabled=track, parent_run_id=parent_run_id,
-                       tags={"emm.task": specs[name].task}) as tracker:
-        entry = train_pool_model(specs[name], data_dir, stage_dir(cfg, dataset, "pool-work"), cfg.pretrain,
-                                 resume=True, tracker=tracker, progress=progress, scale=cfg.scale)
+                       tags={"emm.task": specs[name].task, "emm.source": source_of(specs[name])}) as tracker:
+        entry = pool_member(specs[name], data_dir, stage_dir(cfg, dataset, "pool-work"), cfg.pretrain,
+                            resume=True, tracker=tracker, progress=progress, scale=cfg.scale, store=cfg.tracking.store)
     return entry.model_dump(mode="json")
 
 
@@ -307,7 +381,9 @@ def assemble_pool_stage(dataset: str, params: Path | str | None = None, entries:
         raise EMMError(f"pool model(s) {missing} have not been trained; run pretraining for them first")
     ordered = [by_name[n] for n in order]
     screen_members(ordered, cfg.pretrain, stage_dir(cfg, dataset, "pool"))
-    assemble_pool(ordered, stage_dir(cfg, dataset, "pool-work"), stage_dir(cfg, dataset, "pool"), cfg.pretrain)
+    members = pool_specs(dataset, cfg.pretrain, Schema.load(stage_dir(cfg, dataset, "data")))
+    assemble_pool(ordered, stage_dir(cfg, dataset, "pool-work"), stage_dir(cfg, dataset, "pool"), cfg.pretrain,
+                  members=members)
     if parent_run_id:
         close_pool_run(parent_run_id, params, failed=False, metrics={f"test_auc_{e.name}": e.test_auc for e in ordered})
     return [e.model_dump(mode="json") for e in ordered]

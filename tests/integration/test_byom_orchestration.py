@@ -1,0 +1,89 @@
+"""A pool of built-in and outside models through the two orchestrators: `dvc repro` in a copy of the
+repository (the user's factory module on PYTHONPATH, as a user would run it) and the Prefect flow, each
+from raw Census rows to a registered fused model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emm.models.pool import read_pool
+from tests.conftest import REPO
+from tests.integration.test_byom_support import TINY_TRAIN, USER_MODULE, trained_rechub, user_code  # noqa: F401
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def mixed_pool(t) -> list[dict]:
+    return [{"name": "income-mlp", "task": "income", "arch": "mlp", "hidden": [16]},
+            {"name": "marital-mlp", "task": "marital", "arch": "mlp", "hidden": [16]},
+            {"name": "marital-dcn", "task": "marital", "factory": f"{USER_MODULE}:build", "kwargs": t.dcn_kwargs,
+             "weights": str(t.dcn_weights), "inputs": "dict", "output": "probability"}]
+
+
+def tiny_params(base: dict, t, artifacts: str | None = None) -> dict:
+    base["pretrain"] = {"train": TINY_TRAIN, "pool": {"census-income": mixed_pool(t)}}
+    base["decompose"] = {"align": "project", "head": "tower", "example_rows": 64}
+    base["fuse"] = {"tower": [4], "train": TINY_TRAIN}
+    base["tracking"]["log_models"] = False
+    if artifacts:
+        base["paths"]["artifacts"] = artifacts
+    return base
+
+
+def test_dvc_repro_fuses_a_mixed_pool(trained_rechub, census_small_raw, user_code, tmp_path):
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    repo = tmp_path / "repo"
+    for rel in files:
+        if (REPO / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, repo / rel)
+    shutil.copytree(census_small_raw, repo / "data" / "census-income")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / "data.dvc").unlink()
+    params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), trained_rechub)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "PYTHONPATH": f"{repo}:{user_code}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=800)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    for stage in ("pretrain", "decompose", "fuse", "evaluate"):
+        assert f"Running stage '{stage}'" in done.stdout
+    pool = {e.name: e for e in read_pool(repo / "artifacts/census-income/pool")}
+    assert pool["marital-dcn"].source == "factory" and pool["marital-dcn"].val_auc > 0.8
+    metrics = yaml.safe_load((repo / "artifacts/census-income/eval/metrics.json").read_text())
+    assert "marital-dcn" in metrics["tasks"]["marital"]["pool"] and metrics["registered_version"]
+
+
+def test_prefect_flow_fuses_a_mixed_pool(trained_rechub, census_small_raw, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.full_pipeline import full_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    shutil.copytree(census_small_raw, tmp_path / "data" / "census-income")
+    monkeypatch.chdir(tmp_path)
+    base = yaml.safe_load((REPO / "params" / "tiny.yaml").read_text())
+    base["paths"]["raw_root"] = str(tmp_path / "data")
+    base["tracking"]["store"] = str(tmp_path / "mlruns")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(base, trained_rechub, str(tmp_path / "artifacts"))))
+    home = tmp_path / ".prefect"
+    with temporary_settings({PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: home / "storage"}):
+        with prefect_test_harness(server_startup_timeout=120):
+            summary = full_pipeline(dataset="census-income", params=str(params), promote=True, fuse_on="local")
+    assert summary["tasks"]["marital"]["pool"]["marital-dcn"] > 0.8
+    assert summary["registered_version"]
+    pool = {e.name: e for e in read_pool(tmp_path / "artifacts/census-income/pool")}
+    assert pool["marital-dcn"].origin.encoding == "recorded"
