@@ -3,8 +3,8 @@
 Quantile buckets of dense columns (``dense_buckets`` in a declaration): each bucketed dense column also
 becomes a sparse feature ``<column>_bucket`` whose value is its quantile bin. Why: a min-max scaled,
 heavy-tailed column (Census ``capital_gains``: 96% zeros, max 99,999) is nearly flat for an MLP, while a
-tree splits it anywhere; a learned embedding per bin gives the network the same freedom. Measured on
-Census-Income income (one MLP, two seeds): test AUC 0.9483 -> 0.9543. The dense value stays an input too.
+tree splits it anywhere; a learned embedding per bin gives the network the same freedom (README "Data"
+has the measurement). The dense value stays an input too.
 Edges are the quantiles of a uniform sample (``BUCKET_SAMPLE`` values per column, priority sampling, so
 memory stays bounded on any file size and the result does not depend on chunking).
 

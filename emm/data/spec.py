@@ -19,6 +19,9 @@ from emm.errors import EMMError
 SPLITS = ("train", "val", "test")
 
 
+# Quantile bins per dense column unless a declaration says otherwise (README "Data" has the measurement).
+DEFAULT_DENSE_BUCKETS = 32
+
 class TaskSpec(BaseModel):
     """One binary task: which raw column holds its label and which values count as positive."""
 
@@ -101,9 +104,10 @@ class DatasetSpec(BaseModel):
     )
     dense_missing: Literal["error", "zero"] = "error"
     dense_buckets: int = Field(
-        default=0, ge=0,
+        default=DEFAULT_DENSE_BUCKETS, ge=0,
         description="also give every dense column a sparse feature <column>_bucket: its bin among this many "
-        "quantile bins fitted on fit_on (0 = off). See emm.data.encoding for why.",
+        "quantile bins fitted on fit_on (0 = off, the paper's protocol). On unless turned off, so a declared "
+        "dataset gets the numeric encoding the built-in Census one is measured with. See emm.data.encoding.",
     )
     sha256: dict[str, str] = Field(
         default_factory=dict, description="expected sha256 per file name, of the decompressed content"

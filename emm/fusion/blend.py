@@ -20,11 +20,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
 from emm.errors import EMMError
 from emm.fusion.decompose import Plan
+from emm.train import compare
 
 
 class DonorPaths(nn.Module):
@@ -88,23 +88,19 @@ class DonorBlend(nn.Module):
         self.bias[t] = float(bias)
 
 
-def fit_stack(donor_logits: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Logistic regression of one task's labels on its donors' logits ``[N, n]``: the stack's (w, b).
-
-    Fitted on validation rows (the donors never trained on them), lightly regularised: with a handful
-    of strongly correlated inputs the unregularised fit is unstable across seeds.
-    """
+def fit_stack(donor_logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+    """One task's donor stack (``emm.train.compare.fit_stack``, the one the report's donor-stack row uses),
+    as the (weights, bias) the blend takes. Fitted on validation rows, which the donors never trained on."""
     labels = np.asarray(labels).ravel()
     if labels.min() == labels.max():
         raise EMMError("cannot fit the donor stack: the validation split has a single class for this task")
-    model = LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
-    model.fit(np.asarray(donor_logits, dtype=np.float64), labels.astype(int))
+    model = compare.fit_stack(donor_logits, labels)
     return model.coef_.ravel(), float(model.intercept_[0])
 
 
 @torch.no_grad()
-def fit_blend(model: nn.Module, sparse: Tensor, dense: Tensor, labels: Tensor, *, batch_size: int = 65536,
-              seed: int = 0) -> dict[str, dict[str, float]]:
+def fit_blend(model: nn.Module, sparse: Tensor, dense: Tensor, labels: Tensor, *,
+              batch_size: int = 65536) -> dict[str, dict[str, float]]:
     """Set a donor-residual fused model's blend to the donor stack fitted on these (validation) rows.
 
     ``labels`` is ``[N, T]`` in the model's task order. Returns the fitted weights per task, named by
@@ -118,7 +114,7 @@ def fit_blend(model: nn.Module, sparse: Tensor, dense: Tensor, labels: Tensor, *
     fitted = {}
     for t, task in enumerate(model.task_names):
         members = torch.nonzero(blend.mask[t]).flatten().tolist()
-        weights, bias = fit_stack(logits[:, members], labels[:, t].cpu().numpy(), seed=seed)
+        weights, bias = fit_stack(logits[:, members], labels[:, t].cpu().numpy())
         blend.set_task(t, weights, bias)
         fitted[task] = {**{model.model_names[i]: float(w) for i, w in zip(members, weights)}, "bias": bias}
     return fitted

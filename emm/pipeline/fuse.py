@@ -87,7 +87,7 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
     blend = None
     if model.blend is not None and cfg.blend_init == "stack":  # every rank fits on the same (whole) val rows
         rows = open_split(data_dir, "val", schema, scale).head(STACK_ROWS)
-        blend = fit_blend(model, rows.sparse, rows.dense, rows.labels, seed=cfg.train.seed)
+        blend = fit_blend(model, rows.sparse, rows.dense, rows.labels)
         log.info("donor blend (stack on %d val rows): %s", len(rows), blend)
     rank, world = ctx.shard
     train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world) for s in ("train", "val", "test"))

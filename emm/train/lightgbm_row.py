@@ -25,8 +25,9 @@ DEFAULT_PARAMS: dict[str, Any] = {
 
 def lightgbm_per_task(data_dir: Path, *, seed: int = 2026, rounds: int = 2000, early_stop: int = 50,
                       params: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """{task: {"val_auc", "test_auc", "best_iteration", "seconds", "test_scores"}} for every task of the ingested
-    data (``test_scores``: the per-row test probabilities, for paired comparisons on the same rows)."""
+    """{task: {"val_auc", "test_auc", "best_iteration", "seconds", "test_scores", "val_scores"}} for every task of
+    the ingested data (the per-row probabilities: paired comparisons on the same test rows, and stacks
+    fitted on validation rows)."""
     try:
         import lightgbm as lgb
     except ImportError as exc:  # an optional extra
@@ -49,5 +50,5 @@ def lightgbm_per_task(data_dir: Path, *, seed: int = 2026, rounds: int = 2000, e
         out[task] = {"val_auc": auc(frames["val"][task].to_numpy(), scores["val"]),
                      "test_auc": auc(frames["test"][task].to_numpy(), scores["test"]),
                      "best_iteration": int(booster.best_iteration), "seconds": time.perf_counter() - started,
-                     "test_scores": scores["test"]}
+                     "test_scores": scores["test"], "val_scores": scores["val"]}
     return out

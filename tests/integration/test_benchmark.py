@@ -151,7 +151,9 @@ def check_donor_rows_and_paired_cis(run, out: Path, table1: str, rows: list[dict
     schema = Schema.load(Path(main[0]["data_dir"]))
     y = load_split(Path(main[0]["data_dir"]), "test", schema).labels.numpy()
     for r in main:
-        if r["kind"] in ("pool", "baseline", "fused"):
+        if r["kind"] in ("pool", "fused", "lightgbm"):  # what the stacks are fitted on
+            assert np.load(r["scores"]["val"]).shape[1] == len(r["score_tasks"]), (r["kind"], r["method"])
+        if r["kind"] in ("pool", "baseline", "fused", "lightgbm"):
             test = np.load(r["scores"]["test"])
             assert test.dtype == np.float32 and test.shape == (len(y), len(r["score_tasks"]))
             assert Path(r["scores"]["test"]).with_suffix("").with_suffix(".json").exists()  # beside the result json
@@ -182,9 +184,12 @@ def check_donor_rows_and_paired_cis(run, out: Path, table1: str, rows: list[dict
                     roc_auc_score(y[:, i], scores("pool", best, s, task)) for s in (1, 2)]
         assert float(ci["diff"]) == pytest.approx(np.mean(per_seed), abs=1e-6)
         assert float(ci["diff_seed_std"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-6)
-        for label in ("best donor by validation AUC", "donor ensemble", "donor stack",
-                      "best baseline by validation AUC"):
-            ci = by_key[(f"EMM − {label}", task)]
+        hybrid = by_key[("hybrid: EMM + LightGBM (stack on validation scores)", task)]
+        assert hybrid["kind"] == "hybrid" and hybrid["seeds"] == "2" and 0.5 < float(hybrid["auc_mean"]) <= 1
+        assert by_key[("hybrid − LightGBM", task)]["kind"] == "paired_ci"
+        for label in ("EMM − best donor by validation AUC", "EMM − donor ensemble", "EMM − donor stack",
+                      "EMM − best baseline by validation AUC", "hybrid − LightGBM", "hybrid − donors' hybrid"):
+            ci = by_key[(label, task)]
             assert float(ci["ci_low"]) <= float(ci["diff"]) <= float(ci["ci_high"]), ci
             assert float(ci["ci_high"]) - float(ci["ci_low"]) > 0, ci
 

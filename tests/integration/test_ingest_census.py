@@ -155,6 +155,15 @@ def test_buckets_off_and_bad_declarations(census_small_raw, census_small_data, t
         type(spec).model_validate({**spec.model_dump(), "dense_buckets": 1})
 
 
+def test_a_declared_dataset_gets_buckets_without_asking(census_small_raw, census_small_data, tmp_path):
+    """A user's declaration that never mentions dense_buckets still gets the numeric encoding."""
+    declared = resolve_dataset("census-income").model_dump(exclude={"dense_buckets"})
+    spec = type(resolve_dataset("census-income")).model_validate({**declared, "name": "my-census"})
+    schema = ingest(spec, census_small_raw, tmp_path / "declared", IngestConfig())
+    assert [f.bucket_of for f in schema.sparse if f.bucket_of] == DENSE
+    assert len({f.vocab_size for f in schema.sparse if f.bucket_of}) > 1  # real bins, fitted per column
+
+
 @pytest.mark.slow
 def test_full_census_ingestion(shared_data, tmp_path):
     out = tmp_path / "full"

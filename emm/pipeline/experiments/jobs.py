@@ -3,8 +3,9 @@ signature, so its finished result is reused when the benchmark is run again with
 
 Every job trains on the shared ``Trainer`` with early stopping on validation AUC and reports validation and
 test AUC per task. Jobs that train a network also store their per-row scores beside the result json
-(``<result>.test.npy``, float32, [rows, tasks]; pool models also ``.val.npy``, and logits rather than
-probabilities, which the donor ensemble and stack are built from): the report pairs them row by row for
+(``<result>.test.npy``, float32, [rows, tasks]; pool, fused and LightGBM jobs also ``.val.npy``, which
+the stacks are fitted on; pool models store logits rather than probabilities, which the donor ensemble
+and stack are built from): the report pairs them row by row for
 paired bootstrap CIs. Why worker processes with one torch thread each: the models are small, and two
 single-threaded processes train ~1.7x faster on 2 cores than one process using both (measured).
 """
@@ -190,11 +191,11 @@ def _run_lightgbm(job: Job, resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
     out = lightgbm_per_task(Path(job.data_dir), seed=job.seed, params={"num_threads": job.config.get("threads", 1)})
     tasks = list(out)
-    probs = np.stack([out[t]["test_scores"] for t in tasks], axis=1)
+    scores = {s: save_scores(job, s, np.stack([out[t][f"{s}_scores"] for t in tasks], axis=1)) for s in ("val", "test")}
     return {"tasks": {t: {"val_auc": r["val_auc"], "test_auc": r["test_auc"]} for t, r in out.items()},
             "best_iteration": {t: r["best_iteration"] for t, r in out.items()},
             "seconds": round(time.perf_counter() - started, 1),
-            "scores": {"test": save_scores(job, "test", probs)}, "score_kind": "probability", "score_tasks": tasks}
+            "scores": scores, "score_kind": "probability", "score_tasks": tasks}
 
 
 def _run_fused(job: Job, resume: bool) -> dict[str, Any]:
@@ -204,13 +205,13 @@ def _run_fused(job: Job, resume: bool) -> dict[str, Any]:
                job.work_dir / "train", cfg, DecomposeConfig.model_validate(job.config["decompose"]),
                resume=resume, progress=False)
     schema = Schema.load(Path(job.data_dir))
-    test = load_split(Path(job.data_dir), "test", schema)
-    probs = predict_proba(res.model, test, cfg.train.eval_batch_size)  # as fuse's own test AUC was computed
+    scores = {s: save_scores(job, s, predict_proba(res.model, load_split(Path(job.data_dir), s, schema),
+                                                  cfg.train.eval_batch_size))  # as fuse's own AUCs were computed
+              for s in ("val", "test")}
     return {"tasks": _scores(res.val, res.test), "gates": res.model.gate_report(),
             "params": sum(p.numel() for p in res.model.parameters() if p.requires_grad),
             "epochs_run": res.fit.epochs_run, "best_epoch": res.fit.best_epoch, "seconds": round(res.fit.seconds, 1),
-            "scores": {"test": save_scores(job, "test", probs)}, "score_kind": "probability",
-            "score_tasks": schema.task_names}
+            "scores": scores, "score_kind": "probability", "score_tasks": schema.task_names}
 
 
 RUNNERS = {"pool": _run_pool, "decompose": _run_decompose, "baseline": _run_baseline, "lightgbm": _run_lightgbm,

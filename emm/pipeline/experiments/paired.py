@@ -1,10 +1,12 @@
 """Table I's row-level comparisons: the donor baselines (the mean of the donors' logits, and a logistic
-regression stacked on their validation logits) and paired bootstrap CIs of EMM against the bars it
-must clear, all from the per-row test scores the jobs store (``jobs.save_scores``).
+regression stacked on their validation logits), the hybrids (EMM, or the donors, stacked with one LightGBM
+per task) and paired bootstrap CIs of EMM and of the hybrid against the bars they must clear, all from the
+per-row scores the jobs store (``jobs.save_scores``).
 
 Why here and not in the result jsons: a donor baseline or a paired CI needs several jobs' rows at once
 (every donor of a seed, EMM and its rival of the same seed), so it can only be computed once they all
-finished. Results without stored scores (LightGBM, whose runner returns AUCs only) get no CI.
+finished. Results without stored scores (runs from before scores were kept) get no CI; the hybrids also
+need validation scores, which EMM and LightGBM jobs store.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ from emm.train.compare import ensemble_logits, paired_auc_cis, stack
 from emm.train.metrics import auc
 
 ENSEMBLE, STACK = "donor ensemble (mean of logits)", "donor stack (logistic regression on validation logits)"
-EMM = "fused:full"
+HYBRID = "hybrid: EMM + LightGBM (stack on validation scores)"
+DONOR_HYBRID = "hybrid: donors + LightGBM (stack on validation scores)"
+EMM, LIGHTGBM = "fused:full", "lightgbm:lightgbm"
+HYBRID_KEY, DONOR_HYBRID_KEY = "hybrid:emm+lightgbm", "hybrid:donors+lightgbm"
+BUILT = {ENSEMBLE: "donors:ensemble", STACK: "donors:stack", HYBRID: HYBRID_KEY, DONOR_HYBRID: DONOR_HYBRID_KEY}
 N_RESAMPLES, CONFIDENCE, SEED = 1000, 0.95, 0
 
 
@@ -48,6 +54,14 @@ def _stored(result: dict[str, Any], split: str) -> np.ndarray | None:
     return np.load(path) if path and Path(path).exists() else None
 
 
+def _as_logit(result: dict[str, Any], scores: np.ndarray) -> np.ndarray:
+    """Logits for a stack: probabilities are mapped back (clipped: a float32 sigmoid can round to 1)."""
+    if result.get("score_kind") == "logit":
+        return scores.astype(np.float64)
+    p = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
 def collect(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> Scores | None:
     """Every stored test score of ``task_set`` plus, per seed and task, the donor ensemble and stack;
     None when nothing of this task set stored scores (results from before scores were kept)."""
@@ -60,33 +74,45 @@ def collect(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> S
     data_dir = data_dirs.pop()
     out = Scores(tasks, _labels(data_dir, "test", tasks))
     y_val = _labels(data_dir, "val", tasks)
-    donors_val: dict[int, dict[str, dict[str, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
+    val: dict[int, dict[str, dict[str, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))  # logits
     for r in scored:
         test, key = _stored(r, "test"), f"{r['kind']}:{r['method']}"
+        val_scores = _stored(r, "val")
         for j, task in enumerate(r["score_tasks"]):
             out.test.setdefault(r["seed"], {}).setdefault(task, {})[key] = test[:, j]
             out.val_auc.setdefault(task, {}).setdefault(key, []).append(float(r["tasks"][task]["val_auc"]))
-        if r["kind"] == "pool":
-            donors_val[r["seed"]][r["score_tasks"][0]][key] = _stored(r, "val")[:, 0]
+            if val_scores is not None:
+                val[r["seed"]][task][key] = _as_logit(r, val_scores[:, j])
+    tested = {r["seed"]: r for r in scored if r["kind"] == "lightgbm"}
+    emm = {r["seed"]: r for r in scored if f"{r['kind']}:{r['method']}" == EMM}
     for seed, by_task in out.test.items():
         for task, models in by_task.items():
+            y = y_val[:, tasks.index(task)]
             donors = sorted(k for k in models if k.startswith("pool:"))  # one column order for val and test
-            if not donors:
-                continue
-            x_test = np.column_stack([models[k] for k in donors])
-            x_val = np.column_stack([donors_val[seed][task][k] for k in donors])
-            models["donors:ensemble"] = ensemble_logits(x_test)
-            models["donors:stack"] = stack(x_val, y_val[:, tasks.index(task)], x_test)
+            if donors:
+                x_test = np.column_stack([models[k] for k in donors])
+                x_val = np.column_stack([val[seed][task][k] for k in donors])
+                models["donors:ensemble"] = ensemble_logits(x_test)
+                models["donors:stack"] = stack(x_val, y, x_test)
+            if LIGHTGBM not in val[seed][task]:
+                continue  # LightGBM off, or a result from before its validation scores were kept
+            gbm_test = _as_logit(tested[seed], models[LIGHTGBM])
+            if EMM in val[seed][task]:
+                models[HYBRID_KEY] = stack(np.column_stack([val[seed][task][EMM], val[seed][task][LIGHTGBM]]), y,
+                                           np.column_stack([_as_logit(emm[seed], models[EMM]), gbm_test]))
+            if donors:
+                models[DONOR_HYBRID_KEY] = stack(np.column_stack([x_val, val[seed][task][LIGHTGBM]]), y,
+                                                 np.column_stack([x_test, gbm_test]))
     return out
 
 
 def donor_aucs(scores: Scores | None) -> dict[str, dict[str, list[float]]]:
-    """{ENSEMBLE / STACK: {task: test AUC per seed}} (empty without stored scores)."""
-    out: dict[str, dict[str, list[float]]] = {ENSEMBLE: defaultdict(list), STACK: defaultdict(list)}
+    """{ENSEMBLE / STACK / HYBRID / DONOR_HYBRID: {task: test AUC per seed}} (empty without stored scores)."""
+    out: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in BUILT}
     for seed in sorted(scores.test if scores else {}):
         for task, models in scores.test[seed].items():
             i = scores.tasks.index(task)
-            for name, key in ((ENSEMBLE, "donors:ensemble"), (STACK, "donors:stack")):
+            for name, key in BUILT.items():
                 if key in models:
                     out[name][task].append(auc(scores.y_test[:, i], models[key]))
     return out
@@ -95,6 +121,7 @@ def donor_aucs(scores: Scores | None) -> dict[str, dict[str, list[float]]]:
 @dataclass
 class PairedRow:
     comparison: str      # e.g. "best donor by validation AUC"
+    subject: str         # the model key on the left of the difference: EMM, or the hybrid
     task: str
     against: str         # the model key EMM is compared with
     diff: float          # mean over seeds of AUC(EMM) − AUC(against), seed-matched
@@ -113,36 +140,46 @@ def _best(scores: Scores, task: str, prefix: str) -> str | None:
 
 
 def paired_rows(scores: Scores | None) -> list[PairedRow]:
-    """EMM − best donor, − donor ensemble, − donor stack, − LightGBM, − best baseline, per task."""
+    """EMM − best donor, − donor ensemble, − donor stack, − LightGBM, − best baseline, per task; and the
+    hybrid (EMM + LightGBM) − LightGBM and − the donors' hybrid (donors + LightGBM)."""
     if scores is None:
         return []
     rows = []
     for i, task in enumerate(scores.tasks):
-        wanted = {"best donor by validation AUC": _best(scores, task, "pool:"),
-                  "donor ensemble": "donors:ensemble", "donor stack": "donors:stack", "LightGBM": "lightgbm:lightgbm",
-                  "best baseline by validation AUC": _best(scores, task, "baseline:")}
+        wanted = {"best donor by validation AUC": (EMM, _best(scores, task, "pool:")),
+                  "donor ensemble": (EMM, "donors:ensemble"), "donor stack": (EMM, "donors:stack"),
+                  "LightGBM": (EMM, LIGHTGBM),
+                  "best baseline by validation AUC": (EMM, _best(scores, task, "baseline:")),
+                  "hybrid − LightGBM": (HYBRID_KEY, LIGHTGBM),
+                  "hybrid − donors' hybrid": (HYBRID_KEY, DONOR_HYBRID_KEY)}
         pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for label, key in wanted.items():
+        for label, (subject, key) in wanted.items():
             seeds = [s for s, by_task in sorted(scores.test.items())
-                     if key is not None and EMM in by_task.get(task, {}) and key in by_task[task]]
+                     if key is not None and subject in by_task.get(task, {}) and key in by_task[task]]
             if seeds:
-                pairs[label] = [(scores.test[s][task][EMM], scores.test[s][task][key]) for s in seeds]
+                pairs[label] = [(scores.test[s][task][subject], scores.test[s][task][key]) for s in seeds]
         if not pairs:
             continue
         y = scores.y_test[:, i]
         cis = paired_auc_cis(y, pairs, n_resamples=N_RESAMPLES, confidence=CONFIDENCE, seed=SEED)
         for label, ci in cis.items():
             per_seed = [auc(y, a) - auc(y, b) for a, b in pairs[label]]
-            rows.append(PairedRow(label, task, wanted[label], ci["diff"], ci["low"], ci["high"],
+            subject, against = wanted[label]
+            rows.append(PairedRow(label, subject, task, against, ci["diff"], ci["low"], ci["high"],
                                   float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0, len(per_seed),
                                   ci["n_resamples"]))
     return rows
 
 
+def _title(r: PairedRow) -> str:
+    """How a comparison reads: "EMM − donor stack", or the hybrid's own label."""
+    return r.comparison if r.subject != EMM else f"EMM − {r.comparison}"
+
+
 def _name(key: str, display: Mapping[str, str]) -> str:
     """The model's table name; empty for the donor baselines, whose comparison already names them."""
     kind, method = key.split(":", 1)
-    return "" if kind == "donors" else display.get(method, method)
+    return "" if kind in ("donors", "hybrid") else display.get(method, method)
 
 
 def ci_section(rows: list[PairedRow], tasks: list[str], display: Mapping[str, str]) -> list[str]:
@@ -160,8 +197,11 @@ def ci_section(rows: list[PairedRow], tasks: list[str], display: Mapping[str, st
              "The bootstrap covers test-row noise only, not training randomness, which the seed std shows. "
              "\"Best\" donor and baseline are chosen by mean validation AUC, never by test AUC."
              + ("" if any(r.comparison == "LightGBM" for r in rows) else
-                " LightGBM has no CI: its runner returns AUCs, not per-row scores."), "",
-             "| EMM − | " + " | ".join(f"{t} diff [95% CI] | {t} seed std | {t} vs" for t in tasks) + " |",
+                " LightGBM has no CI: it was not run in this profile, or its per-row scores were not stored."), "",
+             "The hybrid rows compare EMM stacked with LightGBM (a logistic regression on both validation scores) "
+             "against LightGBM alone and against the donors stacked with LightGBM: does the fused model add "
+             "anything a tree model lacks, beyond what its donors add?", "",
+             "| comparison | " + " | ".join(f"{t} diff [95% CI] | {t} seed std | {t} vs" for t in tasks) + " |",
              "|---|" + "---:|---:|---|" * len(tasks)]
     by = {(r.comparison, r.task): r for r in rows}
     for label in dict.fromkeys(r.comparison for r in rows):
@@ -170,7 +210,8 @@ def ci_section(rows: list[PairedRow], tasks: list[str], display: Mapping[str, st
             r = by.get((label, t))
             cells += (["—", "", ""] if r is None else
                       [f"{r.diff:+.5f} [{r.low:+.5f}, {r.high:+.5f}]", f"{r.seed_std:.5f}", _name(r.against, display)])
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        title = _title(next(r for r in rows if r.comparison == label))
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -180,13 +221,13 @@ def ci_verdict(rows: list[PairedRow], display: Mapping[str, str]) -> list[str]:
     for r in rows:
         word = "above it" if r.low > 0 else "below it" if r.high < 0 else "not distinguishable at 95%"
         name = _name(r.against, display)
-        out.append(f"- {r.task}: EMM − {r.comparison}{f' ({name})' if name else ''} = {r.diff:+.5f}, "
+        out.append(f"- {r.task}: {_title(r)}{f' ({name})' if name else ''} = {r.diff:+.5f}, "
                    f"95% CI [{r.low:+.5f}, {r.high:+.5f}]: {word}.")
     return out
 
 
 def csv_rows(rows: list[PairedRow], display: Mapping[str, str]) -> list[dict[str, Any]]:
-    return [{"model": f"EMM − {r.comparison}", "kind": "paired_ci", "task": r.task, "seeds": r.seeds,
+    return [{"model": _title(r), "kind": "paired_ci", "task": r.task, "seeds": r.seeds,
              "against": _name(r.against, display), "diff": f"{r.diff:.6f}", "ci_low": f"{r.low:.6f}",
              "ci_high": f"{r.high:.6f}", "diff_seed_std": f"{r.seed_std:.6f}", "n_resamples": r.n_resamples}
             for r in rows if not math.isnan(r.diff)]

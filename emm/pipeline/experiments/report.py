@@ -90,13 +90,17 @@ def table1_rows(results: list[dict[str, Any]], task_set: str, tasks: list[str],
     """``scores``: the task set's stored per-row scores (``paired.collect``), read here when not given."""
     rows = [Row(m, "pool", _aucs(results, task_set, "pool", m)) for m in _methods(results, task_set, "pool")]
     rows += list(_donor_summary(results, task_set, tasks))
-    donors = paired.donor_aucs(scores or paired.collect(results, task_set, tasks))
-    rows += [Row(name, "donors", {t: Cell(v) for t, v in cells.items()}) for name, cells in donors.items() if cells]
+    built = paired.donor_aucs(scores or paired.collect(results, task_set, tasks))
+    hybrids = {paired.HYBRID, paired.DONOR_HYBRID}
+    rows += [Row(name, "donors", {t: Cell(v) for t, v in cells.items()})
+             for name, cells in built.items() if cells and name not in hybrids]
     rows += [Row(DISPLAY.get(m, m), "baseline", _aucs(results, task_set, "baseline", m), m)
              for m in _methods(results, task_set, "baseline")]
     if _methods(results, task_set, "lightgbm"):
         rows.append(Row(DISPLAY["lightgbm"], "lightgbm", _aucs(results, task_set, "lightgbm", "lightgbm")))
     rows.append(Row(DISPLAY["full"], "emm", _aucs(results, task_set, "fused", "full"), "emm"))
+    rows += [Row(name, "hybrid", {t: Cell(v) for t, v in built[name].items()})  # not neural-only: reported apart
+             for name in (paired.DONOR_HYBRID, paired.HYBRID) if built.get(name)]
     return rows
 
 
@@ -220,7 +224,7 @@ def plot_table1(rows: list[Row], tasks: list[str], path: Path, title: str) -> Pa
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 0.42 * len(rows) + 1.6), squeeze=False)
     colors = {"pool": "#adb5bd", "reference": "#6c757d", "donors": "#495057", "baseline": "#4c6ef5",
-              "lightgbm": "#2b8a3e", "emm": "#d9480f"}
+              "lightgbm": "#2b8a3e", "emm": "#d9480f", "hybrid": "#e8590c"}
     for ax, task in zip(axes[0], tasks):
         shown = [r for r in rows if task in r.cells and r.cells[task].n]
         means = [r.cells[task].mean for r in shown]
