@@ -16,10 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,19 +26,14 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from benchmarks.train_throughput import load_average
 from emm.data.reader import resolve_file
 from emm.data.spec import resolve_dataset
+from emm.errors import EMMError
 from emm.pipeline.params import load_params
-
-from benchmarks.train_throughput import load_average
+from emm.tracking.processes import free_port, model_server_args, running_server
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -50,39 +41,13 @@ def serve(model_uri: str, tracking_uri: str, timeout_s: float = 180) -> Iterator
     """``mlflow models serve`` on loopback until /ping answers; its process group stopped on exit."""
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_REGISTRY_URI=tracking_uri)
-    args = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise SystemExit(f"mlflow models serve did not come up (exit {proc.poll()}):\n{log.read()[-3000:]}")
-                time.sleep(0.5)
-            yield base
-        finally:
-            for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-                if proc.poll() is not None:
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=grace)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:  # until no process of the group is left
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
+            with running_server(model_server_args(model_uri, port), port, "/ping", Path(tmp) / "serve.log", env=env,
+                                timeout_s=timeout_s) as base:
+                yield base
+        except EMMError as exc:
+            raise SystemExit(str(exc)) from exc
 
 
 def raw_rows(params: str, dataset: str, rows: int) -> pd.DataFrame:
@@ -132,7 +97,9 @@ def main() -> None:
     if args.url:
         server = contextlib.nullcontext(args.url.rstrip("/"))
     else:
-        from emm.tracking.store import tracking_uri  # benchmarks may import the tracking layer: it is the CLI's
+        from emm.tracking.store import (
+            tracking_uri,  # benchmarks may import the tracking layer: it is the CLI's
+        )
 
         server = serve(model_uri, tracking_uri(load_params(args.params).tracking.store))
     results = {}

@@ -17,20 +17,17 @@ Screenshots go to the test's tmp dir: ``ui-failure.png`` when the UI step fails,
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import mlflow
 import pandas as pd
 import pytest
 import yaml
 
+from emm.tracking.processes import free_port, mlflow_executable, running_server
 from tests.conftest import REPO, write_head
 
 DATASET = "census-income"
@@ -43,12 +40,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
          "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -107,42 +98,11 @@ def mlflow_ui(tiny_registry, tmp_path_factory):
     logs = tmp_path_factory.mktemp("mlflow-ui")
     port = free_port()
     env = dict(tiny_registry.env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no huey job workers on 2 cores
-    args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+    args = [mlflow_executable(), "server", "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1", "--backend-store-uri", tiny_registry.uri, "--registry-store-uri", tiny_registry.uri,
             "--default-artifact-root", (tiny_registry.store / "artifacts").as_uri(), "--no-serve-artifacts"]
-    log_path = logs / "server.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(args, cwd=logs, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health (exit {proc.poll()}):\n"
-                            f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with running_server(args, port, "/health", logs / "server.log", env=env, cwd=logs, timeout_s=90) as base:
         yield base
-    finally:
-        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=grace)
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # uvicorn's worker and anything else left in the group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        log.close()
 
 
 def add_alias_in_ui(base: str, version: str, alias: str, shots: Path) -> None:

@@ -13,12 +13,6 @@ required column must be refused with a 4xx that names it.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,73 +22,20 @@ import pandas as pd
 import pytest
 
 from emm.data.spec import resolve_dataset
+from emm.tracking.processes import free_port, model_server_args, running_server
 from tests.conftest import write_head
-from tests.integration.test_mlflow_ui_promote import DATASET, MODEL, emm, free_port, tiny_registry  # noqa: F401
+from tests.integration.test_mlflow_ui_promote import DATASET, MODEL, emm, tiny_registry  # noqa: F401
 
 ROWS = 120
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def stop_group(proc: subprocess.Popen, timeout_s: float = 20) -> None:
-    """SIGTERM the server's process group, SIGKILL what is left after a grace period, and wait until no
-    process of the group is left (the uvicorn worker outlives its parent by a moment)."""
-    for sig, grace in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # workers left in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
 @contextlib.contextmanager
-def model_server(model_uri: str, env: dict[str, str], cwd: Path, log_path: Path,
-                 timeout_s: float = 180) -> Iterator[str]:
-    """``mlflow models serve`` on a free loopback port until /ping answers; stopped (process group) on exit."""
+def model_server(model_uri: str, env: dict[str, str], cwd: Path, log_path: Path) -> Iterator[str]:
+    """``mlflow models serve`` on a free loopback port until /ping answers; its process group stopped on exit
+    and the port checked closed (``emm.tracking.processes``)."""
     port = free_port()
-    args = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
-            "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow models serve did not answer /ping (exit {proc.poll()}):\n"
-                                f"{log_path.read_text()[-4000:]}")
-                time.sleep(0.5)
-            yield base
-        finally:
-            stop_group(proc)
-    assert port_closed(port), f"port {port} still answers after the server's process group was stopped"
-
-
-def port_closed(port: int, wait_s: float = 10) -> bool:
-    """Whether nothing listens on the loopback port (within ``wait_s``: a killed worker takes a moment to go)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) != 0:
-                return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
+    with running_server(model_server_args(model_uri, port), port, "/ping", log_path, env=env, cwd=cwd) as base:
+        yield base
 
 
 def post_split(base: str, frame: pd.DataFrame) -> httpx.Response:
