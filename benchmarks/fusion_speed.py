@@ -3,7 +3,7 @@ fused model fed by torch-rechub's data path (its ``DataGenerator``: a per-row di
 all in one run on the same data. The fused model is compute-bound, so this ratio says how little the
 data path matters for it (``benchmarks/train_throughput.py`` compares whole trainers on MMoE).
 
-Needs the pipeline's artifacts (ingest, pretrain, decompose) and torch-rechub (the `bench` extra):
+Needs the pipeline's artifacts (ingest, pretrain, decompose) and torch-rechub (the `rechub` extra):
     python -m benchmarks.fusion_speed [--dataset census-income] [--train-rows 100000] [--peer-rows 20000]
 """
 

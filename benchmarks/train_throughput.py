@@ -18,7 +18,7 @@ are reported with their ratios:
 ``--profile`` adds what bounds each: torch.profiler's top operators for a few EMM training steps, and
 the peer's epoch split into its loader alone (per-row ``__getitem__`` + collate) and the rest.
 
-    pip install --no-deps torch-rechub==0.9.0        # the optional `bench` extra
+    pip install --no-deps torch-rechub==0.9.0        # the optional `rechub` extra
     python -m benchmarks.train_throughput [--data artifacts/census-income/data] [--rows N] [--rounds 3] [--threads N] [--profile]
 """
 
@@ -57,7 +57,7 @@ def rechub() -> Any:
         return importlib.import_module("torch_rechub")
     except ImportError as exc:
         raise EMMError("this benchmark needs torch-rechub: pip install --no-deps torch-rechub==0.9.0 "
-                       "(or pip install -e '.[bench]')") from exc
+                       "(or pip install -e '.[rechub]')") from exc
 
 
 def rechub_features(schema: Schema, embed_dim: int = EMBED_DIM) -> list:

@@ -1,0 +1,112 @@
+"""Does the fusion pay when it is fitted on rows its donors never saw? One probe, on the benchmark's pools.
+
+Why: the donors are scored on their own training rows when the fused model trains there, and on those
+rows they look better than they are (Census: train AUC well above validation AUC), so whatever the AKF
+levels and the blend learn on train rows is fitted to in-sample donor outputs. The donor stack, fitted on
+validation rows, does not have that problem. This probe fuses each seed's pool (the `emm benchmark` work
+folder of the default profile) with the params file's ``fuse`` settings, but fitted on half of the
+validation split (a seeded random half: the stack is fitted there too) and early-stopped on the other
+half; test rows are untouched. It prints, per task and against the same seed's models on the same test
+rows, paired bootstrap 95% CIs (1,000 resamples of test rows, pooled over seeds) of
+
+    held-out EMM − donor stack (fitted on all validation rows, Table I's row)
+    held-out EMM − EMM fitted on train rows (Table I's EMM)
+    held-out EMM − best donor (by validation AUC)
+
+    python -m benchmarks.heldout_fusion [--params params.yaml] [--dataset census-income] [--seeds 2026,2027,2028]
+                                        [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emm.data.schema import Schema
+from emm.data.tensors import SplitTensors, load_split
+from emm.fusion.blend import fit_blend
+from emm.fusion.fused import build_fused
+from emm.pipeline.decompose import load_pool_plan
+from emm.pipeline.experiments.paired import collect, _best
+from emm.pipeline.params import load_params
+from emm.train.compare import paired_auc_cis, predict_logits
+from emm.train.metrics import auc
+from emm.train.trainer import Trainer
+
+from benchmarks.train_throughput import load_average
+
+
+def halves(rows: SplitTensors, seed: int) -> tuple[SplitTensors, SplitTensors]:
+    """A seeded random half of the rows to fit on, the rest to early-stop on."""
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    fit, stop = perm[: len(rows) // 2], perm[len(rows) // 2:]
+
+    def take(idx: torch.Tensor) -> SplitTensors:
+        return SplitTensors(rows.sparse[idx], rows.dense[idx], rows.labels[idx], rows.task_names)
+    return take(fit), take(stop)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--dataset", default="census-income")
+    ap.add_argument("--seeds", default=None, help="comma-separated (default: the full profile's seeds)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_params(args.params)
+    prof = cfg.benchmark.profiles["full"]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else prof.seeds
+    tasks_key = "+".join(cfg.ingest.tasks.get(args.dataset) or [])
+    work = Path(cfg.benchmark.out) / args.dataset / "raw" / "full" / tasks_key
+    data_dir = work / "data"
+    schema = Schema.load(data_dir)
+    val, test = load_split(data_dir, "val", schema), load_split(data_dir, "test", schema)
+    results = [json.loads(p.read_text())["result"] for p in sorted(work.glob("seed-*/results/*.json"))]
+    scores = collect(results, tasks_key, schema.task_names)
+    if scores is None:
+        raise SystemExit(f"no stored scores under {work}: run `emm benchmark {args.dataset}` first")
+    print(f"{args.dataset}: fuse {cfg.fuse.akf.model_dump()}; fitted on half of {len(val):,} val rows, "
+          f"early-stopped on the other half; seeds {seeds}; {load_average()}")
+    held: dict[int, np.ndarray] = {}
+    for seed in seeds:
+        seed_dir = work / f"seed-{seed}"
+        plan, entries = load_pool_plan(data_dir, seed_dir / "pool", seed_dir / "components", cfg.decompose)
+        torch.manual_seed(seed)
+        model = build_fused(plan, [e.task for e in entries], schema.task_names, cfg.fuse.akf, schema)
+        fit_rows, stop_rows = halves(val, seed)
+        if model.blend is not None and cfg.fuse.blend_init == "stack":
+            fit_blend(model, fit_rows.sparse, fit_rows.dense, fit_rows.labels)
+        train_cfg = cfg.fuse.train.model_copy(update={"seed": seed})
+        trainer = Trainer(model, train_cfg, progress=False, desc=f"held-out seed {seed}",
+                          score_start=model.blend is not None)
+        started = time.perf_counter()
+        fit = trainer.fit(fit_rows, stop_rows)
+        held[seed] = predict_logits(model, test, train_cfg.eval_batch_size)
+        aucs = {t: round(auc(test.labels[:, i].numpy(), held[seed][:, i]), 5) for i, t in enumerate(schema.task_names)}
+        print(f"  seed {seed}: best epoch {fit.best_epoch} of {fit.epochs_run}, {time.perf_counter() - started:.0f} s, "
+              f"test AUC {aucs}")
+    for i, task in enumerate(schema.task_names):
+        y = test.labels[:, i].numpy()
+        best = _best(scores, task, "pool:")
+        against = {"donor stack (all val rows)": "donors:stack", "EMM fitted on train rows": "fused:full",
+                   f"best donor ({best.split(':', 1)[1] if best else '?'})": best}
+        pairs = {label: [(held[s][:, i], scores.test[s][task][key]) for s in seeds if key in scores.test[s][task]]
+                 for label, key in against.items() if key}
+        cis = paired_auc_cis(y, {k: v for k, v in pairs.items() if v})
+        mean_auc = np.mean([auc(y, held[s][:, i]) for s in seeds])
+        print(f"{task}: held-out EMM test AUC {mean_auc:.5f} (mean of {len(seeds)} seeds)")
+        for label, ci in cis.items():
+            per_seed = [auc(y, a) - auc(y, b) for a, b in pairs[label]]
+            word = "above" if ci["low"] > 0 else "below" if ci["high"] < 0 else "not distinguishable"
+            print(f"  − {label}: {ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}] seed std "
+                  f"{np.std(per_seed, ddof=1) if len(per_seed) > 1 else 0:.5f}: {word}")
+
+
+if __name__ == "__main__":
+    main()
