@@ -193,7 +193,9 @@ def write_table2(dataset: str, results: list[dict[str, Any]], task_set: str, tas
     lines = [f"# Table II: ablation, {dataset}", "", header, "",
              "baseline = the fused architecture with random, trainable components and no MTM; +MTM adds the "
              "attention; +p uses the trained, frozen pool components without MTM; EMM = both. Gain = AUC − "
-             "baseline. `paper` = the paper's Table II.", "",
+             "baseline. `paper` = the paper's Table II. Under `output donor_residual` (see the header) every variant "
+             "is the donors' blend plus that variant's AKF residual, which starts at zero; the paper's variants "
+             "have no blend (`output tower`).", "",
              "| variant | " + " | ".join(f"{t} AUC | {t} Gain | {t} paper" for t in tasks) + " |",
              "|---|" + "---:|---:|---:|" * len(tasks)]
     for a in ablations:
@@ -352,8 +354,11 @@ def write_selection(task_sets: dict[str, list[str]], results: list[dict[str, Any
 
 
 def write_reports(dataset: str, profile: str, results: list[dict[str, Any]], schemas: dict[str, Schema],
-                  main_set: str, out_dir: Path, seconds: float | None = None) -> list[Path]:
-    """Write every table and plot of one benchmark into ``out_dir``; returns the files written."""
+                  main_set: str, out_dir: Path, seconds: float | None = None,
+                  recipe: dict[str, Any] | None = None) -> list[Path]:
+    """Write every table and plot of one benchmark into ``out_dir``; returns the files written. ``recipe``:
+    the fuse settings EMM's rows were trained with, named in every header (a table of a fused model means
+    little without them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     main_tasks = schemas[main_set].task_names
     seeds = sorted({r["seed"] for r in results if r["task_set"] == main_set})
@@ -364,6 +369,8 @@ def write_reports(dataset: str, profile: str, results: list[dict[str, Any]], sch
         f"{compute_min:.0f} worker-minutes in all" + (
             f"; this report's run took {seconds / 60:.1f} min wall" if seconds is not None else "") + (
             f" and reused {reused} finished runs from an earlier one." if reused else ".")
+    if recipe:
+        header += " EMM's recipe (params.yaml `fuse`): " + ", ".join(f"{k} `{v}`" for k, v in recipe.items()) + "."
     scores = paired.collect(results, main_set, main_tasks)
     rows = table1_rows(results, main_set, main_tasks, scores)
     files = [*write_table1(dataset, rows, main_tasks, header, out_dir, paired.paired_rows(scores))]

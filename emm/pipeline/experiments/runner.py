@@ -202,7 +202,8 @@ def run_benchmark(dataset: str, params: Path | str | None = None, *, profile: st
 
         results = execute(jobs, {ts: s.fingerprint() for ts, s in schemas.items()}, n_workers, log_child)
         seconds = time.perf_counter() - started
-        files = write_reports(dataset, profile, results, schemas, main_set, out_dir, seconds)
+        recipe = {**cfg.fuse.akf.model_dump(mode="json"), "blend_init": cfg.fuse.blend_init}
+        files = write_reports(dataset, profile, results, schemas, main_set, out_dir, seconds, recipe)
         if prof.recipes:
             files.append(write_recipes(dataset, results, main_set, schemas[main_set].task_names, prof.recipes, out_dir))
         tracker.log_metrics({"benchmark_seconds": seconds})
