@@ -143,7 +143,9 @@ def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path
 def check_donor_rows_and_paired_cis(run, out: Path, table1: str, rows: list[dict[str, str]]) -> None:
     """The donor ensemble/stack rows and EMM's paired CIs, recomputed from the per-row scores the jobs stored."""
     for row in ["donor ensemble (mean of logits)", "donor stack (logistic regression on validation logits)",
-                "best donor by validation AUC", "donor ensemble", "donor stack", "best baseline by validation AUC"]:
+                "hybrid: EMM + LightGBM (stack on validation scores)", "EMM − best donor by validation AUC",
+                "EMM − donor ensemble", "EMM − donor stack", "EMM − best baseline by validation AUC",
+                "hybrid − LightGBM", "hybrid − donors' hybrid"]:
         assert f"| {row} |" in table1, row
     assert "income diff [95% CI]" in table1 and "marital seed std" in table1
     assert "- income: EMM − donor ensemble = " in table1 and ", 95% CI [" in table1  # and in the verdict
