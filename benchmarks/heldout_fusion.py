@@ -32,7 +32,7 @@ from emm.data.tensors import SplitTensors, load_split
 from emm.fusion.blend import fit_blend
 from emm.fusion.fused import build_fused
 from emm.pipeline.decompose import load_pool_plan
-from emm.pipeline.experiments.paired import collect, _best
+from emm.pipeline.experiments.paired import best_key, collect
 from emm.pipeline.params import load_params
 from emm.train.compare import paired_auc_cis, predict_logits
 from emm.train.metrics import auc
@@ -93,7 +93,7 @@ def main() -> None:
               f"test AUC {aucs}")
     for i, task in enumerate(schema.task_names):
         y = test.labels[:, i].numpy()
-        best = _best(scores, task, "pool:")
+        best = best_key(scores, task, "pool:")
         against = {"donor stack (all val rows)": "donors:stack", "EMM fitted on train rows": "fused:full",
                    f"best donor ({best.split(':', 1)[1] if best else '?'})": best}
         pairs = {label: [(held[s][:, i], scores.test[s][task][key]) for s in seeds if key in scores.test[s][task]]

@@ -83,7 +83,7 @@ def collect(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> S
             out.val_auc.setdefault(task, {}).setdefault(key, []).append(float(r["tasks"][task]["val_auc"]))
             if val_scores is not None:
                 val[r["seed"]][task][key] = _as_logit(r, val_scores[:, j])
-    tested = {r["seed"]: r for r in scored if r["kind"] == "lightgbm"}
+    lightgbm = {r["seed"]: r for r in scored if r["kind"] == "lightgbm"}
     emm = {r["seed"]: r for r in scored if f"{r['kind']}:{r['method']}" == EMM}
     for seed, by_task in out.test.items():
         for task, models in by_task.items():
@@ -96,7 +96,7 @@ def collect(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> S
                 models["donors:stack"] = stack(x_val, y, x_test)
             if LIGHTGBM not in val[seed][task]:
                 continue  # LightGBM off, or a result from before its validation scores were kept
-            gbm_test = _as_logit(tested[seed], models[LIGHTGBM])
+            gbm_test = _as_logit(lightgbm[seed], models[LIGHTGBM])
             if EMM in val[seed][task]:
                 models[HYBRID_KEY] = stack(np.column_stack([val[seed][task][EMM], val[seed][task][LIGHTGBM]]), y,
                                            np.column_stack([_as_logit(emm[seed], models[EMM]), gbm_test]))
@@ -132,7 +132,7 @@ class PairedRow:
     n_resamples: int
 
 
-def _best(scores: Scores, task: str, prefix: str) -> str | None:
+def best_key(scores: Scores, task: str, prefix: str) -> str | None:
     """The ``prefix`` model with the best mean validation AUC for ``task`` among those with test scores."""
     have = {k for by_task in scores.test.values() for k in by_task.get(task, {})}
     candidates = {k: np.mean(v) for k, v in scores.val_auc.get(task, {}).items() if k.startswith(prefix) and k in have}
@@ -146,10 +146,10 @@ def paired_rows(scores: Scores | None) -> list[PairedRow]:
         return []
     rows = []
     for i, task in enumerate(scores.tasks):
-        wanted = {"best donor by validation AUC": (EMM, _best(scores, task, "pool:")),
+        wanted = {"best donor by validation AUC": (EMM, best_key(scores, task, "pool:")),
                   "donor ensemble": (EMM, "donors:ensemble"), "donor stack": (EMM, "donors:stack"),
                   "LightGBM": (EMM, LIGHTGBM),
-                  "best baseline by validation AUC": (EMM, _best(scores, task, "baseline:")),
+                  "best baseline by validation AUC": (EMM, best_key(scores, task, "baseline:")),
                   "hybrid − LightGBM": (HYBRID_KEY, LIGHTGBM),
                   "hybrid − donors' hybrid": (HYBRID_KEY, DONOR_HYBRID_KEY)}
         pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
