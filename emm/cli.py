@@ -169,6 +169,40 @@ def benchmark_cmd(
         console.print(f"  {f}")
 
 
+def _numbers(text: str | None, kind: type, option: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise EMMError(f"{option} takes comma-separated numbers, e.g. 0,0.3,0.6,0.9; got {text!r}") from exc
+
+
+@app.command("relatedness")
+@user_errors
+def relatedness_cmd(
+    shared_weights: Annotated[Optional[str], typer.Option(
+        help="comma-separated relatedness levels (default benchmark.relatedness.shared_weights)")] = None,
+    rows: Annotated[Optional[int], typer.Option(help="rows per synthetic table (default synth.rows)")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="comma-separated seeds (default benchmark.relatedness.seeds)")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(help="cap on every model's epochs")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="parallel training processes (default benchmark.workers)")] = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Where fusion pays: sweep planted task relatedness on `emm synth` tables, fuse at each level, compare
+    with the donors (paired CIs) under the oracle ceiling: results/<synth.dataset>/relatedness.*"""
+    from emm.pipeline.benchmark import relatedness_stage
+
+    run = relatedness_stage(params, shared_weights=_numbers(shared_weights, float, "--shared-weights"), rows=rows,
+                            seeds=_numbers(seeds, int, "--seeds"), max_epochs=max_epochs, workers=workers,
+                            track=not no_track)
+    console.print((run.out_dir / "relatedness.md").read_text(), highlight=False, soft_wrap=True)
+    console.print(f"{run.jobs} jobs in {run.seconds / 60:.1f} min; wrote:")
+    for f in run.files:
+        console.print(f"  {f}")
+
+
 @app.command("decompose")
 @user_errors
 def decompose_cmd(

@@ -246,6 +246,27 @@ def synthesize(cfg: SynthConfig, out_dir: Path) -> Schema:
     return schema
 
 
+def true_probabilities(cfg: SynthConfig, split: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(labels, true probabilities) of every row of ``split`` as ``synthesize(cfg, ...)`` wrote it.
+
+    Why regenerate rather than store: the rows are a pure function of the config (the same seeded
+    draws, chunk by chunk), so the oracle's scores on the very test rows a model is scored on cost a few
+    seconds and no disk; the labels come back too, so a caller can check they match the written file.
+    """
+    counts = split_rows(cfg)
+    gen = Generator.draw(cfg)
+    split_index = SPLITS.index(split)
+    labels: dict[str, list[np.ndarray]] = {"click": [], "conversion": []}
+    probs: dict[str, list[np.ndarray]] = {"click": [], "conversion": []}
+    for chunk, start in enumerate(range(0, counts[split], cfg.row_group_rows)):
+        n = min(cfg.row_group_rows, counts[split] - start)
+        cols, p = gen.rows(np.random.default_rng([cfg.seed, 2, split_index, chunk]), n)
+        for t in labels:
+            labels[t].append(cols[t])
+            probs[t].append(p[t])
+    return ({t: np.concatenate(v) for t, v in labels.items()}, {t: np.concatenate(v) for t, v in probs.items()})
+
+
 def _schema(cfg: SynthConfig, gen: Generator, counts: dict[str, int], positives: dict[str, dict[str, int]],
             tasks: list[str]) -> Schema:
     sparse, offset = [], 0

@@ -26,7 +26,7 @@ from emm.train.options import TrainConfig
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 BASELINE_NAMES = tuple(BASELINES)
 __all__ = ["BASELINE_NAMES", "BenchmarkConfig", "BenchmarkProfile", "DecomposeConfig", "FuseConfig", "IngestConfig",
-           "Params", "PathsConfig", "PretrainConfig", "ScaleConfig", "SynthConfig", "TrackingConfig", "TrainConfig",
+           "Params", "PathsConfig", "PretrainConfig", "RelatednessConfig", "ScaleConfig", "SynthConfig", "TrackingConfig", "TrainConfig",
            "load_params"]
 
 
@@ -109,6 +109,30 @@ class BenchmarkProfile(Options):
         return names
 
 
+class RelatednessConfig(Options):
+    """`emm relatedness`: the paper says fusion gains shrink when tasks are weakly related. The sweep
+    plants a known relation (``synth.shared_weight``, the share of each task's signal from a latent both
+    tasks see), trains a pool and fuses it at each level, and compares the fused model with its donors
+    on the same test rows, under the oracle's AUC (the true probabilities) as the ceiling."""
+
+    shared_weights: list[float] = Field(default_factory=lambda: [0.0, 0.3, 0.6, 0.9], min_length=1,
+                                        description="the relatedness levels (synth.shared_weight) swept")
+    rows: int | None = Field(default=None, gt=0, description="rows per synthetic table (None = synth.rows)")
+    seeds: list[int] = Field(default_factory=lambda: [2026], min_length=1)
+    max_epochs: int | None = Field(default=None, gt=0, description="cap on every model's epochs (None = as trained)")
+    lightgbm: bool = True
+    recipes: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"paper": {"output": "tower"}},
+        description="name -> fuse overrides: other fused models swept beside EMM's default")
+
+    @field_validator("shared_weights")
+    @classmethod
+    def _weights(cls, weights: list[float]) -> list[float]:
+        if any(not 0 <= w <= 1 for w in weights) or len(set(weights)) != len(weights):
+            raise ValueError(f"shared_weights must be distinct values in [0, 1], got {weights}")
+        return weights
+
+
 class BenchmarkConfig(Options):
     """`emm benchmark`: Table I, Table II and Figure 3."""
 
@@ -122,6 +146,8 @@ class BenchmarkConfig(Options):
     default_baseline_size: dict[str, list[int]] = Field(
         default_factory=lambda: {"expert_hidden": [128], "tower": [128]},
         description="baseline size for a dataset not in baseline_size (paper IV-C: the Ali datasets)")
+
+    relatedness: RelatednessConfig = Field(default_factory=RelatednessConfig)
 
     def pick(self, name: str | None) -> BenchmarkProfile:
         name = name or self.profile

@@ -16,7 +16,7 @@ from emm.data.encoding import Encoder
 from emm.data.schema import Schema
 from emm.data.spec import resolve_dataset
 from emm.data.stream import ParquetStream, load_shard, open_split, shard_range, split_path
-from emm.data.synth import SYNTH_FILE, synthesize
+from emm.data.synth import SYNTH_FILE, synthesize, true_probabilities
 from emm.data.tensors import load_split
 from emm.models.baselines.mmoe import build_mmoe
 from emm.models.single_task import ModelSpec, build_model
@@ -69,6 +69,23 @@ def test_planted_relations_hold(synth_dir):
     assert 0.6 < record["oracle_auc"]["click"] < 0.95 and 0.6 < record["oracle_auc"]["conversion"] < 0.99
     # the shared latent: click's true probability alone ranks conversions well
     assert record["click_probability_auc_on_conversion"] > 0.7
+
+
+def test_true_probabilities_are_those_of_the_written_rows(synth_dir):
+    """The relatedness sweep scores the oracle on the very test rows models are scored on: the regenerated
+    labels must be the written ones (every chunk of many row groups), and the truth must rank them as well
+    as synth.json's calibration sample says."""
+    schema = Schema.load(synth_dir)
+    record = json.loads((synth_dir / SYNTH_FILE).read_text())
+    for split in ("val", "test"):
+        written = load_split(synth_dir, split, schema).labels.numpy()
+        labels, truth = true_probabilities(CFG, split)
+        for j, task in enumerate(schema.task_names):
+            assert (labels[task] == written[:, j]).all(), (split, task)
+            assert truth[task].shape == (schema.rows[split],)
+            assert auc(written[:, j], truth[task]) == pytest.approx(record["oracle_auc"][task], abs=0.03)
+    other, _ = true_probabilities(CFG.model_copy(update={"shared_weight": 0.1}), "test")  # another world
+    assert not (other["conversion"] == labels["conversion"]).all()
 
 
 def test_synth_is_reproducible_and_seeded(tmp_path):

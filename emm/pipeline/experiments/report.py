@@ -210,7 +210,7 @@ def write_table2(dataset: str, results: list[dict[str, Any]], task_set: str, tas
     return path
 
 
-def _plt():
+def pyplot():
     import matplotlib  # local: the headless backend must be chosen before pyplot is first imported
 
     matplotlib.use("Agg")
@@ -221,7 +221,7 @@ def _plt():
 
 def plot_table1(rows: list[Row], tasks: list[str], path: Path, title: str) -> Path:
     """One panel per task: horizontal bars with ± std error bars, EMM highlighted, zoomed to the spread."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 0.42 * len(rows) + 1.6), squeeze=False)
@@ -258,7 +258,7 @@ def write_figure3(dataset: str, results: list[dict[str, Any]], task_sets: dict[s
     if not task_sets:
         return []
     lines = [f"# Figure 3: more tasks, {dataset}", "", header, ""]
-    plt = _plt()
+    plt = pyplot()
     width = max(len(t) for t in task_sets.values())
     fig, axes = plt.subplots(len(task_sets), width, figsize=(3.6 * width, 3.4 * len(task_sets)), squeeze=False)
     for i, (ts, tasks) in enumerate(task_sets.items()):
@@ -314,7 +314,7 @@ def selection_matrices(results: list[dict[str, Any]], task_set: str, tasks: list
 
 def write_selection(task_sets: dict[str, list[str]], results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Heat maps (rows: the selecting task, columns: the task it picks, per level) and the same as a table."""
-    plt = _plt()
+    plt = pyplot()
     panels = [(ts, tasks, selection_matrices(results, ts, tasks)) for ts, tasks in task_sets.items()]
     panels = [p for p in panels if p[2]]
     if not panels:

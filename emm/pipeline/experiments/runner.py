@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from emm.data.schema import Schema
 from emm.data.spec import resolve_dataset
@@ -164,6 +164,19 @@ def execute(jobs: list[Job], fingerprints: dict[str, str], workers: int, on_resu
     return [done[j.key] for j in jobs]
 
 
+def child_logger(tracker, main_set: str | None) -> Callable[[Job, dict[str, Any], bool], None]:
+    """``execute``'s callback: one MLflow child run per finished (or reused) training job."""
+    def log_child(job: Job, result: dict[str, Any], cached: bool) -> None:
+        if job.kind == "decompose":
+            return
+        with tracker.child(f"{job.method}-s{job.seed}" + ("" if job.task_set == main_set else f"-{job.task_set}"),
+                           tags={"emm.benchmark.kind": job.kind, "emm.benchmark.cached": str(cached)}) as child:
+            child.log_params({"kind": job.kind, "method": job.method, "seed": job.seed, "task_set": job.task_set})
+            child.log_metrics({f"{k}_{t}": v for t, m in result["tasks"].items() for k, v in m.items()}
+                              | {k: result[k] for k in ("seconds", "epochs_run") if k in result})
+    return log_child
+
+
 def run_benchmark(dataset: str, params: Path | str | None = None, *, profile: str | None = None,
                   workers: int | None = None, track: bool = True) -> BenchmarkRun:
     """Table I, Table II and Figure 3 for ``dataset``: data, jobs, tables, plots, one MLflow parent run."""
@@ -191,16 +204,8 @@ def run_benchmark(dataset: str, params: Path | str | None = None, *, profile: st
         tracker.log_params({"dataset": dataset, "profile": profile, "seeds": prof.seeds, "workers": n_workers,
                             "task_sets": list(data_dirs), **{f"rows_{s}": n for s, n in schemas[main_set].rows.items()}})
 
-        def log_child(job: Job, result: dict[str, Any], cached: bool) -> None:
-            if job.kind == "decompose":
-                return
-            with tracker.child(f"{job.method}-s{job.seed}" + ("" if job.task_set == main_set else f"-{job.task_set}"),
-                               tags={"emm.benchmark.kind": job.kind, "emm.benchmark.cached": str(cached)}) as child:
-                child.log_params({"kind": job.kind, "method": job.method, "seed": job.seed, "task_set": job.task_set})
-                child.log_metrics({f"{k}_{t}": v for t, m in result["tasks"].items() for k, v in m.items()}
-                                  | {k: result[k] for k in ("seconds", "epochs_run") if k in result})
-
-        results = execute(jobs, {ts: s.fingerprint() for ts, s in schemas.items()}, n_workers, log_child)
+        results = execute(jobs, {ts: s.fingerprint() for ts, s in schemas.items()}, n_workers,
+                          child_logger(tracker, main_set))
         seconds = time.perf_counter() - started
         recipe = {**cfg.fuse.akf.model_dump(mode="json"), "blend_init": cfg.fuse.blend_init}
         files = write_reports(dataset, profile, results, schemas, main_set, out_dir, seconds, recipe)
