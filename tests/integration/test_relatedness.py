@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from emm.cli import app
 from emm.errors import EMMError
-from emm.pipeline.experiments.relatedness import level_key, measure_level, run_relatedness
+from emm.pipeline.experiments.relatedness import run_relatedness
+from emm.pipeline.experiments.relatedness_measure import level_key, measure_level
 from emm.pipeline.params import load_params
 
 pytestmark = pytest.mark.slow

@@ -6,10 +6,8 @@ both tasks see) ``emm synth`` writes a table, a pool is trained on it, decompose
 ``emm benchmark`` does (the same jobs, cached the same way, so an interrupted sweep resumes). Then, on
 the same test rows: the fused model (EMM's default, plus any swept recipe) against its best donor,
 its donors' ensemble and stack, and LightGBM, as paired bootstrap CIs; and the oracle's AUC (the true
-probabilities, regenerated from the table's seed) as the ceiling no model can pass.
-
-Why the oracle on the test rows themselves, not synth.json's calibration sample: the gap "oracle − model"
-is then a paired quantity on one set of rows, like every other number here.
+probabilities, regenerated from the table's seed) as the ceiling no model can pass
+(``relatedness_measure``; tables and plot: ``relatedness_report``).
 """
 
 from __future__ import annotations
@@ -17,57 +15,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from emm.data.options import SynthConfig
 from emm.data.schema import Schema
-from emm.data.synth import SYNTH_FILE, synthesize, true_probabilities
+from emm.data.synth import SYNTH_FILE, synthesize
 from emm.errors import EMMError
 from emm.io import read_json
-from emm.pipeline.experiments import paired
+from emm.pipeline.experiments.relatedness_measure import Level, level_key, measure_level
+from emm.pipeline.experiments.relatedness_report import write_report
 from emm.pipeline.experiments.runner import child_logger, execute, plan_jobs
 from emm.pipeline.layout import stage_tracker
 from emm.pipeline.params import BenchmarkProfile, RelatednessConfig, load_params
-from emm.train.compare import paired_auc_cis
-from emm.train.metrics import auc
 
 log = logging.getLogger(__name__)
-EMM_LABEL = "EMM"
-BARS = ("best donor", "donor ensemble", "donor stack", "LightGBM")  # what each fused model is paired with
-BAR_KEYS = {"donor ensemble": "donors:ensemble", "donor stack": "donors:stack", "LightGBM": paired.LIGHTGBM}
-
-
-def level_key(shared_weight: float) -> str:
-    """Folder and task-set name of one relatedness level: ``w-0.30``."""
-    return f"w-{shared_weight:.2f}"
-
-
-@dataclass
-class Diff:
-    subject: str   # EMM or a recipe name
-    against: str   # one of BARS
-    diff: float    # mean over seeds of AUC(subject) − AUC(against)
-    low: float
-    high: float
-    seed_std: float
-
-
-@dataclass
-class Level:
-    """One relatedness level and task: every model's test AUC per seed and the paired differences."""
-
-    shared_weight: float
-    task: str
-    oracle: float                      # AUC of the true probabilities on the same test rows
-    relation_auc: float                # click's true probability as a score for conversion (synth.json)
-    positives: int                     # positive test rows: what bounds the CI widths
-    aucs: dict[str, list[float]] = field(default_factory=dict)
-    diffs: list[Diff] = field(default_factory=list)
-    best_epochs: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,62 +51,10 @@ def synth_level(cfg: SynthConfig, data_dir: Path) -> Path:
     return data_dir
 
 
-def _std(values: list[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def measure_level(results: list[dict[str, Any]], key: str, shared_weight: float, data_dir: Path,
-                  synth_cfg: SynthConfig, recipes: list[str]) -> list[Level]:
-    """The AUCs and paired CIs of one level, one ``Level`` per task."""
-    schema = Schema.load(data_dir)
-    tasks = schema.task_names
-    scores = paired.collect(results, key, tasks)
-    if scores is None:
-        raise EMMError(f"relatedness level {key}: no job stored test scores in {data_dir.parent}; delete that "
-                       f"folder and run `emm relatedness` again")
-    labels, truth = true_probabilities(synth_cfg, "test")
-    record = read_json(data_dir / SYNTH_FILE)
-    subjects = {EMM_LABEL: paired.EMM, **{name: f"recipe:{name}" for name in recipes}}
-    levels = []
-    for i, task in enumerate(tasks):
-        y = scores.y_test[:, i]
-        if not np.array_equal(labels[task].astype(y.dtype), y):
-            raise EMMError(f"{data_dir}: the test labels of {task!r} are not the ones its {SYNTH_FILE} config "
-                           f"generates, so the oracle would score other rows; delete {data_dir.parent} and rerun")
-        bars = {"best donor": paired.best_key(scores, task, "pool:"), **BAR_KEYS}
-        seeds = sorted(scores.test)
-        models = {**subjects, **bars}
-        level = Level(shared_weight, task, auc(y, truth[task]), float(record["click_probability_auc_on_conversion"]),
-                      int(y.sum()))
-        level.aucs = {label: got for label, k in models.items() if k is not None and (got := [
-            auc(y, scores.test[s][task][k]) for s in seeds if k in scores.test[s].get(task, {})])}
-        pairs = {}
-        for subject, s_key in subjects.items():
-            for bar, b_key in bars.items():
-                got = [(scores.test[s][task][s_key], scores.test[s][task][b_key]) for s in seeds
-                       if b_key is not None and {s_key, b_key} <= set(scores.test[s].get(task, {}))]
-                if got:
-                    pairs[(subject, bar)] = got
-        cis = paired_auc_cis(y, {f"{a}|{b}": p for (a, b), p in pairs.items()}, n_resamples=paired.N_RESAMPLES,
-                             confidence=paired.CONFIDENCE, seed=paired.SEED) if pairs else {}
-        for (subject, bar), got in pairs.items():
-            ci = cis[f"{subject}|{bar}"]
-            level.diffs.append(Diff(subject, bar, ci["diff"], ci["low"], ci["high"],
-                                    _std([auc(y, a) - auc(y, b) for a, b in got])))
-        for subject, s_key in subjects.items():
-            kind, method = s_key.split(":", 1)
-            level.best_epochs[subject] = [r["best_epoch"] for r in results if r["task_set"] == key
-                                          and r["kind"] == kind and r["method"] == method]
-        levels.append(level)
-    return levels
-
-
 def run_relatedness(params: Path | str | None = None, *, shared_weights: list[float] | None = None,
                     rows: int | None = None, seeds: list[int] | None = None, max_epochs: int | None = None,
                     workers: int | None = None, track: bool = True) -> RelatednessRun:
     """The sweep: one synthetic table, pool and fused model(s) per level; report in results/<synth.dataset>/."""
-    from emm.pipeline.experiments.relatedness_report import write_report  # the plot pulls in matplotlib
-
     started = time.perf_counter()
     cfg = load_params(params)
     overrides = {k: v for k, v in {"shared_weights": shared_weights, "rows": rows, "seeds": seeds,

@@ -15,7 +15,7 @@ import numpy as np
 
 from emm.data.options import SynthConfig
 from emm.pipeline.experiments import paired
-from emm.pipeline.experiments.relatedness import BARS, EMM_LABEL, Level
+from emm.pipeline.experiments.relatedness_measure import BARS, EMM_LABEL, Level
 from emm.pipeline.params import RelatednessConfig
 
 PLOTTED_DIFFS = ("best donor", "donor ensemble")
