@@ -189,6 +189,20 @@ class FusedModel(nn.Module):
         """The parameters an optimiser should get (frozen components excluded)."""
         return (p for p in self.parameters() if p.requires_grad)
 
+    def unfreeze_pool(self) -> list[nn.Parameter]:
+        """Linear-probe-then-fine-tune: make every pool-derived parameter trainable (the AKF levels'
+        components and, under ``donor_residual``, the donors' whole paths) and return those that were frozen.
+
+        Why they stay in eval mode: Dropout and BatchNorm statistics were the donors' at training time;
+        a fine-tune at a small learning rate should move the weights, not re-estimate the statistics.
+        The model is no longer "frozen components": ``fuse`` records the phase in ``fused.json``.
+        """
+        pool_modules = [*self.component_modules(), *([self.donors] if self.donors is not None else [])]
+        thawed = [p for m in pool_modules for p in m.parameters() if not p.requires_grad]
+        for p_ in thawed:
+            p_.requires_grad_(True)
+        return thawed
+
     def component_modules(self) -> list[nn.Module]:
         """Every pool component held by the model (frozen under full/+pretrained)."""
         return [c for level in self.levels for c in level.components]

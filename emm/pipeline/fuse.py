@@ -98,6 +98,10 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
                       made_from=fuse_made_from(pool_dir, components_dir, cfg, dcfg), tracker=tracker,
                       progress=progress, desc=f"fused[{cfg.ablation}]", score_start=model.blend is not None)
     fit = trainer.fit(train, val, resume=resume)
+    finetune = None
+    if cfg.finetune_lr_scale is not None:
+        fit, finetune, trainer = _finetune(model, fit, train, val, cfg, schema, work_dir, trainer.made_from,
+                                           tracker=tracker, resume=resume, progress=progress)
     val_m, test_m = trainer.evaluate(val), trainer.evaluate(test)
     tracker.log_metrics({**{f"test_auc_{t}": m["auc"] for t, m in test_m.items()},
                          **{f"best_val_auc_{t}": m["auc"] for t, m in val_m.items()},
@@ -112,11 +116,40 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
             "total_params": sum(p.numel() for p in model.parameters()),
             "fit": {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1)},
             "val": val_m, "test": test_m, "mlflow_run_id": tracker.run_id, "gates": model.gate_report(),
-            "blend_init": blend, "history": fit.history,
+            "blend_init": blend, "history": fit.history, "finetune": finetune,
             "provenance": provenance(digest(cfg)),
         })
     log.info("fused model: test %s", {t: round(m["auc"], 5) for t, m in test_m.items()})
     return FuseResult(model, fit, val_m, test_m, tracker.run_id)
+
+
+def _finetune(model: FusedModel, first: FitResult, train, val, cfg: FuseConfig, schema: Schema, work_dir: Path,
+              made_from: dict, *, tracker: Tracker, resume: bool, progress: bool) -> tuple[FitResult, dict, Trainer]:
+    """Phase 2 of linear-probe-then-fine-tune: the pool's parameters thawed, everything at lr x scale.
+
+    The phase starts from phase 1's best weights and scores them first (``score_start``), so early
+    stopping can only hand back a model at least as good on validation as phase 1's. Returns the two
+    phases as one fit (epochs numbered on from phase 1's), a record for ``fused.json``, and the trainer.
+    """
+    thawed = model.unfreeze_pool()
+    train_cfg = cfg.train.model_copy(update={"lr": cfg.train.lr * cfg.finetune_lr_scale})
+    trainer = Trainer(model, train_cfg, checkpoint_dir=Path(work_dir) / "checkpoint-finetune",
+                      fingerprint=schema.fingerprint(), made_from={**made_from, "phase": "finetune"},
+                      tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}] fine-tune",
+                      score_start=True)
+    second = trainer.fit(train, val, resume=resume)
+    offset = first.epochs_run
+    history = first.history + [{**row, "epoch": row["epoch"] + offset, "phase": "finetune"}
+                               for row in second.history if row["epoch"] > 0]
+    best_epoch = first.best_epoch if second.best_epoch == 0 else offset + second.best_epoch
+    record = {"lr": train_cfg.lr, "thawed_params": sum(p.numel() for p in thawed), "first_phase_epochs": offset,
+              "first_phase_best_val_auc": first.best_val_auc, "best_val_auc": second.best_val_auc,
+              "kept": "finetune" if second.best_epoch > 0 else "first phase"}
+    log.info("fine-tune at lr %.2g: %s (val AUC %.5f -> %.5f)", train_cfg.lr, record["kept"], first.best_val_auc,
+             second.best_val_auc)
+    fit = FitResult(best_epoch=best_epoch, best_val_auc=second.best_val_auc, epochs_run=offset + second.epochs_run,
+                    stopped_early=second.stopped_early, seconds=first.seconds + second.seconds, history=history)
+    return fit, record, trainer
 
 
 def fuse_stage(dataset: str, params: Path | str | None = None, *, resume: bool = False, track: bool = True,

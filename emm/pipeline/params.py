@@ -63,6 +63,10 @@ class FuseConfig(AKFOptions):
     blend_init: Literal["mean", "stack"] = Field(
         default="stack", description="output donor_residual only: the donors' blend starts as their mean, or as "
         "a logistic regression fitted on their validation logits (the donor stack)")
+    finetune_lr_scale: float | None = Field(
+        default=None, gt=0, le=1, description="after the first early stop (the gates have converged), unfreeze "
+        "the pool's components and donors and train on at lr x this, early-stopped again with the first phase's "
+        "best as a candidate; None = frozen throughout (the paper)")
     train: TrainConfig = TrainConfig()
 
     @property

@@ -1,5 +1,6 @@
 """What a killed or failing stage leaves behind: no eval/ describing a registration that did not happen,
-and no MLflow run RUNNING forever after its process died."""
+and no MLflow run RUNNING forever after its process died. And the fuse stage's optional fine-tune phase on
+the same small pool: it keeps phase 1's best unless validation improved, and records which it kept."""
 
 from __future__ import annotations
 
@@ -72,3 +73,21 @@ def test_runs_of_dead_processes_are_marked_killed(tmp_path, monkeypatch):
         assert client.get_run(tracker.run_id).data.tags[PID_TAG].isdigit()
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     assert mlflow.get_experiment_by_name(registered_name("census-income")) is not None
+
+
+def test_the_finetune_phase_starts_from_phase_one_and_never_ends_worse_on_validation(fused, census_small_data):
+    from emm.fusion.saved import FUSED_JSON
+
+    train = TRAIN.model_copy(update={"max_epochs": 2, "patience": 2})
+    out = fuse("census-income", census_small_data, fused / "pool", fused / "components", fused / "fused-ft",
+               fused / "fused-ft-work", FuseConfig(train=train, tower=[4], output="donor_residual",
+                                                    finetune_lr_scale=0.1), DecomposeConfig(), progress=False)
+    meta = read_json(fused / "fused-ft" / FUSED_JSON)
+    ft = meta["finetune"]
+    assert ft["lr"] == pytest.approx(train.lr * 0.1) and ft["thawed_params"] > 0
+    assert ft["first_phase_epochs"] == 2 and ft["best_val_auc"] >= ft["first_phase_best_val_auc"]
+    assert [r["epoch"] for r in out.fit.history] == list(range(0, out.fit.epochs_run + 1))  # epochs numbered on
+    assert [r.get("phase") for r in out.fit.history][3:] == ["finetune"] * (out.fit.epochs_run - 2)
+    assert (ft["kept"] == "finetune") == (out.fit.best_epoch > 2)
+    assert out.fit.best_val_auc == pytest.approx(ft["best_val_auc"])
+    assert meta["trainable_params"] > 0 and all(p.requires_grad for p in out.model.donors.parameters())

@@ -98,3 +98,30 @@ def test_fit_stack_ignores_a_noise_donor():
     labels = (signal + 0.5 * rng.normal(size=5000) > 0).astype(int)
     weights, _ = fit_stack(np.stack([signal, rng.normal(size=5000)], axis=1), labels)
     assert weights[0] > 1.0 and abs(weights[1]) < 0.1
+
+
+@pytest.mark.parametrize("output", ["donor_residual", "tower"])
+def test_unfreeze_pool_thaws_the_donors_and_components_only(pool2, output):
+    """The fine-tune phase: every pool-derived parameter becomes trainable (and moves under a step), the
+    model's output at that moment is unchanged, and the pieces stay in eval mode (no dropout noise)."""
+    model = pool2.fused(output=output)
+    pool_params = {id(p) for m in [*model.component_modules(), *([model.donors] if model.donors else [])]
+                   for p in m.parameters()}
+    before_trainable = {id(p) for p in model.trainable_parameters()}
+    assert not pool_params & before_trainable
+    sparse, dense = batch(64, seed=21)
+    with torch.no_grad():
+        ref = model.eval()(sparse, dense)
+    thawed = model.unfreeze_pool()
+    assert {id(p) for p in thawed} == pool_params and all(p.requires_grad for p in thawed)
+    assert {id(p) for p in model.trainable_parameters()} == before_trainable | pool_params
+    model.train()
+    assert all(not m.training for m in model.component_modules())
+    torch.testing.assert_close(model(sparse, dense), ref)  # train mode, yet no dropout acts on the pool
+    donor_before = copy.deepcopy(model.donors.state_dict()) if model.donors is not None else None
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    model(sparse, dense).sum().backward()
+    opt.step()
+    if donor_before is not None:
+        assert any(not torch.equal(donor_before[k], v) for k, v in model.donors.state_dict().items())
+    assert model.unfreeze_pool() == []  # nothing left to thaw
