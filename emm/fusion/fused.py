@@ -53,7 +53,7 @@ from emm.fusion.akf import AKFLevel
 from emm.fusion.blend import DonorBlend, DonorPaths
 from emm.fusion.decompose import Plan
 from emm.fusion.options import ABLATIONS, AKFOptions
-from emm.models.embedding import FeatureEmbedding
+from emm.models.embedding import FeatureEmbedding, NumericOptions, PeriodicNumeric
 from emm.models.single_task import Tower
 
 FUSED_FORMAT = "emm.fused/2"
@@ -211,8 +211,9 @@ class FusedModel(nn.Module):
         """JSON-able description; with the plan, ``FusedModel.from_config`` rebuilds the architecture."""
         emb = None
         if self.embedding is not None:
-            emb = {"total_vocab": self.embedding.embedding.num_embeddings, "n_sparse": self.embedding.n_sparse,
-                   "n_dense": self.embedding.n_dense, "dim": self.embedding.dim}
+            emb = self.embedding.config()
+            if emb["numeric"]["mode"] == "minmax":  # the paper's encoding: configs stay as before periodic existed
+                del emb["numeric"]
         return {
             "format": FUSED_FORMAT,
             "plan_models": list(self.model_names),
@@ -238,7 +239,7 @@ class FusedModel(nn.Module):
         except Exception as exc:
             raise EMMError(f"fused-model config has an invalid 'options' section ({exc}); fuse again") from exc
         emb = config.get("embedding")
-        embedding = FeatureEmbedding(emb["total_vocab"], emb["n_sparse"], emb["n_dense"], emb["dim"]) if emb else None
+        embedding = FeatureEmbedding.from_config(emb) if emb else None
         model = cls(plan, config["model_tasks"], config["task_names"], cfg, embedding)
         if model.replaces_level0 != config.get("replaces_level0", model.replaces_level0):
             raise EMMError("the plan's level 0 is not what the fused model was built on; "
@@ -305,7 +306,7 @@ def build_fused(plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str
                 f"{schema.total_vocab} sparse values; the pool was trained on another schema: pretrain it again"
             )
         dim = table.embedding_dim if table is not None else _dim_from_width(plan, schema)
-        embedding = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, dim)
+        embedding = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, dim, _level0_numeric(plan))
     return FusedModel(plan, model_tasks, task_names, cfg, embedding)
 
 
@@ -382,7 +383,18 @@ def _embedding_from_plan(plan: Plan) -> FeatureEmbedding:
             "embedding table at level 0, or inputs other than (sparse [B, n], dense [B, m])); pass embedding=... "
             "or use build_fused(..., schema)"
         )
-    return FeatureEmbedding(table.num_embeddings, shapes[0][0], shapes[1][0], table.embedding_dim)
+    return FeatureEmbedding(table.num_embeddings, shapes[0][0], shapes[1][0], table.embedding_dim,
+                            _level0_numeric(plan))
+
+
+def _level0_numeric(plan: Plan) -> NumericOptions:
+    """The pool's numeric encoding (its level-0 ``PeriodicNumeric``, if any): a fresh embedding sees the dense
+    features as the donors did, so its width and its meaning match theirs."""
+    for per_model in plan.components:
+        for m in per_model[0].modules():
+            if isinstance(m, PeriodicNumeric):
+                return m.opts
+    return NumericOptions()
 
 
 def _dim_from_width(plan: Plan, schema: Schema) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 
 from emm.data.schema import Schema
 from emm.models.bodies import CrossNetBody, MLPBody, ResidualMLPBody
-from emm.models.embedding import FeatureEmbedding
+from emm.models.embedding import FeatureEmbedding, NumericOptions
 
 
 class ModelSpec(BaseModel):
@@ -32,6 +32,7 @@ class ModelSpec(BaseModel):
     tower: list[int] = Field(default_factory=lambda: [8], description="hidden widths of the task tower")
     dropout: float = 0.1
     batchnorm: bool = False
+    numeric: NumericOptions = Field(default_factory=NumericOptions, description="how the dense features are encoded")
 
 
 class Tower(nn.Module):
@@ -73,6 +74,6 @@ def build_body(spec: ModelSpec, in_dim: int) -> nn.Module:
 
 def build_model(spec: ModelSpec, schema: Schema) -> SingleTaskModel:
     """A fresh (untrained) model for ``spec`` on the features of ``schema``."""
-    embedding = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, spec.embed_dim)
+    embedding = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, spec.embed_dim, spec.numeric)
     body = build_body(spec, embedding.out_dim)
     return SingleTaskModel(embedding, body, Tower(body.out_dim, spec.tower))

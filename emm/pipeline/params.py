@@ -19,6 +19,7 @@ from emm.data.options import IngestConfig, ScaleConfig, SynthConfig
 from emm.data.spec import DatasetSpec
 from emm.errors import EMMError
 from emm.fusion.options import ABLATIONS, AblationName, AKFOptions, DecomposeConfig
+from emm.models.embedding import NumericOptions
 from emm.models.baselines.registry import BASELINES
 from emm.options import Options
 from emm.train.options import TrainConfig
@@ -103,6 +104,9 @@ class BenchmarkProfile(Options):
     recipes: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="name -> fuse settings (overrides of params.yaml `fuse`): extra fused "
         "models trained on each seed's pool, compared in recipes.md")
+    numeric: NumericOptions | None = Field(
+        default=None, description="the dense-feature encoding of every pool model and baseline alike (the fused "
+        "model follows its pool); None = as each pool entry says (minmax unless set)")
 
     @field_validator("baselines", "task_set_methods")
     @classmethod

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from emm.models.embedding import PeriodicNumeric
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
     nn.LayerNorm,
@@ -24,6 +26,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd,
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+    PeriodicNumeric,  # EMM's numeric encoder: one layer (its standardisation and PLR parts never split)
 )
 
 

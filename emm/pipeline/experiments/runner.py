@@ -76,6 +76,8 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
         baselines = prof.baselines if is_main else [b for b in prof.task_set_methods if b in BASELINE_NAMES]
         ablations = [a for a in ABLATIONS if a in prof.ablations or a == "full"] if is_main else ["full"]
         specs = [ModelSpec.model_validate(s) for s in benchmark_pool(dataset, cfg, schema)]
+        numeric = {"numeric": prof.numeric.model_dump(mode="json")} if prof.numeric else {}
+        specs = [s.model_copy(update={"numeric": prof.numeric}) for s in specs] if prof.numeric else specs
         for seed in seeds:
             seed_dir = str(work / ts / f"seed-{seed}")
             common = {"seed": seed, "task_set": ts, "dataset": dataset, "data_dir": str(data_dir), "seed_dir": seed_dir}
@@ -90,8 +92,8 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
                     update=train_cfg(cfg.fuse.train, seed))}).model_dump(mode="json"),
                 "decompose": cfg.decompose.model_dump(mode="json")}, needs=(decompose.key,), **common)
                 for ab in ablations]
-            others = [Job("baseline", b, config={"train": train_cfg(cfg.pretrain.train, seed), "kwargs": size
-                                                 if b != "shared_bottom" else {"tower": size["tower"]}}, **common)
+            others = [Job("baseline", b, config={"train": train_cfg(cfg.pretrain.train, seed), "kwargs": {**(
+                size if b != "shared_bottom" else {"tower": size["tower"]}), **numeric}}, **common)
                       for b in baselines]
             if is_main:
                 others += [Job("recipe", name, config={
