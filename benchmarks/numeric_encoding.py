@@ -1,0 +1,100 @@
+"""Does a stronger numeric encoding pay, for every model alike? Two benchmark profiles, paired row by row.
+
+Why a comparison of two profiles: the encoding changes the pool itself (and so the fused model built on
+it), not one fuse recipe, so the two arms are two whole benchmark runs on the same seeds and the same test
+rows: ``numeric-minmax`` (the min-max values plus the dense buckets, as every model had them) and
+``numeric-periodic`` (the same plus periodic PLR embeddings of each dense value, ``numeric: {mode:
+periodic}``, in every pool model and in PLE; the fused model follows its pool). Run both first:
+
+    emm benchmark census-income --profile numeric-minmax
+    emm benchmark census-income --profile numeric-periodic
+    python -m benchmarks.numeric_encoding [--params params.yaml] [--dataset census-income]
+
+It prints, and writes to ``results/<dataset>/numeric.md``, per task and model: test AUC under each encoding
+(mean ± std over seeds) and periodic − minmax as a paired bootstrap 95% CI (1,000 resamples of test rows,
+seed-matched, pooled over seeds), for the best donor (by validation AUC), the donor stack, EMM, PLE,
+LightGBM (the same in both: a control that must read 0) and the EMM + LightGBM hybrid; and EMM − LightGBM
+under the periodic encoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from emm.data.spec import resolve_dataset
+from emm.io import read_json
+from emm.pipeline.experiments import paired
+from emm.pipeline.params import load_params
+from emm.train.compare import paired_auc_cis
+from emm.train.metrics import auc
+
+ARMS = ("numeric-minmax", "numeric-periodic")
+MODELS = {"best donor": None, "donor stack": "donors:stack", "EMM": paired.EMM, "PLE": "baseline:ple",
+          "LightGBM": paired.LIGHTGBM, "hybrid EMM + LightGBM": paired.HYBRID_KEY}
+
+
+def load_arm(cfg, dataset: str, profile: str, task_set: str, tasks: list[str]) -> paired.Scores:
+    work = cfg.benchmark.out / dataset / "raw" / profile / task_set
+    results = [read_json(p)["result"] for p in sorted(work.glob("seed-*/results/*.json"))]
+    if not results:
+        raise SystemExit(f"no results under {work}: run `emm benchmark {dataset} --profile {profile}` first")
+    scores = paired.collect(results, task_set, tasks)
+    if scores is None:
+        raise SystemExit(f"{work}: no stored per-row scores")
+    return scores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default=None)
+    ap.add_argument("--dataset", default="census-income")
+    args = ap.parse_args()
+    cfg = load_params(args.params)
+    tasks = list(cfg.ingest.tasks.get(args.dataset) or resolve_dataset(args.dataset, cfg.datasets).default_tasks)
+    task_set = "+".join(tasks)
+    minmax, periodic = (load_arm(cfg, args.dataset, a, task_set, tasks) for a in ARMS)
+    if not np.array_equal(minmax.y_test, periodic.y_test):
+        raise SystemExit("the two profiles' test rows differ: they must be ingested from the same raw files")
+    seeds = sorted(set(minmax.test) & set(periodic.test))
+    lines = [f"# Numeric encoding, {args.dataset}: periodic (PLR) embeddings vs min-max, every model alike", "",
+             f"Seeds {seeds}; test AUC mean ± std over seeds; **periodic − minmax** is a paired bootstrap 95% CI "
+             f"({paired.N_RESAMPLES} resamples of the same test rows, seed-matched). Written by "
+             "`python -m benchmarks.numeric_encoding` from the `numeric-minmax` and `numeric-periodic` profiles.", ""]
+    for i, task in enumerate(tasks):
+        y = minmax.y_test[:, i]
+        keys = {name: (key or paired.best_key(minmax, task, "pool:"), key or paired.best_key(periodic, task, "pool:"))
+                for name, key in MODELS.items()}
+        pairs, aucs = {}, {}
+        for name, (k_min, k_per) in keys.items():
+            got = [(periodic.test[s][task][k_per], minmax.test[s][task][k_min]) for s in seeds
+                   if k_min in minmax.test[s].get(task, {}) and k_per in periodic.test[s].get(task, {})]
+            if got:
+                pairs[name] = got
+                aucs[name] = ([auc(y, b) for _, b in got], [auc(y, a) for a, _ in got])
+        gbm = [(periodic.test[s][task][paired.EMM], periodic.test[s][task][paired.LIGHTGBM]) for s in seeds
+               if {paired.EMM, paired.LIGHTGBM} <= set(periodic.test[s].get(task, {}))]
+        comparisons = {**pairs, **({"EMM (periodic) − LightGBM": gbm} if gbm else {})}
+        cis = paired_auc_cis(y, comparisons, n_resamples=paired.N_RESAMPLES, confidence=paired.CONFIDENCE,
+                             seed=paired.SEED)
+        lines += [f"## {task}", "", "| model | minmax | periodic | periodic − minmax [95% CI] |", "|---|---:|---:|---:|"]
+        for name, (a_min, a_per) in aucs.items():
+            ci = cis[name]
+            lines.append(f"| {name} | {np.mean(a_min):.5f} ± {np.std(a_min, ddof=1):.5f} | "
+                         f"{np.mean(a_per):.5f} ± {np.std(a_per, ddof=1):.5f} | "
+                         f"{ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}] |")
+        if gbm:
+            ci = cis["EMM (periodic) − LightGBM"]
+            lines += ["", f"EMM (periodic) − LightGBM: {ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}]"]
+        lines.append("")
+    text = "\n".join(lines) + "\n"
+    out = Path(cfg.benchmark.out) / args.dataset / "numeric.md"
+    out.write_text(text)
+    print(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
