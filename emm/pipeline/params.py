@@ -49,6 +49,9 @@ class PretrainConfig(Options):
         "{name, task, factory, kwargs, weights, inputs, output} (emm.models.external, imported, never trained); "
         "checked by emm.pipeline.pretrain.pool_specs; default: two built-in models per task",
     )
+    numeric: NumericOptions = Field(
+        default_factory=NumericOptions, description="the dense-feature encoding of every built-in pool model "
+        "whose entry does not set its own `numeric` (and of the benchmark's baselines): one setting for all alike")
     min_val_auc: float | None = Field(
         default=None, ge=0, le=1,
         description="refuse to write pool/ while a member's val AUC is below this (None = off; members at "

@@ -27,6 +27,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,6 +70,13 @@ def default_pool(task_names: list[str], spine: list[int] | None = None) -> list[
     return specs
 
 
+def with_numeric(entry: Any, cfg: PretrainConfig) -> Any:
+    """A built-in entry with ``pretrain.numeric`` filled in unless it sets its own encoding."""
+    if isinstance(entry, dict) and "arch" in entry and "numeric" not in entry:
+        return {**entry, "numeric": cfg.numeric.model_dump(mode="json")}
+    return entry
+
+
 def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[Member]:
     """The pool members of ``dataset``: built-in specs, MLflow and factory entries (weights pinned by sha256).
 
@@ -78,7 +86,7 @@ def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[Member
     """
     raw = cfg.pool.get(dataset) or default_pool(schema.task_names)
     where = f"pretrain.pool.{dataset}"
-    members = [parse_member(s, f"{where}[{i}]") for i, s in enumerate(raw)]
+    members = [parse_member(with_numeric(s, cfg), f"{where}[{i}]") for i, s in enumerate(raw)]
     names = [m.name for m in members]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -83,3 +83,23 @@ def test_bucket_edges_do_not_depend_on_chunking(monkeypatch):
     assert one == many
     assert one[0] == 0.0 and len(one) == 8  # the 80% zeros get a bin; 7 quantile edges above them
     assert bucket_edges(np.zeros(10), 4) == [0.0]  # a constant column: one edge, two bins
+
+
+def test_pretrain_numeric_reaches_every_builtin_entry_without_its_own(tmp_path):
+    """One setting for every pool model alike; an entry that sets its own encoding keeps it, and an
+    outside (factory/MLflow) entry, which brings its own inputs, is left alone."""
+    from emm.models.single_task import ModelSpec
+    from emm.pipeline.pretrain import with_numeric
+
+    path = tmp_path / "params.yaml"
+    path.write_text("pretrain:\n  numeric: {mode: periodic, dim: 4}\n")
+    cfg = load_params(path).pretrain
+    plain = ModelSpec.model_validate(with_numeric({"name": "a", "task": "t", "arch": "mlp", "hidden": [4]}, cfg))
+    own = ModelSpec.model_validate(with_numeric({"name": "b", "task": "t", "arch": "mlp", "hidden": [4],
+                                                 "numeric": {"mode": "minmax"}}, cfg))
+    assert (plain.numeric.mode, plain.numeric.dim) == ("periodic", 4) and own.numeric.mode == "minmax"
+    outside = {"name": "c", "task": "t", "factory": "pkg:build", "weights": "w.safetensors"}
+    assert with_numeric(outside, cfg) is outside
+    path.write_text("pretrain:\n  numeric: {mode: fourier}\n")
+    with pytest.raises(EMMError, match="numeric"):
+        load_params(path)

@@ -27,7 +27,7 @@ from emm.pipeline.experiments.recipes import write_recipes
 from emm.pipeline.experiments.report import write_reports
 from emm.pipeline.layout import stage_tracker
 from emm.pipeline.params import BASELINE_NAMES, BenchmarkProfile, FuseConfig, Params, load_params
-from emm.pipeline.pretrain import default_pool
+from emm.pipeline.pretrain import default_pool, with_numeric
 from emm.runtime import cpu_cores
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,11 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
         seeds = prof.seeds if is_main else prof.seeds[:prof.task_set_seeds]
         baselines = prof.baselines if is_main else [b for b in prof.task_set_methods if b in BASELINE_NAMES]
         ablations = [a for a in ABLATIONS if a in prof.ablations or a == "full"] if is_main else ["full"]
-        specs = [ModelSpec.model_validate(s) for s in benchmark_pool(dataset, cfg, schema)]
-        numeric = {"numeric": prof.numeric.model_dump(mode="json")} if prof.numeric else {}
-        specs = [s.model_copy(update={"numeric": prof.numeric}) for s in specs] if prof.numeric else specs
+        specs = [ModelSpec.model_validate(with_numeric(s, cfg.pretrain)) for s in benchmark_pool(dataset, cfg, schema)]
+        if prof.numeric:  # the profile's encoding for every model alike
+            specs = [s.model_copy(update={"numeric": prof.numeric}) for s in specs]
+        encoding = prof.numeric or cfg.pretrain.numeric
+        numeric = {"numeric": encoding.model_dump(mode="json")} if encoding.mode != "minmax" else {}
         for seed in seeds:
             seed_dir = str(work / ts / f"seed-{seed}")
             common = {"seed": seed, "task_set": ts, "dataset": dataset, "data_dir": str(data_dir), "seed_dir": seed_dir}
