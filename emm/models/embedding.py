@@ -108,6 +108,12 @@ class FeatureEmbedding(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+def unfitted_numeric(model: nn.Module) -> bool:
+    """Whether ``model`` holds a ``PeriodicNumeric`` still waiting for its statistics (so callers read
+    training rows for them only when needed)."""
+    return any(isinstance(m, PeriodicNumeric) and not bool(m.fitted) for m in model.modules())
+
+
 def fit_numeric(model: nn.Module, dense: torch.Tensor) -> int:
     """Fit every not-yet-fitted ``PeriodicNumeric`` in ``model`` on ``dense`` rows; returns how many.
 

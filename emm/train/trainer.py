@@ -44,7 +44,7 @@ from emm.data.stream import ParquetStream
 from emm.data.tensors import SplitTensors
 from emm.errors import EMMError
 from emm.io import atomic_file, digest
-from emm.models.embedding import fit_numeric
+from emm.models.embedding import fit_numeric, unfitted_numeric
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
 from emm.train.metrics import mean_auc, task_metrics
@@ -127,7 +127,8 @@ class Trainer:
         self._pad_to = max(ddp.all_gather_ints(len(train), self.dist))
         probe = train.head(2)
         self._check_output_width(probe)
-        if fit_numeric(self.model, train.head(NUMERIC_FIT_ROWS).dense.to(self.device)):  # before best_state is copied
+        if unfitted_numeric(self.model):  # before best_state is copied, so the best weights carry the statistics
+            fit_numeric(self.model, train.head(NUMERIC_FIT_ROWS).dense.to(self.device))
             log.info("%s: numeric standardisation fitted on the first %d training rows", self.desc, NUMERIC_FIT_ROWS)
         torch.manual_seed(cfg.seed)
         state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}

@@ -13,7 +13,7 @@ from emm.data.tensors import load_split
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.saved import load_fused
 from emm.models.baselines.registry import build_baseline
-from emm.models.embedding import FeatureEmbedding, NumericOptions, PeriodicNumeric, fit_numeric
+from emm.models.embedding import FeatureEmbedding, NumericOptions, PeriodicNumeric, fit_numeric, unfitted_numeric
 from emm.models.pool import load_pool
 from emm.pipeline.decompose import decompose_pool
 from emm.pipeline.fuse import fuse
@@ -70,6 +70,9 @@ def test_a_baseline_takes_the_same_setting_and_fitting_is_done_once(census_small
     schema = Schema.load(census_small_data)
     model = build_baseline("mmoe", schema, numeric=PERIODIC)
     dense = load_split(census_small_data, "train", schema).dense
+    assert unfitted_numeric(model)
     assert fit_numeric(model, dense) == 1 and fit_numeric(model, dense[:10]) == 0  # a fitted encoder is kept
+    assert not unfitted_numeric(model)
     plain = build_baseline("mmoe", schema)
     assert plain.embedding.periodic is None and plain.embedding.numeric == NumericOptions()
+    assert not unfitted_numeric(plain)  # a min-max model never makes the trainer read rows for statistics
