@@ -79,10 +79,11 @@ class IndexSelectEmbedding(nn.Embedding):
 
 class FeatureEmbedding(nn.Module):
     def __init__(self, total_vocab: int, n_sparse: int, n_dense: int, dim: int,
-                 numeric: NumericOptions | None = None) -> None:
+                 numeric: NumericOptions | dict | None = None) -> None:
+        """``numeric``: the options, their JSON form (a builder's keyword, a saved config), or None (minmax)."""
         super().__init__()
         self.n_sparse, self.n_dense, self.dim = n_sparse, n_dense, dim
-        self.numeric = numeric or NumericOptions()
+        self.numeric = NumericOptions.model_validate(numeric or {})
         self.embedding = IndexSelectEmbedding(total_vocab, dim)
         nn.init.normal_(self.embedding.weight, std=0.05)
         self.periodic = PeriodicNumeric(n_dense, self.numeric) if self.numeric.mode == "periodic" and n_dense else None
@@ -98,8 +99,7 @@ class FeatureEmbedding(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> FeatureEmbedding:
-        numeric = NumericOptions.model_validate(config["numeric"]) if config.get("numeric") else None
-        return cls(config["total_vocab"], config["n_sparse"], config["n_dense"], config["dim"], numeric)
+        return cls(config["total_vocab"], config["n_sparse"], config["n_dense"], config["dim"], config.get("numeric"))
 
     def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         parts = [self.embedding(sparse).flatten(1), dense]
@@ -108,19 +108,16 @@ class FeatureEmbedding(nn.Module):
         return torch.cat(parts, dim=1)
 
 
-def unfitted_numeric(model: nn.Module) -> bool:
-    """Whether ``model`` holds a ``PeriodicNumeric`` still waiting for its statistics (so callers read
-    training rows for them only when needed)."""
-    return any(isinstance(m, PeriodicNumeric) and not bool(m.fitted) for m in model.modules())
+def unfitted_numeric(model: nn.Module) -> list[PeriodicNumeric]:
+    """The ``PeriodicNumeric`` encoders of ``model`` still waiting for their statistics (empty: callers
+    need not read training rows for them). Fitted ones (a trained donor inside a fused model, a resumed
+    checkpoint) are not listed."""
+    return [m for m in model.modules() if isinstance(m, PeriodicNumeric) and not bool(m.fitted)]
 
 
 def fit_numeric(model: nn.Module, dense: torch.Tensor) -> int:
-    """Fit every not-yet-fitted ``PeriodicNumeric`` in ``model`` on ``dense`` rows; returns how many.
-
-    Already fitted ones (a trained donor inside a fused model, a resumed checkpoint) are left alone."""
-    fitted = 0
-    for m in model.modules():
-        if isinstance(m, PeriodicNumeric) and not bool(m.fitted):
-            m.fit(dense.to(m.mean.device))
-            fitted += 1
-    return fitted
+    """Fit every not-yet-fitted ``PeriodicNumeric`` in ``model`` on ``dense`` rows; returns how many."""
+    encoders = unfitted_numeric(model)
+    for m in encoders:
+        m.fit(dense.to(m.mean.device))
+    return len(encoders)

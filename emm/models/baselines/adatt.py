@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from emm.data.schema import Schema
-from emm.models.embedding import FeatureEmbedding, NumericOptions
+from emm.models.embedding import FeatureEmbedding
 from emm.models.experts import ExpertGroup
 from emm.models.single_task import Tower
 
@@ -84,7 +84,6 @@ def build_adatt(schema: Schema, n_experts: int = 12, n_levels: int = 2, n_specif
                 numeric: dict | None = None, dropout: float = 0.0) -> AdaTT:
     """``n_experts`` per level, split evenly between the tasks unless ``n_specific`` is given."""
     n_tasks = len(schema.task_names)
-    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim,
-                           NumericOptions.model_validate(numeric or {}))
+    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim, numeric)
     m = n_specific if n_specific is not None else max(1, n_experts // n_tasks)
     return AdaTT(emb, n_tasks, n_levels, m, expert_hidden, tower, dropout)

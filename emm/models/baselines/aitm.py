@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from emm.data.schema import Schema
-from emm.models.embedding import FeatureEmbedding, NumericOptions
+from emm.models.embedding import FeatureEmbedding
 from emm.models.experts import ExpertGroup
 from emm.models.single_task import Tower
 
@@ -74,6 +74,5 @@ class AITM(nn.Module):
 def build_aitm(schema: Schema, expert_hidden: list[int] | None = None, tower: list[int] | None = None,
                embed_dim: int = 8, numeric: dict | None = None, dropout: float = 0.0) -> AITM:
     """Tasks are chained in the schema's task order."""
-    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim,
-                           NumericOptions.model_validate(numeric or {}))
+    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim, numeric)
     return AITM(emb, len(schema.task_names), expert_hidden, tower, dropout)

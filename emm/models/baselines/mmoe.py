@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from emm.data.schema import Schema
-from emm.models.embedding import FeatureEmbedding, NumericOptions
+from emm.models.embedding import FeatureEmbedding
 from emm.models.experts import ExpertGroup
 from emm.models.single_task import Tower
 
@@ -38,6 +38,5 @@ class MMoE(nn.Module):
 
 def build_mmoe(schema: Schema, n_experts: int = 12, expert_hidden: list[int] | None = None,
                tower: list[int] | None = None, embed_dim: int = 8, numeric: dict | None = None) -> MMoE:
-    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim,
-                           NumericOptions.model_validate(numeric or {}))
+    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim, numeric)
     return MMoE(emb, len(schema.task_names), n_experts, expert_hidden, tower)

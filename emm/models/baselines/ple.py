@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from emm.data.schema import Schema
-from emm.models.embedding import FeatureEmbedding, NumericOptions
+from emm.models.embedding import FeatureEmbedding
 from emm.models.experts import ExpertGroup
 from emm.models.single_task import Tower
 
@@ -104,7 +104,6 @@ def build_ple(schema: Schema, n_experts: int = 12, n_levels: int = 2, n_shared: 
     ``n_shared``/``n_specific`` are given."""
     n_tasks = len(schema.task_names)
     even = max(1, n_experts // (n_tasks + 1))
-    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim,
-                           NumericOptions.model_validate(numeric or {}))
+    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim, numeric)
     return PLE(emb, n_tasks, n_levels, n_shared if n_shared is not None else even,
                n_specific if n_specific is not None else even, expert_hidden, tower, dropout)

@@ -13,7 +13,7 @@ from torch import nn
 
 from emm.data.schema import Schema
 from emm.models.bodies import MLPBody
-from emm.models.embedding import FeatureEmbedding, NumericOptions
+from emm.models.embedding import FeatureEmbedding
 from emm.models.single_task import Tower
 
 
@@ -32,6 +32,5 @@ class SharedBottom(nn.Module):
 
 def build_shared_bottom(schema: Schema, bottom: list[int] | None = None, tower: list[int] | None = None,
                         embed_dim: int = 8, numeric: dict | None = None, dropout: float = 0.0) -> SharedBottom:
-    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim,
-                           NumericOptions.model_validate(numeric or {}))
+    emb = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, embed_dim, numeric)
     return SharedBottom(emb, len(schema.task_names), bottom, tower, dropout)

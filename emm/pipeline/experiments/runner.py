@@ -79,6 +79,7 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
         if prof.numeric:  # the profile's encoding for every model alike
             specs = [s.model_copy(update={"numeric": prof.numeric}) for s in specs]
         encoding = prof.numeric or cfg.pretrain.numeric
+        # minmax is every builder's default: left out, so baseline jobs keep the signatures they had before it existed
         numeric = {"numeric": encoding.model_dump(mode="json")} if encoding.mode != "minmax" else {}
         for seed in seeds:
             seed_dir = str(work / ts / f"seed-{seed}")
