@@ -92,4 +92,4 @@ def test_a_table_whose_labels_changed_is_refused(sweep, params_file):
                for p in (data_dir.parent / "seed-2026" / "results").glob("*.json")]
     synth = cfg.synth.model_copy(update={"shared_weight": 0.9, "rows": ROWS})
     with pytest.raises(EMMError, match=f"{key}.*click.*delete"):
-        measure_level(results, key, 0.9, data_dir, synth, ["paper"])
+        measure_level(results, 0.9, data_dir, synth, ["paper"])

@@ -82,7 +82,7 @@ def run_relatedness(params: Path | str | None = None, *, shared_weights: list[fl
         fingerprints = {key: Schema.load(d).fingerprint() for key, d in data_dirs.items()}
         results = execute(jobs, fingerprints, n_workers, child_logger(tracker, None))
         levels = [lv for w in rc.shared_weights for lv in measure_level(
-            results, level_key(w), w, data_dirs[level_key(w)], synth_cfgs[level_key(w)], sorted(rc.recipes))]
+            results, w, data_dirs[level_key(w)], synth_cfgs[level_key(w)], sorted(rc.recipes))]
         seconds = time.perf_counter() - started
         files = write_report(levels, rc, synth_cfgs[level_key(rc.shared_weights[0])], out_dir, seconds,
                              sum(r.get("wall_seconds", 0) for r in results if not r.get("reused")))

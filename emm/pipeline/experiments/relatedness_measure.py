@@ -60,9 +60,10 @@ def _std(values: list[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def measure_level(results: list[dict[str, Any]], key: str, shared_weight: float, data_dir: Path,
-                  synth_cfg: SynthConfig, recipes: list[str]) -> list[Level]:
+def measure_level(results: list[dict[str, Any]], shared_weight: float, data_dir: Path, synth_cfg: SynthConfig,
+                  recipes: list[str]) -> list[Level]:
     """The AUCs and paired CIs of one level, one ``Level`` per task."""
+    key = level_key(shared_weight)
     schema = Schema.load(data_dir)
     tasks = schema.task_names
     scores = paired.collect(results, key, tasks)
@@ -72,6 +73,7 @@ def measure_level(results: list[dict[str, Any]], key: str, shared_weight: float,
     labels, truth = true_probabilities(synth_cfg, "test")
     record = read_json(data_dir / SYNTH_FILE)
     subjects = {EMM_LABEL: paired.EMM, **{name: f"recipe:{name}" for name in recipes}}
+    seeds = sorted(scores.test)
     levels = []
     for i, task in enumerate(tasks):
         y = scores.y_test[:, i]
@@ -79,7 +81,6 @@ def measure_level(results: list[dict[str, Any]], key: str, shared_weight: float,
             raise EMMError(f"{data_dir}: the test labels of {task!r} are not the ones its {SYNTH_FILE} config "
                            f"generates, so the oracle would score other rows; delete {data_dir.parent} and rerun")
         bars = {"best donor": paired.best_key(scores, task, "pool:"), **BAR_KEYS}
-        seeds = sorted(scores.test)
         models = {**subjects, **bars}
         level = Level(shared_weight, task, auc(y, truth[task]), float(record["click_probability_auc_on_conversion"]),
                       int(y.sum()))
