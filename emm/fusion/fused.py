@@ -53,14 +53,12 @@ from emm.fusion.akf import AKFLevel
 from emm.fusion.blend import DonorBlend, DonorPaths
 from emm.fusion.decompose import Plan
 from emm.fusion.options import ABLATIONS, AKFOptions
-from emm.models.embedding import FeatureEmbedding, NumericOptions, PeriodicNumeric
+from emm.fusion.plan_parts import (check_tasks, dim_from_width, embedding_from_plan, embedding_only_level,
+                                   flat_width, level0_embedding, level0_numeric, level_adapters, reinitialise)
+from emm.models.embedding import FeatureEmbedding
 from emm.models.single_task import Tower
 
 FUSED_FORMAT = "emm.fused/2"
-# Embedding width per feature of a fresh ``retrain`` embedding when the plan's level 0 is not the pool's
-# embedding (so its width cannot be read off the plan); the zoo's own default.
-DEFAULT_EMBEDDING_DIM = 8
-_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
 
 class FusedModel(nn.Module):
@@ -85,7 +83,7 @@ class FusedModel(nn.Module):
         self.model_names = list(plan.names)
         cfg = AKFOptions.model_validate(cfg.model_dump(include=set(AKFOptions.model_fields)))
         self.cfg = cfg
-        _check_tasks(plan, self.model_tasks, self.task_names)
+        check_tasks(plan, self.model_tasks, self.task_names)
         if plan.num_levels < 1:
             raise EMMError("the plan has no level to fuse; decompose the pool models again")
         for level in plan.levels:
@@ -96,7 +94,7 @@ class FusedModel(nn.Module):
         self.level0_embedding_only = embedding_only_level(plan, 0)
 
         if cfg.embedding == "retrain":
-            self.embedding: FeatureEmbedding | None = embedding if embedding is not None else _embedding_from_plan(plan)
+            self.embedding: FeatureEmbedding | None = embedding if embedding is not None else embedding_from_plan(plan)
         else:
             if embedding is not None:
                 raise EMMError("an embedding was passed but fuse.embedding is 'reuse' (the pool's own embeddings); "
@@ -105,7 +103,7 @@ class FusedModel(nn.Module):
         self.replaces_level0 = cfg.embedding == "retrain" and self.level0_embedding_only
         if self.replaces_level0:
             assert self.embedding is not None
-            if self.embedding.out_dim != _width(plan.levels[0].out_shape):
+            if self.embedding.out_dim != flat_width(plan.levels[0].out_shape):
                 raise EMMError(
                     f"the fresh embedding outputs {self.embedding.out_dim} values per row but plan level 0 (the pool's "
                     f"embeddings) outputs {list(plan.levels[0].out_shape)}; build it with the embedding dimension the "
@@ -128,14 +126,14 @@ class FusedModel(nn.Module):
                 for c in components:
                     reinitialise(c)
                     c.requires_grad_(True)
-            pre, post = _adapters(plan, k)
+            pre, post = level_adapters(plan, k)
             levels.append(AKFLevel(
                 components, component_tasks, len(self.task_names), plan.levels[k].out_shape,
                 self._gate_dim(plan, k), mtm=self.mtm, fusion_gate=cfg.fusion_gate, attention=cfg.attention,
                 qkv_dim=cfg.qkv_dim, frozen=self.frozen, pre=pre, post=post, index=k,
             ))
         self.levels = nn.ModuleList(levels)
-        self.width = _width(plan.levels[-1].out_shape)
+        self.width = flat_width(plan.levels[-1].out_shape)
         self.towers = nn.ModuleList(Tower(self.width, list(cfg.tower)) for _ in self.task_names)
         self.donors: DonorPaths | None = None
         self.blend: DonorBlend | None = None
@@ -150,8 +148,8 @@ class FusedModel(nn.Module):
         if k == 0:
             if self.embedding is not None:
                 return self.embedding.out_dim
-            return _width(plan.levels[0].out_shape)
-        return _width(plan.levels[k - 1].out_shape)
+            return flat_width(plan.levels[0].out_shape)
+        return flat_width(plan.levels[k - 1].out_shape)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -299,124 +297,12 @@ def build_fused(plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str
                        "fix fuse task names or re-ingest")
     embedding = None
     if cfg.embedding == "retrain":
-        table = _level0_embedding(plan)
+        table = level0_embedding(plan)
         if table is not None and table.num_embeddings != schema.total_vocab:
             raise EMMError(
                 f"the pool's embedding table has {table.num_embeddings} rows but dataset {schema.dataset!r} has "
                 f"{schema.total_vocab} sparse values; the pool was trained on another schema: pretrain it again"
             )
-        dim = table.embedding_dim if table is not None else _dim_from_width(plan, schema)
-        embedding = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, dim, _level0_numeric(plan))
+        dim = table.embedding_dim if table is not None else dim_from_width(plan, schema)
+        embedding = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, dim, level0_numeric(plan))
     return FusedModel(plan, model_tasks, task_names, cfg, embedding)
-
-
-# --------------------------------------------------------------------------------------------- #
-# Helpers
-# --------------------------------------------------------------------------------------------- #
-
-
-def embedding_only_level(plan: Plan, k: int) -> bool:
-    """Whether every level-k component's parameterised layers are all embedding tables."""
-    for per_model in plan.components:
-        leaves = [m for m in per_model[k].modules()
-                  if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None]
-        if not leaves or not all(isinstance(m, _EMBEDDING_TYPES) for m in leaves):
-            return False
-    return True
-
-
-def reinitialise(module: nn.Module) -> None:
-    """Random re-initialisation: ``reset_parameters()`` where a module has one, a generic draw elsewhere."""
-    covered: set[int] = set()
-    for m in module.modules():
-        reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
-            reset()
-            covered.update(id(p) for p in m.parameters())
-    with torch.no_grad():
-        for p in module.parameters():
-            if id(p) in covered:
-                continue
-            if p.dim() >= 2:
-                nn.init.xavier_uniform_(p)
-            else:
-                p.zero_()
-
-
-def _check_tasks(plan: Plan, model_tasks: list[str], task_names: list[str]) -> None:
-    if len(model_tasks) != plan.num_models:
-        raise EMMError(f"got {len(model_tasks)} model tasks for a plan of {plan.num_models} models "
-                       f"({', '.join(plan.names)}); pass the task of each plan model, in plan order")
-    if not task_names or len(set(task_names)) != len(task_names):
-        raise EMMError(f"task_names must be a non-empty list of distinct tasks, got {task_names}")
-    unknown = sorted(set(model_tasks) - set(task_names))
-    if unknown:
-        raise EMMError(f"plan models are for tasks {unknown} that are not in task_names {task_names}; "
-                       "add them or fuse a pool without those models")
-    lonely = [t for t in task_names if t not in model_tasks]
-    if lonely:
-        raise EMMError(f"tasks {lonely} have no model in the pool ({dict(zip(plan.names, model_tasks))}); "
-                       "pretrain at least one model per task")
-
-
-def _width(shape: Sequence[int]) -> int:
-    width = 1
-    for d in shape:
-        width *= int(d)
-    return width
-
-
-def _level0_embedding(plan: Plan) -> nn.Embedding | None:
-    for per_model in plan.components:
-        for m in per_model[0].modules():
-            if isinstance(m, nn.Embedding):
-                return m
-    return None
-
-
-def _embedding_from_plan(plan: Plan) -> FeatureEmbedding:
-    table = _level0_embedding(plan)
-    shapes = [tuple(s) for s in plan.input_shapes]
-    if table is None or len(shapes) != 2 or len(shapes[0]) != 1 or len(shapes[1]) != 1:
-        raise EMMError(
-            "fuse.embedding 'retrain' needs a fresh FeatureEmbedding, and none can be derived from this plan (no "
-            "embedding table at level 0, or inputs other than (sparse [B, n], dense [B, m])); pass embedding=... "
-            "or use build_fused(..., schema)"
-        )
-    return FeatureEmbedding(table.num_embeddings, shapes[0][0], shapes[1][0], table.embedding_dim,
-                            _level0_numeric(plan))
-
-
-def _level0_numeric(plan: Plan) -> NumericOptions:
-    """The pool's numeric encoding (its level-0 ``PeriodicNumeric``, if any): a fresh embedding sees the dense
-    features as the donors did, so its width and its meaning match theirs."""
-    for per_model in plan.components:
-        for m in per_model[0].modules():
-            if isinstance(m, PeriodicNumeric):
-                return m.opts
-    return NumericOptions()
-
-
-def _dim_from_width(plan: Plan, schema: Schema) -> int:
-    width = _width(plan.levels[0].out_shape)
-    dim, rest = divmod(width - schema.n_dense, max(schema.n_sparse, 1))
-    if not embedding_only_level(plan, 0):
-        return DEFAULT_EMBEDDING_DIM
-    if rest or dim < 1:
-        raise EMMError(f"plan level 0 outputs {width} values per row, which is not n_sparse*dim + n_dense for "
-                       f"{schema.n_sparse} sparse and {schema.n_dense} dense features; fuse a pool trained on "
-                       f"dataset {schema.dataset!r}")
-    return dim
-
-
-def _adapters(plan: Plan, k: int) -> tuple[list[nn.Module | None] | None, list[nn.Module | None] | None]:
-    """align="project": model i's component at level k takes its own width (unadapt from the common one)
-    and its output is adapted to the common width. Copies, trainable."""
-    if plan.adapters is None or plan.inverse_adapters is None:
-        return None, None
-    post = [copy.deepcopy(plan.adapters[i][k]) for i in range(plan.num_models)]
-    pre = [copy.deepcopy(plan.inverse_adapters[i][k - 1]) if k > 0 else None for i in range(plan.num_models)]
-    for mod in [*post, *pre]:
-        if mod is not None:
-            mod.requires_grad_(True)
-    return pre, post

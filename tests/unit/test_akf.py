@@ -19,7 +19,7 @@ from emm.data.schema import DenseFeature, Schema, SparseFeature, TaskInfo
 from emm.errors import EMMError
 from emm.fusion import AKFLevel, FusedModel, build_fused, decompose, load_plan, save_plan
 from emm.fusion.decompose import Chain
-from emm.fusion.fused import embedding_only_level
+from emm.fusion.plan_parts import embedding_only_level
 from emm.models.single_task import ModelSpec, Tower, build_model
 from tests.unit.test_decompose import NaNGuardChain
 from tests.unit.test_decompose import example as chain_example
