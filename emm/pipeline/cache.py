@@ -18,7 +18,7 @@ from emm.errors import EMMError
 from emm.io import digest, read_json, tree_digest
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import Params, load_params
-from emm.pipeline.pretrain import pool_specs
+from emm.pipeline.pool_specs import pool_specs
 from emm.tracking.registry import model_version_exists
 from emm.tracking.store import registered_name
 
@@ -37,7 +37,8 @@ class StageInputs:
 STAGES: dict[str, StageInputs] = {
     "ingest": StageInputs(None, ("paths", "ingest", "datasets"), ("emm/data", "emm/pipeline/ingest.py"), (),
                           "data/schema.json"),
-    "pretrain": StageInputs("ingest", ("pretrain", "scale"), ("emm/models", "emm/train", "emm/pipeline/pretrain.py"),
+    "pretrain": StageInputs("ingest", ("pretrain", "scale"), ("emm/models", "emm/train", "emm/pipeline/pretrain.py",
+                                                              "emm/pipeline/pool_specs.py", "emm/pipeline/pool_import.py"),
                             ("data",), "pool/pool.json"),
     "decompose": StageInputs("pretrain", ("decompose",), ("emm/fusion/decompose", "emm/fusion/store.py",
                                                           "emm/pipeline/decompose.py"), ("data", "pool"),

@@ -47,7 +47,7 @@ class PretrainConfig(Options):
         description="dataset -> list of pool entries, each one of: built-in {name, task, arch, ...} "
         "(emm.models.ModelSpec, trained here), MLflow {name, task, uri, inputs, output, trust_pickle} or factory "
         "{name, task, factory, kwargs, weights, inputs, output} (emm.models.external, imported, never trained); "
-        "checked by emm.pipeline.pretrain.pool_specs; default: two built-in models per task",
+        "checked by emm.pipeline.pool_specs.pool_specs; default: two built-in models per task",
     )
     numeric: NumericOptions = Field(
         default_factory=NumericOptions, description="the dense-feature encoding of every built-in pool model "

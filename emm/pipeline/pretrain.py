@@ -27,7 +27,6 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -36,68 +35,22 @@ from emm.data.schema import Schema
 from emm.data.stream import open_split
 from emm.errors import EMMError
 from emm.io import atomic_dir, digest, provenance, read_json, write_json
-from emm.models.external import FactoryMember, Member, parse_member, pin_weights, source_of
+from emm.models.external import Member, source_of
 from emm.models.pool import POOL_FILE, PoolEntry, read_pool
 from emm.models.single_task import ModelSpec, build_model
 from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import PretrainConfig, load_params
 from emm.pipeline.pool_import import import_member, import_signature
+from emm.pipeline.pool_specs import pool_specs
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
 from emm.train.trainer import Trainer
 from emm.weights import save_module
 
 log = logging.getLogger(__name__)
-ALTERNATES = ("dcn", "resmlp", "mlp-deep")
-DEFAULT_SPINE = [128, 64, 16]
 POOL_MODEL_BUILDER = "emm.models.pool:build_from_config"
 CHANCE_AUC = 0.5  # a constant predictor's AUC: a member at or below it has learned nothing
 _SEEDED_BUILD = threading.Lock()
-
-
-def default_pool(task_names: list[str], spine: list[int] | None = None) -> list[dict]:
-    """Two models per task: a plain MLP (the paper's TM) and one other structure, cycling through
-    DCN-v2, residual MLP and a deeper MLP, all around the same spine of widths."""
-    spine = spine or DEFAULT_SPINE
-    specs = []
-    for i, task in enumerate(task_names):
-        specs.append({"name": f"{task}-mlp", "task": task, "arch": "mlp", "hidden": spine})
-        alt = ALTERNATES[i % len(ALTERNATES)]
-        if alt == "mlp-deep":
-            specs.append({"name": f"{task}-mlp-deep", "task": task, "arch": "mlp", "hidden": [spine[0], *spine]})
-        else:
-            specs.append({"name": f"{task}-{alt}", "task": task, "arch": alt, "hidden": spine})
-    return specs
-
-
-def with_numeric(entry: Any, cfg: PretrainConfig) -> Any:
-    """A built-in entry with ``pretrain.numeric`` filled in unless it sets its own encoding."""
-    if isinstance(entry, dict) and "arch" in entry and "numeric" not in entry:
-        return {**entry, "numeric": cfg.numeric.model_dump(mode="json")}
-    return entry
-
-
-def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[Member]:
-    """The pool members of ``dataset``: built-in specs, MLflow and factory entries (weights pinned by sha256).
-
-    Refused here, before anything is trained or imported: an entry of no known kind, two entries with one
-    name, an entry for a task the data lacks. A task with no entry is only warned about by ``pretrain`` (a
-    pool may be built up in parts); the decompose stage refuses it, as nothing could fuse it.
-    """
-    raw = cfg.pool.get(dataset) or default_pool(schema.task_names)
-    where = f"pretrain.pool.{dataset}"
-    members = [parse_member(with_numeric(s, cfg), f"{where}[{i}]") for i, s in enumerate(raw)]
-    names = [m.name for m in members]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        listed = ", ".join(f"[{i}] {m.name!r} ({source_of(m)})" for i, m in enumerate(members) if m.name in dupes)
-        raise EMMError(f"{where}: model names must be unique, but {dupes} name more than one entry ({listed}); "
-                       "rename one (the name is its file in pool/ and its MLflow run)")
-    for m in members:
-        if m.task not in schema.task_names:
-            raise EMMError(f"{where}: model {m.name!r} is for task {m.task!r}, but the ingested "
-                           f"data has tasks {schema.task_names}")
-    return [pin_weights(m) if isinstance(m, FactoryMember) else m for m in members]
 
 
 def member_key(member: Member, cfg: PretrainConfig, fingerprint: str) -> dict:

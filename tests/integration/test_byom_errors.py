@@ -20,7 +20,8 @@ from emm.data.batches import encoding_path, encoding_record, save_encoding
 from emm.errors import EMMError
 from emm.pipeline.decompose import decompose_stage
 from emm.pipeline.params import load_params
-from emm.pipeline.pretrain import pool_specs, pretrain_stage
+from emm.pipeline.pool_specs import pool_specs
+from emm.pipeline.pretrain import pretrain_stage
 from emm.tracking.store import configure
 from tests.integration.test_byom_support import USER_MODULE, project, set_align, trained_rechub, user_code  # noqa: F401
 

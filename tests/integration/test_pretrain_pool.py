@@ -13,7 +13,8 @@ from emm.data.tensors import load_split
 from emm.errors import EMMError
 from emm.pipeline.decompose import decompose_pool, load_pool_plan
 from emm.models.pool import load_pool, read_pool
-from emm.pipeline.pretrain import default_pool, pretrain
+from emm.pipeline.pool_specs import default_pool
+from emm.pipeline.pretrain import pretrain
 from emm.tracking.pyfunc import raw_example
 from emm.tracking.runs import open_run
 

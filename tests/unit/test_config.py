@@ -89,7 +89,7 @@ def test_pretrain_numeric_reaches_every_builtin_entry_without_its_own(tmp_path):
     """One setting for every pool model alike; an entry that sets its own encoding keeps it, and an
     outside (factory/MLflow) entry, which brings its own inputs, is left alone."""
     from emm.models.single_task import ModelSpec
-    from emm.pipeline.pretrain import with_numeric
+    from emm.pipeline.pool_specs import with_numeric
 
     path = tmp_path / "params.yaml"
     path.write_text("pretrain:\n  numeric: {mode: periodic, dim: 4}\n")

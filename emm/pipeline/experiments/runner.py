@@ -27,7 +27,7 @@ from emm.pipeline.experiments.recipes import write_recipes
 from emm.pipeline.experiments.report import write_reports
 from emm.pipeline.layout import stage_tracker
 from emm.pipeline.params import BASELINE_NAMES, BenchmarkProfile, FuseConfig, Params, load_params
-from emm.pipeline.pretrain import default_pool, with_numeric
+from emm.pipeline.pool_specs import default_pool, with_numeric
 from emm.runtime import cpu_cores
 
 log = logging.getLogger(__name__)
