@@ -15,6 +15,7 @@ import numpy as np
 
 from emm.data.options import SynthConfig
 from emm.pipeline.experiments import paired
+from emm.pipeline.experiments.plotting import pyplot
 from emm.pipeline.experiments.relatedness_measure import BARS, EMM_LABEL, Level
 from emm.pipeline.params import RelatednessConfig
 
@@ -93,8 +94,6 @@ def write_report(levels: list[Level], rc: RelatednessConfig, synth: SynthConfig,
 
 
 def plot(levels: list[Level], subjects: list[str], tasks: list[str], path: Path) -> Path:
-    from emm.pipeline.experiments.report import pyplot
-
     plt = pyplot()
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.6 * len(tasks), 7.6), squeeze=False, sharex=True)
     colors = {EMM_LABEL: "#d9480f", "best donor": "#868e96", "donor ensemble": "#495057", "donor stack": "#212529",

@@ -17,6 +17,7 @@ import numpy as np
 from emm.data.schema import Schema
 from emm.fusion.options import ABLATIONS
 from emm.pipeline.experiments import paired, paper
+from emm.pipeline.experiments.plotting import pyplot
 
 DISPLAY = {"shared_bottom": "SharedBottom", "mmoe": "MMoE", "ple": "PLE", "aitm": "AITM", "adatt": "AdaTT",
            "lightgbm": "LightGBM (one per task)", **{a.name: a.label for a in ABLATIONS.values()}}
@@ -208,15 +209,6 @@ def write_table2(dataset: str, results: list[dict[str, Any]], task_set: str, tas
     path = out_dir / "table2.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def pyplot():
-    import matplotlib  # local: the headless backend must be chosen before pyplot is first imported
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_table1(rows: list[Row], tasks: list[str], path: Path, title: str) -> Path:
