@@ -88,6 +88,30 @@ class DonorBlend(nn.Module):
         self.bias[t] = float(bias)
 
 
+class DonorEnsemble(nn.Module):
+    """The pool's donor ensemble: per task, the plain mean of its donors' logits, everything frozen.
+
+    Why a module of its own: it is the teacher that ``fuse.distill`` distils from, whatever the fused
+    model's ``output`` (a ``tower`` model keeps no donors of its own). Training-only: it is never part
+    of the fused model, so nothing of it lands in ``fused/``.
+    """
+
+    def __init__(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str]) -> None:
+        super().__init__()
+        self.donors = DonorPaths(plan)
+        self.mean = DonorBlend(model_tasks, task_names)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> DonorEnsemble:
+        super().train(False)
+        return self
+
+    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        """``[B, T]``: each task's mean donor logit."""
+        return self.mean(self.donors(sparse, dense))
+
+
 def fit_stack(donor_logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
     """One task's donor stack (``emm.train.compare.fit_stack``, the one the report's donor-stack row uses),
     as the (weights, bias) the blend takes. Fitted on validation rows, which the donors never trained on."""

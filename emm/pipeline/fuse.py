@@ -20,7 +20,7 @@ from emm.data.options import ScaleConfig
 from emm.data.schema import Schema
 from emm.data.stream import open_split
 from emm.errors import EMMError
-from emm.fusion.blend import fit_blend
+from emm.fusion.blend import DonorEnsemble, fit_blend
 from emm.fusion.fused import FusedModel, build_fused
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, architecture
@@ -31,6 +31,7 @@ from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import FuseConfig, load_params
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
+from emm.train.distill import Distillation
 from emm.train.metrics import mean_auc
 from emm.train.trainer import FitResult, Trainer
 from emm.weights import save_module
@@ -93,15 +94,18 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
     train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world) for s in ("train", "val", "test"))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracker.log_params({**cfg.akf.model_dump(), "levels": plan.num_levels, "pool": [e.name for e in entries],
-                        "trainable_params": n_trainable, **cfg.train.model_dump()})
+                        "trainable_params": n_trainable, "distill": cfg.distill, **cfg.train.model_dump()})
+    distill = (Distillation(DonorEnsemble(plan, [e.task for e in entries], schema.task_names), cfg.distill)
+               if cfg.distill > 0 else None)
     trainer = Trainer(model, cfg.train, checkpoint_dir=Path(work_dir) / "checkpoint", fingerprint=schema.fingerprint(),
                       made_from=fuse_made_from(pool_dir, components_dir, cfg, dcfg), tracker=tracker,
-                      progress=progress, desc=f"fused[{cfg.ablation}]", score_start=model.blend is not None)
+                      progress=progress, desc=f"fused[{cfg.ablation}]", score_start=model.blend is not None,
+                      distill=distill)
     fit = trainer.fit(train, val, resume=resume)
     finetune = None
     if cfg.finetune_lr_scale is not None:
         fit, finetune, trainer = _finetune(model, fit, train, val, cfg, schema, work_dir, trainer.made_from,
-                                           tracker=tracker, resume=resume, progress=progress)
+                                           tracker=tracker, resume=resume, progress=progress, distill=distill)
     val_m, test_m = trainer.evaluate(val), trainer.evaluate(test)
     tracker.log_metrics({**{f"test_auc_{t}": m["auc"] for t, m in test_m.items()},
                          **{f"best_val_auc_{t}": m["auc"] for t, m in val_m.items()},
@@ -116,7 +120,7 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
             "total_params": sum(p.numel() for p in model.parameters()),
             "fit": {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1)},
             "val": val_m, "test": test_m, "mlflow_run_id": tracker.run_id, "gates": model.gate_report(),
-            "blend_init": blend, "history": fit.history, "finetune": finetune,
+            "blend_init": blend, "history": fit.history, "finetune": finetune, "distill": cfg.distill,
             "provenance": provenance(digest(cfg)),
         })
     log.info("fused model: test %s", {t: round(m["auc"], 5) for t, m in test_m.items()})
@@ -124,7 +128,8 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
 
 
 def _finetune(model: FusedModel, first: FitResult, train, val, cfg: FuseConfig, schema: Schema, work_dir: Path,
-              made_from: dict, *, tracker: Tracker, resume: bool, progress: bool) -> tuple[FitResult, dict, Trainer]:
+              made_from: dict, *, tracker: Tracker, resume: bool, progress: bool,
+              distill: Distillation | None) -> tuple[FitResult, dict, Trainer]:
     """Phase 2 of linear-probe-then-fine-tune: the pool's parameters thawed, everything at lr x scale.
 
     The phase starts from phase 1's best weights and scores them first (``score_start``), so early
@@ -136,7 +141,7 @@ def _finetune(model: FusedModel, first: FitResult, train, val, cfg: FuseConfig, 
     trainer = Trainer(model, train_cfg, checkpoint_dir=Path(work_dir) / "checkpoint-finetune",
                       fingerprint=schema.fingerprint(), made_from={**made_from, "phase": "finetune"},
                       tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}] fine-tune",
-                      score_start=True)
+                      score_start=True, distill=distill)
     second = trainer.fit(train, val, resume=resume)
     offset = first.epochs_run
     history = first.history + [{**row, "epoch": row["epoch"] + offset, "phase": "finetune"}

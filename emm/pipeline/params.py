@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from emm.data.options import IngestConfig, ScaleConfig, SynthConfig
 from emm.data.spec import DatasetSpec
@@ -71,6 +71,10 @@ class FuseConfig(AKFOptions):
         default=None, gt=0, le=1, description="after the first early stop (the gates have converged), unfreeze "
         "the pool's components and donors and train on at lr x this, early-stopped again with the first phase's "
         "best as a candidate; None = frozen throughout (the paper)")
+    distill: float = Field(
+        default=0.0, ge=0, lt=1, description="knowledge distillation from the pool's donor ensemble (the mean of "
+        "each task's donor logits): the training targets are (1 - distill) x label + distill x the ensemble's "
+        "probability (emm/train/distill.py); 0 = the labels alone (the paper)")
     train: TrainConfig = TrainConfig()
 
     @property
@@ -110,6 +114,10 @@ class BenchmarkProfile(Options):
     numeric: NumericOptions | None = Field(
         default=None, description="the dense-feature encoding of every pool model and baseline alike (the fused "
         "model follows its pool); None = as each pool entry says (minmax unless set)")
+    jobs_from: str | None = Field(
+        default=None, description="another profile whose job store (<out>/<dataset>/raw/<that profile>/) this one "
+        "runs in: its finished pools, fused models and baselines are reused wherever a job's inputs are the "
+        "same (the job signatures decide), so a profile of extra recipes trains only what is new")
 
     @field_validator("baselines", "task_set_methods")
     @classmethod
@@ -159,6 +167,27 @@ class BenchmarkConfig(Options):
         description="baseline size for a dataset not in baseline_size (paper IV-C: the Ali datasets)")
 
     relatedness: RelatednessConfig = Field(default_factory=RelatednessConfig)
+
+    @model_validator(mode="after")
+    def _shared_stores(self) -> BenchmarkConfig:
+        """A profile may run in another's job store only where the two would build the same task-set data."""
+        for name, prof in self.profiles.items():
+            if prof.jobs_from is None:
+                continue
+            host = self.profiles.get(prof.jobs_from)
+            if host is None or host.jobs_from is not None or prof.jobs_from == name:
+                raise ValueError(f"profile {name!r}: jobs_from {prof.jobs_from!r} must name another profile that "
+                                 f"has its own job store; profiles with one: "
+                                 f"{sorted(n for n, p in self.profiles.items() if p.jobs_from is None)}")
+            if prof.raw_rows != host.raw_rows:
+                raise ValueError(f"profile {name!r}: raw_rows {prof.raw_rows} differs from {prof.jobs_from!r}'s "
+                                 f"{host.raw_rows}, so the two cannot share one job store (its task-set data); "
+                                 f"give them the same raw_rows or drop jobs_from")
+        return self
+
+    def store(self, name: str) -> str:
+        """The profile whose job store ``name`` runs in (itself unless it sets ``jobs_from``)."""
+        return self.pick(name).jobs_from or name
 
     def pick(self, name: str | None) -> BenchmarkProfile:
         name = name or self.profile

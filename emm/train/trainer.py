@@ -47,6 +47,7 @@ from emm.io import atomic_file, digest
 from emm.models.embedding import fit_numeric, unfitted_numeric
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
+from emm.train.distill import Distillation
 from emm.train.metrics import mean_auc, task_metrics
 from emm.train.modes import eval_mode
 from emm.train.options import TrainConfig
@@ -86,15 +87,20 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, checkpoint_dir: Path | None = None,
                  fingerprint: str | None = None, made_from: Mapping[str, Any] | None = None,
                  tracker: Tracker | None = None, progress: bool = True, desc: str = "train",
-                 dist: ddp.DistContext | None = None, score_start: bool = False) -> None:
+                 dist: ddp.DistContext | None = None, score_start: bool = False,
+                 distill: Distillation | None = None) -> None:
         """``fingerprint`` (the data schema's) and ``made_from`` (JSON-able values: a spec, upstream
         digests) join the train settings in the record a checkpoint must match to be resumed;
-        ``score_start`` makes the untrained model a candidate (epoch 0) that early stopping may return."""
+        ``score_start`` makes the untrained model a candidate (epoch 0) that early stopping may return;
+        ``distill`` trains on its soft targets instead of the labels (validation still scores labels)."""
         self.cfg = cfg
         self.desc = desc
         self.dist = dist or ddp.current()
         self.device = self._device(cfg.device)
         self.model = model.to(self.device)
+        self.distill = distill.to(self.device) if distill is not None else None
+        if distill is not None:  # a different target is different work: never resume across it
+            made_from = {**(made_from or {}), "distill_weight": distill.weight}
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.made_from = made_from_record(cfg, fingerprint, made_from)
         self.made_from_digest = digest(self.made_from)
@@ -217,7 +223,9 @@ class Trainer:
                    desc=f"{self.desc} epoch {epoch}", leave=False, disable=not self.progress, mininterval=1.0)
         for step, batch in enumerate(bar):
             logits = self._net(batch.sparse, batch.dense)
-            loss = self.loss_fn(logits, batch.labels) * batch.labels.shape[1]  # sum over tasks
+            targets = (batch.labels if self.distill is None
+                       else self.distill.targets(batch.sparse, batch.dense, batch.labels))
+            loss = self.loss_fn(logits, targets) * batch.labels.shape[1]  # sum over tasks
             # distributed: every rank sees the global batch loss, so a NaN on any rank stops all of them
             # (float64: a row count past 2**24 is still exact)
             batch_sum = ddp.all_reduce_sum(torch.stack([loss.detach().double() * len(batch),

@@ -5,6 +5,7 @@ Figure 3, the selection heat map and one MLflow parent run, and a second run reu
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,8 @@ def test_each_baseline_loss_falls_on_real_rows(name: str, census_small_data: Pat
     assert after < 0.7 * before, (name, before, after)
 
 
-def tiny_project(tmp_path: Path, census_small_raw: Path, **profile_overrides) -> Path:
+def tiny_project(tmp_path: Path, census_small_raw: Path, extra_profiles: dict | None = None,
+                 **profile_overrides) -> Path:
     """A params.yaml pointing every output into tmp_path, with a 2-seed tiny benchmark profile."""
     raw_root = tmp_path / "raw"
     raw_root.mkdir(parents=True)
@@ -67,7 +69,7 @@ def tiny_project(tmp_path: Path, census_small_raw: Path, **profile_overrides) ->
         "benchmark": {"out": str(tmp_path / "results"), "workers": 2, "profile": "tiny", "profiles": {"tiny": {
             "seeds": [1, 2], "raw_rows": 3000, "max_epochs": 2,
             "task_sets": {"census-income": [["income", "marital", "sex"]]}, "task_set_methods": ["mmoe"],
-            **profile_overrides}}},
+            **profile_overrides}, **(extra_profiles or {})}},
     }
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -80,7 +82,9 @@ def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path
     from emm.pipeline.experiments.runner import run_benchmark
     from emm.tracking.store import configure
 
-    params = tiny_project(tmp_path, census_small_raw)
+    extra = {"seeds": [1, 2], "raw_rows": 3000, "max_epochs": 2, "jobs_from": "tiny", "baselines": [],
+             "ablations": ["full"], "recipes": {"distill": {"distill": 0.5}}}
+    params = tiny_project(tmp_path, census_small_raw, extra_profiles={"extra": extra})
     run = run_benchmark("census-income", params)
     out = tmp_path / "results" / "census-income"
     assert run.out_dir == out
@@ -138,6 +142,21 @@ def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path
                                  order_by=["attributes.start_time DESC"])
     second = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert {c.data.tags["emm.benchmark.cached"] for c in second} == {"True"}
+
+    # A profile of one more recipe in the tiny profile's job store trains that recipe and nothing else,
+    # and recipes.md pairs it with the default recipe on the same test rows.
+    more = run_benchmark("census-income", params, profile="extra")
+    assert more.out_dir == out / "extra" and not (tmp_path / "results" / "census-income" / "raw" / "extra").exists()
+    parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'benchmark-extra'")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    cached = {(c.data.params["kind"], c.data.params["method"], c.data.params["seed"]):
+              c.data.tags["emm.benchmark.cached"] for c in children}
+    assert {k for k, v in cached.items() if v == "False"} == {("recipe", "distill", "1"), ("recipe", "distill", "2")}
+    assert ("pool", "income-mlp", "1") in cached and ("lightgbm", "lightgbm", "2") in cached
+    recipes = (out / "extra" / "recipes.md").read_text()
+    assert "income − default [95% CI]" in recipes
+    distill_row = next(line for line in recipes.splitlines() if line.startswith("| distill |"))
+    assert len(re.findall(r"[+-]\d\.\d{5} \[[+-]\d\.\d{5}, [+-]\d\.\d{5}\]", distill_row)) == 2, distill_row
 
 
 def check_donor_rows_and_paired_cis(run, out: Path, table1: str, rows: list[dict[str, str]]) -> None:

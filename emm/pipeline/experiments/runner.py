@@ -60,6 +60,17 @@ def benchmark_pool(dataset: str, cfg: Params, schema: Schema) -> list[dict[str, 
     return configured + (default_pool(missing, spine) if missing else [])
 
 
+# fuse settings added after results were stored, each with its "off" value: a job's config leaves such a
+# setting out while it is off, so the fused jobs stored before it existed (the same work) stay reusable
+FUSE_ADDED_OFF = {"distill": 0.0}
+
+
+def fuse_job_config(fuse: FuseConfig) -> dict[str, Any]:
+    """A fused job's fuse settings as its signature sees them (``FUSE_ADDED_OFF`` left out while off)."""
+    dumped = fuse.model_dump(mode="json")
+    return {k: v for k, v in dumped.items() if not (k in FUSE_ADDED_OFF and v == FUSE_ADDED_OFF[k])}
+
+
 def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict[str, Path], main_set: str,
               work: Path) -> list[Job]:
     """Every job of the benchmark, with its dependencies."""
@@ -91,8 +102,8 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
                 "pool_results": [str(j.result_path) for j in pool_jobs], "train": train_cfg(cfg.pretrain.train, seed),
                 "decompose": cfg.decompose.model_dump(mode="json")}, needs=tuple(j.key for j in pool_jobs), **common)
             fused = [Job("fused", ab, config={
-                "fuse": cfg.fuse.model_copy(update={"ablation": ab, "train": cfg.fuse.train.model_copy(
-                    update=train_cfg(cfg.fuse.train, seed))}).model_dump(mode="json"),
+                "fuse": fuse_job_config(cfg.fuse.model_copy(update={"ablation": ab, "train": cfg.fuse.train.model_copy(
+                    update=train_cfg(cfg.fuse.train, seed))})),
                 "decompose": cfg.decompose.model_dump(mode="json")}, needs=(decompose.key,), **common)
                 for ab in ablations]
             others = [Job("baseline", b, config={"train": train_cfg(cfg.pretrain.train, seed), "kwargs": {**(
@@ -100,8 +111,9 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
                       for b in baselines]
             if is_main:
                 others += [Job("recipe", name, config={
-                    "fuse": FuseConfig.model_validate({**cfg.fuse.model_dump(mode="json"), **overrides, "train": {
-                        **train_cfg(cfg.fuse.train, seed), **overrides.get("train", {})}}).model_dump(mode="json"),
+                    "fuse": fuse_job_config(FuseConfig.model_validate({**cfg.fuse.model_dump(mode="json"), **overrides,
+                                                                       "train": {**train_cfg(cfg.fuse.train, seed),
+                                                                                 **overrides.get("train", {})}})),
                     "decompose": cfg.decompose.model_dump(mode="json")}, needs=(decompose.key,), **common)
                     for name, overrides in prof.recipes.items()]
             if prof.lightgbm:
@@ -191,7 +203,7 @@ def run_benchmark(dataset: str, params: Path | str | None = None, *, profile: st
     prof = cfg.benchmark.pick(profile)
     spec = resolve_dataset(dataset, cfg.datasets)
     out_dir = output_dir(cfg, dataset, profile)
-    work = cfg.benchmark.out / dataset / "raw" / profile
+    work = cfg.benchmark.out / dataset / "raw" / cfg.benchmark.store(profile)
     main_tasks = list(cfg.ingest.tasks.get(dataset) or spec.default_tasks)
     task_sets = [main_tasks] + [list(t) for t in prof.task_sets.get(dataset, []) if list(t) != main_tasks]
     raw_dir = cfg.paths.raw_root / dataset
