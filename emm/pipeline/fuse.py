@@ -141,7 +141,7 @@ def _finetune(model: FusedModel, first: FitResult, train, val, cfg: FuseConfig, 
     trainer = Trainer(model, train_cfg, checkpoint_dir=Path(work_dir) / "checkpoint-finetune",
                       fingerprint=schema.fingerprint(), made_from={**made_from, "phase": "finetune"},
                       tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}] fine-tune",
-                      score_start=True, distill=distill)
+                      score_start=True, distill=distill, first_step=first.epochs_run)
     second = trainer.fit(train, val, resume=resume)
     offset = first.epochs_run
     history = first.history + [{**row, "epoch": row["epoch"] + offset, "phase": "finetune"}

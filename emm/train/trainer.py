@@ -88,11 +88,12 @@ class Trainer:
                  fingerprint: str | None = None, made_from: Mapping[str, Any] | None = None,
                  tracker: Tracker | None = None, progress: bool = True, desc: str = "train",
                  dist: ddp.DistContext | None = None, score_start: bool = False,
-                 distill: Distillation | None = None) -> None:
+                 distill: Distillation | None = None, first_step: int = 0) -> None:
         """``fingerprint`` (the data schema's) and ``made_from`` (JSON-able values: a spec, upstream
         digests) join the train settings in the record a checkpoint must match to be resumed;
         ``score_start`` makes the untrained model a candidate (epoch 0) that early stopping may return;
-        ``distill`` trains on its soft targets instead of the labels (validation still scores labels)."""
+        ``distill`` trains on its soft targets instead of the labels (validation still scores labels);
+        ``first_step``: epochs a previous phase already logged to the tracker, so this fit's steps follow them."""
         self.cfg = cfg
         self.desc = desc
         self.dist = dist or ddp.current()
@@ -106,6 +107,7 @@ class Trainer:
         self.made_from_digest = digest(self.made_from)
         self.tracker = tracker or NullTracker()
         self.progress = progress
+        self.first_step = first_step
         self.score_start = score_start  # the untrained model is a candidate: early stopping may return it
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -172,7 +174,7 @@ class Trainer:
             state["epoch"] = epoch
             stopped_early = state["bad_epochs"] >= cfg.patience
             self._save_checkpoint(state, best_state)
-            self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=self.first_step + epoch)
             log.info("%s epoch %d: loss %.5f val AUC %.5f%s", self.desc, epoch, train_loss, val_auc,
                      " (best)" if state["best_epoch"] == epoch else "")
         self.model.load_state_dict(best_state)

@@ -1,6 +1,6 @@
 """What a killed or failing stage leaves behind: no eval/ describing a registration that did not happen,
 and no MLflow run RUNNING forever after its process died. And the fuse stage's optional fine-tune phase on
-the same small pool: it keeps phase 1's best unless validation improved, and records which it kept."""
+the same small pool: it keeps phase 1's best unless validation improved, and records which it kept (its MLflow steps follow phase 1's)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from emm.pipeline.fuse import fuse
 from emm.pipeline.params import FuseConfig, PretrainConfig, TrackingConfig, TrainConfig
 from emm.pipeline.pretrain import pretrain
 from emm.tracking.runs import PID_TAG, open_run, start_detached_run
+from emm.tracker import NullTracker
 from emm.tracking.store import configure, registered_name
 
 TRAIN = TrainConfig(batch_size=512, max_epochs=1, patience=1, lr=5e-3, device="cpu")
@@ -75,13 +76,27 @@ def test_runs_of_dead_processes_are_marked_killed(tmp_path, monkeypatch):
     assert mlflow.get_experiment_by_name(registered_name("census-income")) is not None
 
 
+class StepRecorder(NullTracker):
+    """Keeps the step of every per-epoch metric logged."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if step is not None:
+            self.steps.append(step)
+
+
 def test_the_finetune_phase_starts_from_phase_one_and_never_ends_worse_on_validation(fused, census_small_data):
     from emm.fusion.saved import FUSED_JSON
 
     train = TRAIN.model_copy(update={"max_epochs": 2, "patience": 2})
+    tracker = StepRecorder()
     out = fuse("census-income", census_small_data, fused / "pool", fused / "components", fused / "fused-ft",
                fused / "fused-ft-work", FuseConfig(train=train, tower=[4], output="donor_residual",
-                                                    finetune_lr_scale=0.1), DecomposeConfig(), progress=False)
+                                                    finetune_lr_scale=0.1), DecomposeConfig(), progress=False,
+               tracker=tracker)
+    assert tracker.steps == list(range(1, out.fit.epochs_run + 1))  # the fine-tune's epochs log on, not from 1
     meta = read_json(fused / "fused-ft" / FUSED_JSON)
     ft = meta["finetune"]
     assert ft["lr"] == pytest.approx(train.lr * 0.1) and ft["thawed_params"] > 0
