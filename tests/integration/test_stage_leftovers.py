@@ -1,6 +1,7 @@
 """What a killed or failing stage leaves behind: no eval/ describing a registration that did not happen,
 and no MLflow run RUNNING forever after its process died. And the fuse stage's optional fine-tune phase on
-the same small pool: it keeps phase 1's best unless validation improved, and records which it kept (its MLflow steps follow phase 1's)."""
+the same small pool: it keeps phase 1's best unless validation improved, records which it kept, and logs
+its MLflow steps after phase 1's."""
 
 from __future__ import annotations
 
