@@ -56,3 +56,11 @@ def test_markers_live_in_the_stage_outputs():
     for name, stage in _dvc_stages().items():
         folder = STAGES[name].marker.split("/")[0]
         assert any(o.startswith(ARTIFACTS + folder) for o in _outs(stage)), name
+
+
+def test_every_stage_that_rebuilds_pool_models_reruns_when_their_code_changes():
+    """decompose traces the pool members rebuilt from emm/models, and the fused model holds copies of
+    their layers and a fresh embedding from emm/models: a change there must rerun both, under DVC and Prefect."""
+    for name in ("pretrain", "decompose", "fuse", "evaluate"):
+        assert "emm/models" in STAGES[name].code, name
+        assert "emm/models" in _dvc_stages()[name]["deps"], name
