@@ -92,8 +92,9 @@ class DonorEnsemble(nn.Module):
     """The pool's donor ensemble: per task, the plain mean of its donors' logits, everything frozen.
 
     Why a module of its own: it is the teacher that ``fuse.distill`` distils from, whatever the fused
-    model's ``output`` (a ``tower`` model keeps no donors of its own). Training-only: it is never part
-    of the fused model, so nothing of it lands in ``fused/``.
+    model's ``output`` (a ``tower`` model keeps no donors of its own). It holds its own copy of the
+    donors, not the fused model's, so a fine-tune phase that thaws those never moves the teacher.
+    Training-only: it is never part of the fused model, so nothing of it lands in ``fused/``.
     """
 
     def __init__(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str]) -> None:

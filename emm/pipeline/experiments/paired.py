@@ -139,6 +139,13 @@ def best_key(scores: Scores, task: str, prefix: str) -> str | None:
     return max(candidates, key=candidates.get) if candidates else None
 
 
+def seed_pairs(scores: Scores, task: str, subject: str, against: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(subject, against)`` test scores of ``task``, one pair per seed that has both (seed-matched), in
+    seed order: what ``paired_auc_cis`` takes for a seed-mean difference."""
+    return [(by_task[task][subject], by_task[task][against]) for _, by_task in sorted(scores.test.items())
+            if subject in by_task.get(task, {}) and against in by_task[task]]
+
+
 def paired_rows(scores: Scores | None) -> list[PairedRow]:
     """EMM − best donor, − donor ensemble, − donor stack, − LightGBM, − best baseline, per task; and the
     hybrid (EMM + LightGBM) − LightGBM and − the donors' hybrid (donors + LightGBM)."""
@@ -152,12 +159,8 @@ def paired_rows(scores: Scores | None) -> list[PairedRow]:
                   "best baseline by validation AUC": (EMM, best_key(scores, task, "baseline:")),
                   "hybrid − LightGBM": (HYBRID_KEY, LIGHTGBM),
                   "hybrid − donors' hybrid": (HYBRID_KEY, DONOR_HYBRID_KEY)}
-        pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for label, (subject, key) in wanted.items():
-            seeds = [s for s, by_task in sorted(scores.test.items())
-                     if key is not None and subject in by_task.get(task, {}) and key in by_task[task]]
-            if seeds:
-                pairs[label] = [(scores.test[s][task][subject], scores.test[s][task][key]) for s in seeds]
+        pairs = {label: found for label, (subject, key) in wanted.items()
+                 if key is not None and (found := seed_pairs(scores, task, subject, key))}
         if not pairs:
             continue
         y = scores.y_test[:, i]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from emm.pipeline.experiments.paired import CONFIDENCE, EMM, N_RESAMPLES, SEED, Scores, collect
+from emm.pipeline.experiments.paired import CONFIDENCE, EMM, N_RESAMPLES, SEED, Scores, collect, seed_pairs
 from emm.train.compare import paired_auc_cis
 
 
@@ -47,9 +47,7 @@ def against_default(scores: Scores | None, recipes: list[str]) -> dict[tuple[str
     paired on the same test rows, with its bootstrap CI (empty without stored scores)."""
     out: dict[tuple[str, str], str] = {}
     for i, task in enumerate(scores.tasks if scores else []):
-        pairs = {name: [(by_task[task][f"recipe:{name}"], by_task[task][EMM]) for _, by_task in sorted(scores.test.items())
-                        if f"recipe:{name}" in by_task.get(task, {}) and EMM in by_task[task]] for name in recipes}
-        pairs = {name: p for name, p in pairs.items() if p}
+        pairs = {name: found for name in recipes if (found := seed_pairs(scores, task, f"recipe:{name}", EMM))}
         if not pairs:
             continue
         cis = paired_auc_cis(scores.y_test[:, i], pairs, n_resamples=N_RESAMPLES, confidence=CONFIDENCE, seed=SEED)
