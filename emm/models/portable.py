@@ -36,6 +36,7 @@ from torch import Tensor, fx, nn
 from torch.fx.experimental.meta_tracer import MetaTracer
 
 from emm.errors import EMMError
+from emm.models.tracing import ThreadSafeTracing
 
 GRAPH_FORMAT = "emm.graph/1"
 # where a graph's functions may come from: torch and the standard library's operators, nothing else
@@ -54,7 +55,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.uint8, torch.bool)}
 
 
-class _LayerTracer(MetaTracer):
+class _LayerTracer(ThreadSafeTracing, MetaTracer):
     """MetaTracer that keeps torch's parametric layers (and their subclasses) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

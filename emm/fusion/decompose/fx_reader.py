@@ -41,9 +41,10 @@ from torch import Tensor, fx, nn
 
 from emm.fusion.decompose.layers import LAYER_TYPES, Untraceable, has_params, hparams, is_norm, no_cut_reason
 from emm.fusion.decompose.records import LayerSignature, Shape, TracedLayer, strip_batch
+from emm.models.tracing import ThreadSafeTracing
 
 
-class _Tracer(fx.Tracer):
+class _Tracer(ThreadSafeTracing, fx.Tracer):
     """fx tracer that treats some custom modules as leaves and remembers where tracing failed."""
 
     def __init__(self, extra_leaves: set[str]) -> None:
@@ -57,6 +58,8 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self.on_tracing_thread():  # another thread's model: not ours to record (see emm.models.tracing)
+            return super().call_module(m, forward, args, kwargs)
         try:
             path = self.path_of_module(m)
         except NameError:
