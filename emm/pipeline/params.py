@@ -108,6 +108,12 @@ class BenchmarkProfile(Options):
         default_factory=lambda: ["mmoe", "ple", "aitm", "adatt"],
         description="baselines run beside the pool and EMM on the extra task sets")
     task_set_seeds: int = Field(default=1, gt=0, description="how many of `seeds` the extra task sets use")
+    ablation_seeds: int | None = Field(
+        default=None, gt=0, description="how many of `seeds` Table II's variants other than `full` (EMM itself, "
+        "always every seed) use; None = all. Table II then compares every variant on the seeds all of them ran")
+    recipe_seeds: int | None = Field(
+        default=None, gt=0, description="how many of `seeds` the recipes use (None = all); recipes.md pairs each "
+        "recipe with the default on the seeds it ran")
     recipes: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="name -> fuse settings (overrides of params.yaml `fuse`): extra fused "
         "models trained on each seed's pool, compared in recipes.md")

@@ -63,12 +63,12 @@ def write_recipes(dataset: str, results: list[dict[str, Any]], task_set: str, ta
     paired = against_default(collect(results, task_set, tasks), list(recipes))
     lines = [f"# Fusion recipes, {dataset}", "",
              "Test AUC (mean ± std over seeds); per seed, AUC − that seed's best donor (best by validation "
-             "AUC); and AUC − the default recipe's, the seed mean paired on the same test rows with its 95% "
-             f"bootstrap CI ({N_RESAMPLES} resamples). Every recipe fuses the same pool per seed with the same "
+             "AUC); and AUC − the default recipe's, the mean over the recipe's seeds paired on the same "
+             f"seeds and test rows, with its 95% bootstrap CI ({N_RESAMPLES} resamples). Every recipe fuses the same pool per seed with the same "
              "training budget.", "",
              "| recipe | settings | " + " | ".join(f"{t} AUC | {t} − best donor | {t} − default [95% CI]"
-                                                  for t in tasks) + " | best epoch |",
-             "|---|---|" + "---:|---:|---:|" * len(tasks) + "---:|"]
+                                                  for t in tasks) + " | best epoch | seeds |",
+             "|---|---|" + "---:|---:|---:|" * len(tasks) + "---:|---:|"]
     for name, by_seed in rows.items():
         cells = []
         for t in tasks:
@@ -79,7 +79,7 @@ def write_recipes(dataset: str, results: list[dict[str, Any]], task_set: str, ta
         epochs = [r.get("best_epoch") for r in by_seed.values() if r.get("best_epoch") is not None]
         settings = json.dumps(recipes.get(name, {}), sort_keys=True).replace("|", "/")
         best = f"{np.mean(epochs):.1f}" if epochs else "—"
-        lines.append(f"| {name} | `{settings}` | " + " | ".join(cells) + f" | {best} |")
+        lines.append(f"| {name} | `{settings}` | " + " | ".join(cells) + f" | {best} | {len(by_seed)} |")
     path = Path(out_dir) / "recipes.md"
     path.write_text("\n".join(lines) + "\n")
     return path

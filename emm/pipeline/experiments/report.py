@@ -186,12 +186,27 @@ def verdict(rows: list[Row], tasks: list[str]) -> list[str]:
     return out
 
 
+def table2_seeds(results: list[dict[str, Any]], task_set: str) -> list[int]:
+    """The seeds every Table II variant ran on (a profile may run the ablations on fewer seeds than EMM):
+    the table compares the variants on these alone, so a gain is never a difference of seed sets."""
+    variants = _methods(results, task_set, "fused")
+    ran = [{r["seed"] for r in results if r["task_set"] == task_set and r["kind"] == "fused" and r["method"] == a}
+           for a in variants]
+    return sorted(set.intersection(*ran)) if ran else []
+
+
 def write_table2(dataset: str, results: list[dict[str, Any]], task_set: str, tasks: list[str], header: str,
                  out_dir: Path) -> Path:
     ablations = [a for a in ABLATIONS if a in _methods(results, task_set, "fused")]
-    cells = {a: _aucs(results, task_set, "fused", a) for a in ablations}
+    seeds = table2_seeds(results, task_set)
+    every_seed = sorted({r["seed"] for r in results if r["task_set"] == task_set and r["kind"] == "fused"})
+    on_seeds = [r for r in results if r["seed"] in seeds]
+    cells = {a: _aucs(on_seeds, task_set, "fused", a) for a in ablations}
     base = cells.get("baseline")
-    lines = [f"# Table II: ablation, {dataset}", "", header, "",
+    seed_note = ([f"**Seeds {', '.join(map(str, seeds))} only** (the profile's `ablation_seeds`): every variant on "
+                  f"the same seeds, so EMM's row here is not Table I's mean over {len(every_seed)} seeds.", ""]
+                 if seeds != every_seed else [])
+    lines = [f"# Table II: ablation, {dataset}", "", header, "", *seed_note,
              "baseline = the fused architecture with random, trainable components and no MTM; +MTM adds the "
              "attention; +p uses the trained, frozen pool components without MTM; EMM = both. Gain = AUC − "
              "baseline. `paper` = the paper's Table II. Under `output donor_residual` (see the header) every variant "

@@ -92,7 +92,9 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
         encoding = prof.numeric or cfg.pretrain.numeric
         # minmax is every builder's default: left out, so baseline jobs keep the signatures they had before it existed
         numeric = {"numeric": encoding.model_dump(mode="json")} if encoding.mode != "minmax" else {}
-        for seed in seeds:
+        for i, seed in enumerate(seeds):
+            seed_ablations = [a for a in ablations if a == "full" or _within(i, prof.ablation_seeds)]
+            seed_recipes = prof.recipes if _within(i, prof.recipe_seeds) else {}
             seed_dir = str(work / ts / f"seed-{seed}")
             common = {"seed": seed, "task_set": ts, "dataset": dataset, "data_dir": str(data_dir), "seed_dir": seed_dir}
             pool_jobs = [Job("pool", s.name, config={"spec": s.model_dump(mode="json"),
@@ -105,7 +107,7 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
                 "fuse": fuse_job_config(cfg.fuse.model_copy(update={"ablation": ab, "train": cfg.fuse.train.model_copy(
                     update=train_cfg(cfg.fuse.train, seed))})),
                 "decompose": cfg.decompose.model_dump(mode="json")}, needs=(decompose.key,), **common)
-                for ab in ablations]
+                for ab in seed_ablations]
             others = [Job("baseline", b, config={"train": train_cfg(cfg.pretrain.train, seed), "kwargs": {**(
                 size if b != "shared_bottom" else {"tower": size["tower"]}), **numeric}}, **common)
                       for b in baselines]
@@ -115,11 +117,16 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
                                                                        "train": {**train_cfg(cfg.fuse.train, seed),
                                                                                  **overrides.get("train", {})}})),
                     "decompose": cfg.decompose.model_dump(mode="json")}, needs=(decompose.key,), **common)
-                    for name, overrides in prof.recipes.items()]
+                    for name, overrides in seed_recipes.items()]
             if prof.lightgbm:
                 others.append(Job("lightgbm", "lightgbm", config={"threads": 1}, **common))
             jobs += [*pool_jobs, decompose, *fused, *others]
     return jobs
+
+
+def _within(index: int, first: int | None) -> bool:
+    """Whether the seed at ``index`` of the profile's seeds is among the ``first`` (None: all) a part runs on."""
+    return first is None or index < first
 
 
 def execute(jobs: list[Job], fingerprints: dict[str, str], workers: int, on_result) -> list[dict[str, Any]]:
