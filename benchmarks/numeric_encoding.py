@@ -10,6 +10,10 @@ periodic}``, in every pool model and in PLE; the fused model follows its pool). 
     emm benchmark census-income --profile numeric-periodic
     python -m benchmarks.numeric_encoding [--params params.yaml] [--dataset census-income]
 
+``--arms A B`` pairs two other profiles the same way (B − A), e.g. ``--arms full numeric-quantile``: the
+``full`` profile's pool, EMM, PLE and LightGBM run under today's default encoding (periodic), so its job
+store is the periodic arm; ``numeric-quantile`` runs the PLR embeddings on quantile-normalised values.
+
 It prints, and writes to ``results/<dataset>/numeric.md``, per task and model: test AUC under each encoding
 (mean ± std over seeds) and periodic − minmax as a paired bootstrap 95% CI (1,000 resamples of test rows,
 seed-matched, pooled over seeds), for the best donor (by validation AUC), the donor stack, EMM, PLE,
@@ -31,7 +35,7 @@ from emm.pipeline.params import load_params
 from emm.train.compare import paired_auc_cis
 from emm.train.metrics import auc
 
-ARMS = ("numeric-minmax", "numeric-periodic")
+ARMS = ("numeric-minmax", "numeric-periodic")  # the default pair: numeric.md
 MODELS = {"best donor": None, "donor stack": "donors:stack", "EMM": paired.EMM, "PLE": "baseline:ple",
           "LightGBM": paired.LIGHTGBM, "hybrid EMM + LightGBM": paired.HYBRID_KEY}
 
@@ -51,46 +55,49 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default=None)
     ap.add_argument("--dataset", default="census-income")
+    ap.add_argument("--arms", nargs=2, default=list(ARMS), metavar=("A", "B"), help="profiles to pair: B − A")
     args = ap.parse_args()
+    name_a, name_b = args.arms
     cfg = load_params(args.params)
     tasks = list(cfg.ingest.tasks.get(args.dataset) or resolve_dataset(args.dataset, cfg.datasets).default_tasks)
     task_set = "+".join(tasks)
-    minmax, periodic = (load_arm(cfg, args.dataset, a, task_set, tasks) for a in ARMS)
-    if not np.array_equal(minmax.y_test, periodic.y_test):
+    arm_a, arm_b = (load_arm(cfg, args.dataset, a, task_set, tasks) for a in args.arms)
+    if not np.array_equal(arm_a.y_test, arm_b.y_test):
         raise SystemExit("the two profiles' test rows differ: they must be ingested from the same raw files")
-    seeds = sorted(set(minmax.test) & set(periodic.test))
-    lines = [f"# Numeric encoding, {args.dataset}: periodic (PLR) embeddings vs min-max, every model alike", "",
-             f"Seeds {seeds}; test AUC mean ± std over seeds; **periodic − minmax** is a paired bootstrap 95% CI "
+    seeds = sorted(set(arm_a.test) & set(arm_b.test))
+    lines = [f"# Numeric encoding, {args.dataset}: `{name_b}` vs `{name_a}`, every model alike", "",
+             f"Seeds {seeds}; test AUC mean ± std over seeds; **{name_b} − {name_a}** is a paired bootstrap 95% CI "
              f"({paired.N_RESAMPLES} resamples of the same test rows, seed-matched). Written by "
-             "`python -m benchmarks.numeric_encoding` from the `numeric-minmax` and `numeric-periodic` profiles.", ""]
+             f"`python -m benchmarks.numeric_encoding --arms {name_a} {name_b}` from those profiles' job stores.", ""]
     for i, task in enumerate(tasks):
-        y = minmax.y_test[:, i]
-        keys = {name: (key or paired.best_key(minmax, task, "pool:"), key or paired.best_key(periodic, task, "pool:"))
+        y = arm_a.y_test[:, i]
+        keys = {name: (key or paired.best_key(arm_a, task, "pool:"), key or paired.best_key(arm_b, task, "pool:"))
                 for name, key in MODELS.items()}
         pairs, aucs = {}, {}
         for name, (k_min, k_per) in keys.items():
-            got = [(periodic.test[s][task][k_per], minmax.test[s][task][k_min]) for s in seeds
-                   if k_min in minmax.test[s].get(task, {}) and k_per in periodic.test[s].get(task, {})]
+            got = [(arm_b.test[s][task][k_per], arm_a.test[s][task][k_min]) for s in seeds
+                   if k_min in arm_a.test[s].get(task, {}) and k_per in arm_b.test[s].get(task, {})]
             if got:
                 pairs[name] = got
                 aucs[name] = ([auc(y, b) for _, b in got], [auc(y, a) for a, _ in got])
-        gbm = [(periodic.test[s][task][paired.EMM], periodic.test[s][task][paired.LIGHTGBM]) for s in seeds
-               if {paired.EMM, paired.LIGHTGBM} <= set(periodic.test[s].get(task, {}))]
-        comparisons = {**pairs, **({"EMM (periodic) − LightGBM": gbm} if gbm else {})}
+        gbm = [(arm_b.test[s][task][paired.EMM], arm_b.test[s][task][paired.LIGHTGBM]) for s in seeds
+               if {paired.EMM, paired.LIGHTGBM} <= set(arm_b.test[s].get(task, {}))]
+        vs_gbm = f"EMM ({name_b}) − LightGBM"
+        comparisons = {**pairs, **({vs_gbm: gbm} if gbm else {})}
         cis = paired_auc_cis(y, comparisons, n_resamples=paired.N_RESAMPLES, confidence=paired.CONFIDENCE,
                              seed=paired.SEED)
-        lines += [f"## {task}", "", "| model | minmax | periodic | periodic − minmax [95% CI] |", "|---|---:|---:|---:|"]
+        lines += [f"## {task}", "", f"| model | {name_a} | {name_b} | {name_b} − {name_a} [95% CI] |", "|---|---:|---:|---:|"]
         for name, (a_min, a_per) in aucs.items():
             ci = cis[name]
             lines.append(f"| {name} | {np.mean(a_min):.5f} ± {np.std(a_min, ddof=1):.5f} | "
                          f"{np.mean(a_per):.5f} ± {np.std(a_per, ddof=1):.5f} | "
                          f"{ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}] |")
         if gbm:
-            ci = cis["EMM (periodic) − LightGBM"]
-            lines += ["", f"EMM (periodic) − LightGBM: {ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}]"]
+            ci = cis[vs_gbm]
+            lines += ["", f"{vs_gbm}: {ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}]"]
         lines.append("")
     text = "\n".join(lines) + "\n"
-    out = Path(cfg.benchmark.out) / args.dataset / "numeric.md"
+    out = Path(cfg.benchmark.out) / args.dataset / ("numeric.md" if tuple(args.arms) == ARMS else f"numeric-{name_b}.md")
     out.write_text(text)
     print(text)
     print(f"wrote {out}")

@@ -24,14 +24,17 @@ from torch import nn
 
 from emm.options import Options
 
-NUMERIC_MODES = ("minmax", "periodic")
+NUMERIC_MODES = ("minmax", "periodic", "quantile")
+N_QUANTILES = 128  # quantile mode: the knots of each column's empirical distribution kept in the state_dict
+UNIT_VARIANCE = 12 ** 0.5  # quantile mode: scales a uniform [0, 1] value to unit variance
 
 
 class NumericOptions(Options):
     """How a model sees its dense features (one setting for every model alike: pool, baselines, fused)."""
 
     mode: Literal[NUMERIC_MODES] = Field(  # type: ignore[valid-type]
-        default="minmax", description="minmax = the scaled values as they are (the paper); periodic = + PLR embeddings")
+        default="minmax", description="minmax = the scaled values as they are (the paper); periodic = + PLR "
+        "embeddings of the standardised values; quantile = + PLR embeddings of the quantile-normalised values")
     dim: int = Field(default=8, gt=0, description="periodic: embedding width per dense feature")
     frequencies: int = Field(default=16, gt=0, description="periodic: frequencies per feature (k)")
     sigma: float = Field(default=1.0, gt=0, description="periodic: init scale of the frequencies, on standardised values")
@@ -63,8 +66,66 @@ class PeriodicNumeric(nn.Module):
         self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
         self.fitted.fill_(True)
 
+    def normalise(self, dense: torch.Tensor) -> torch.Tensor:
+        return (dense - self.mean) / self.std
+
     def forward(self, dense: torch.Tensor) -> torch.Tensor:
-        return self.periodic((dense - self.mean) / self.std).flatten(1)
+        return self.periodic(self.normalise(dense)).flatten(1)
+
+
+class QuantileNumeric(PeriodicNumeric):
+    """``PeriodicNumeric`` on quantile-normalised values: each dense value goes through its column's
+    empirical CDF (``N_QUANTILES`` knots fitted on training rows), as scikit-learn's
+    ``QuantileTransformer(output_distribution="uniform")`` does, then is centred and scaled to unit
+    variance (``(p - 0.5) * sqrt(12)``) so the periodic frequencies' initial scale means what it means
+    on standardised values.
+
+    Why: standardising a heavy-tailed column (capital gains, dividends) leaves almost every row at one
+    value and a few far out, so the periodic features see one point and some outliers; after the CDF the
+    column is spread evenly, which is how a tree sees it (by rank). Why uniform, not the normal output
+    scikit-learn also offers: ONNX has no inverse-erf operator, so a normal output would need a
+    hand-written approximation, and its +-5 tails would bring back the outliers the CDF removed.
+    One deliberate difference from scikit-learn: a value tied with the column's minimum or maximum gets
+    the middle of its tie mass, as every other tied value does, where scikit-learn sends it to the
+    bound, which would push the zeros of a mostly-zero column to the extreme. Written with comparisons
+    and gathers (no ``searchsorted``) so the layer traces with torch.fx and exports to ONNX.
+    """
+
+    def __init__(self, n_dense: int, opts: NumericOptions) -> None:
+        super().__init__(n_dense, opts)
+        del self.mean, self.std  # the CDF replaces the standardisation
+        self.register_buffer("quantiles", torch.linspace(0, 1, N_QUANTILES).repeat(n_dense, 1))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", quantiles={N_QUANTILES}"
+
+    @torch.no_grad()
+    def fit(self, dense: torch.Tensor) -> None:
+        """Each column's quantiles at ``N_QUANTILES`` evenly spaced probabilities (linear interpolation)."""
+        probs = torch.linspace(0, 1, N_QUANTILES, dtype=torch.float64)
+        knots = torch.quantile(dense.double(), probs, dim=0).T  # [n_dense, N_QUANTILES]
+        self.quantiles.copy_(torch.cummax(knots, dim=1).values.to(self.quantiles.dtype))
+        self.fitted.fill_(True)
+
+    def normalise(self, dense: torch.Tensor) -> torch.Tensor:
+        x = dense.unsqueeze(-1)  # [B, n, 1] against the knots [n, Q]
+        upper = _cdf(x, self.quantiles, (x >= self.quantiles).sum(-1, keepdim=True), upper=True)
+        lower = _cdf(x, self.quantiles, (x > self.quantiles).sum(-1, keepdim=True), upper=False)
+        p = ((upper + lower) / 2).squeeze(-1)  # a value tied with knots: the middle of their probabilities
+        return (p - 0.5) * UNIT_VARIANCE
+
+
+def _cdf(x: torch.Tensor, knots: torch.Tensor, count: torch.Tensor, *, upper: bool) -> torch.Tensor:
+    """Piecewise-linear CDF at ``x`` [B, n, 1] between the knots around position ``count``: how many knots
+    lie below x, counted with >= for the upper end of a run of tied knots (``upper``) and > for its lower
+    end. Between two tied knots the CDF jumps: the upper end takes the top of the jump, the lower its foot."""
+    q = knots.shape[-1]
+    right = count.clamp(1, q - 1)
+    grid = knots.unsqueeze(0).expand(x.shape[0], -1, -1)
+    lo, hi = grid.gather(-1, right - 1), grid.gather(-1, right)
+    tied = (x >= hi) if upper else (x > lo)
+    frac = torch.where(hi > lo, ((x - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1), tied.to(x.dtype))
+    return (right - 1 + frac) / (q - 1)
 
 
 class IndexSelectEmbedding(nn.Embedding):
@@ -86,7 +147,8 @@ class FeatureEmbedding(nn.Module):
         self.numeric = NumericOptions.model_validate(numeric or {})
         self.embedding = IndexSelectEmbedding(total_vocab, dim)
         nn.init.normal_(self.embedding.weight, std=0.05)
-        self.periodic = PeriodicNumeric(n_dense, self.numeric) if self.numeric.mode == "periodic" and n_dense else None
+        encoder = {"periodic": PeriodicNumeric, "quantile": QuantileNumeric}.get(self.numeric.mode)
+        self.periodic = encoder(n_dense, self.numeric) if encoder is not None and n_dense else None
 
     @property
     def out_dim(self) -> int:
@@ -119,5 +181,5 @@ def fit_numeric(model: nn.Module, dense: torch.Tensor) -> int:
     """Fit every not-yet-fitted ``PeriodicNumeric`` in ``model`` on ``dense`` rows; returns how many."""
     encoders = unfitted_numeric(model)
     for m in encoders:
-        m.fit(dense.to(m.mean.device))
+        m.fit(dense.to(m.fitted.device))
     return len(encoders)
