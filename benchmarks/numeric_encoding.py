@@ -97,7 +97,7 @@ def main() -> None:
             lines += ["", f"{vs_gbm}: {ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}]"]
         lines.append("")
     text = "\n".join(lines) + "\n"
-    out = Path(cfg.benchmark.out) / args.dataset / ("numeric.md" if tuple(args.arms) == ARMS else f"numeric-{name_b}.md")
+    out = Path(cfg.benchmark.out) / args.dataset / ("numeric.md" if tuple(args.arms) == ARMS else f"{name_b}-vs-{name_a}.md")
     out.write_text(text)
     print(text)
     print(f"wrote {out}")
