@@ -14,11 +14,11 @@ periodic}``, in every pool model and in PLE; the fused model follows its pool). 
 ``full`` profile's pool, EMM, PLE and LightGBM run under today's default encoding (periodic), so its job
 store is the periodic arm; ``numeric-quantile`` runs the PLR embeddings on quantile-normalised values.
 
-It prints, and writes to ``results/<dataset>/numeric.md``, per task and model: test AUC under each encoding
-(mean ± std over seeds) and periodic − minmax as a paired bootstrap 95% CI (1,000 resamples of test rows,
-seed-matched, pooled over seeds), for the best donor (by validation AUC), the donor stack, EMM, PLE,
+It prints, and writes to ``results/<dataset>/numeric.md`` (another pair: ``<B>-vs-<A>.md``), per task and
+model: test AUC under each encoding (mean ± std over seeds) and B − A (default: periodic − minmax) as a
+paired bootstrap 95% CI (1,000 resamples of test rows, seed-matched, pooled over seeds), for the best donor (by validation AUC), the donor stack, EMM, PLE,
 LightGBM (the same in both: a control that must read 0) and the EMM + LightGBM hybrid; and EMM − LightGBM
-under the periodic encoding.
+under B's encoding.
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def main() -> None:
         keys = {name: (key or paired.best_key(arm_a, task, "pool:"), key or paired.best_key(arm_b, task, "pool:"))
                 for name, key in MODELS.items()}
         pairs, aucs = {}, {}
-        for name, (k_min, k_per) in keys.items():
-            got = [(arm_b.test[s][task][k_per], arm_a.test[s][task][k_min]) for s in seeds
-                   if k_min in arm_a.test[s].get(task, {}) and k_per in arm_b.test[s].get(task, {})]
+        for name, (k_a, k_b) in keys.items():
+            got = [(arm_b.test[s][task][k_b], arm_a.test[s][task][k_a]) for s in seeds
+                   if k_a in arm_a.test[s].get(task, {}) and k_b in arm_b.test[s].get(task, {})]
             if got:
                 pairs[name] = got
                 aucs[name] = ([auc(y, b) for _, b in got], [auc(y, a) for a, _ in got])
@@ -87,10 +87,10 @@ def main() -> None:
         cis = paired_auc_cis(y, comparisons, n_resamples=paired.N_RESAMPLES, confidence=paired.CONFIDENCE,
                              seed=paired.SEED)
         lines += [f"## {task}", "", f"| model | {name_a} | {name_b} | {name_b} − {name_a} [95% CI] |", "|---|---:|---:|---:|"]
-        for name, (a_min, a_per) in aucs.items():
+        for name, (auc_a, auc_b) in aucs.items():
             ci = cis[name]
-            lines.append(f"| {name} | {np.mean(a_min):.5f} ± {np.std(a_min, ddof=1):.5f} | "
-                         f"{np.mean(a_per):.5f} ± {np.std(a_per, ddof=1):.5f} | "
+            lines.append(f"| {name} | {np.mean(auc_a):.5f} ± {np.std(auc_a, ddof=1):.5f} | "
+                         f"{np.mean(auc_b):.5f} ± {np.std(auc_b, ddof=1):.5f} | "
                          f"{ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}] |")
         if gbm:
             ci = cis[vs_gbm]

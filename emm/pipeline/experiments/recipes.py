@@ -64,8 +64,8 @@ def write_recipes(dataset: str, results: list[dict[str, Any]], task_set: str, ta
     lines = [f"# Fusion recipes, {dataset}", "",
              "Test AUC (mean ± std over seeds); per seed, AUC − that seed's best donor (best by validation "
              "AUC); and AUC − the default recipe's, the mean over the recipe's seeds paired on the same "
-             f"seeds and test rows, with its 95% bootstrap CI ({N_RESAMPLES} resamples). Every recipe fuses the same pool per seed with the same "
-             "training budget.", "",
+             f"seeds and test rows, with its 95% bootstrap CI ({N_RESAMPLES} resamples). Every recipe fuses "
+             "the same pool per seed with the same training budget.", "",
              "| recipe | settings | " + " | ".join(f"{t} AUC | {t} − best donor | {t} − default [95% CI]"
                                                   for t in tasks) + " | best epoch | seeds |",
              "|---|---|" + "---:|---:|---:|" * len(tasks) + "---:|---:|"]

@@ -1,5 +1,5 @@
-"""Benchmark results -> Table I (md + csv), Table II (md), Figure 3 (md + png), per-task bar charts and the
-fusion-gate selection heat maps. Every number is a mean ± sample std over seeds; the paper's numbers sit in
+"""Benchmark results -> Table I (md + csv), Table II (md), Figure 3 (md + png), per-task bar charts (the
+fusion-gate selection heat maps: ``emm.pipeline.experiments.selection``). Every number is a mean ± sample std over seeds; the paper's numbers sit in
 adjacent columns; the header says how many rows the data had, so a sample is never mistaken for the dataset.
 """
 
@@ -18,6 +18,7 @@ from emm.data.schema import Schema
 from emm.fusion.options import ABLATIONS
 from emm.pipeline.experiments import paired, paper
 from emm.pipeline.experiments.plotting import pyplot
+from emm.pipeline.experiments.selection import write_selection
 
 DISPLAY = {"shared_bottom": "SharedBottom", "mmoe": "MMoE", "ple": "PLE", "aitm": "AITM", "adatt": "AdaTT",
            "lightgbm": "LightGBM (one per task)", **{a.name: a.label for a in ABLATIONS.values()}}
@@ -301,62 +302,6 @@ def write_figure3(dataset: str, results: list[dict[str, Any]], task_sets: dict[s
     md = out_dir / "figure3.md"
     lines.append("![Figure 3](figure3.png)")
     md.write_text("\n".join(lines) + "\n")
-    return [md, png]
-
-
-def selection_matrices(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> dict[int, np.ndarray]:
-    """level -> [T, T] mean over seeds of the fraction of test rows in which task (row) selected task (col)."""
-    per_level: dict[int, list[np.ndarray]] = defaultdict(list)
-    for r in results:
-        if r["task_set"] != task_set or r["kind"] != "fused" or r["method"] != "full":
-            continue
-        for level in r.get("gates", []):
-            m = np.zeros((len(tasks), len(tasks)))
-            for i, t in enumerate(tasks):
-                for u, frac in (level["tasks"][t].get("selection") or {}).items():
-                    m[i, tasks.index(u)] = frac
-            per_level[int(level["level"])].append(m)
-    return {k: np.mean(v, axis=0) for k, v in sorted(per_level.items())}
-
-
-def write_selection(task_sets: dict[str, list[str]], results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Heat maps (rows: the selecting task, columns: the task it picks, per level) and the same as a table."""
-    plt = pyplot()
-    panels = [(ts, tasks, selection_matrices(results, ts, tasks)) for ts, tasks in task_sets.items()]
-    panels = [p for p in panels if p[2]]
-    if not panels:
-        return []
-    width = max(len(p[2]) for p in panels)
-    fig, axes = plt.subplots(len(panels), width, figsize=(3.2 * width, 3.0 * len(panels)), squeeze=False)
-    lines = ["# Which task does each task select? (fusion gate, test rows, mean over seeds)", ""]
-    for i, (ts, tasks, mats) in enumerate(panels):
-        lines += [f"## {', '.join(tasks)}", "", "| level | " + " | ".join(f"{t} picks" for t in tasks) + " |",
-                  "|---|" + "---|" * len(tasks)]
-        for j in range(width):
-            ax = axes[i][j]
-            if j >= len(mats):
-                ax.axis("off")
-                continue
-            level, m = list(mats.items())[j]
-            ax.imshow(m, vmin=0, vmax=1, cmap="Oranges")
-            ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
-            for a in range(len(tasks)):
-                for b in range(len(tasks)):
-                    if a != b:
-                        ax.text(b, a, f"{m[a, b]:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if m[a, b] > 0.6 else "black")
-            ax.set_title(f"{len(tasks)} tasks, level {level}", fontsize=9)
-        for level, m in mats.items():
-            picks = [f"{tasks[int(np.argmax(m[a]))]} ({m[a].max():.2f})" for a in range(len(tasks))]
-            lines.append(f"| {level} | " + " | ".join(picks) + " |")
-        lines.append("")
-    fig.tight_layout()
-    png = out_dir / "selection.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    md = out_dir / "selection.md"
-    md.write_text("\n".join(lines + ["![selection](selection.png)"]) + "\n")
     return [md, png]
 
 

@@ -92,9 +92,9 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
         encoding = prof.numeric or cfg.pretrain.numeric
         # minmax is every builder's default: left out, so baseline jobs keep the signatures they had before it existed
         numeric = {"numeric": encoding.model_dump(mode="json")} if encoding.mode != "minmax" else {}
-        for i, seed in enumerate(seeds):
-            seed_ablations = [a for a in ablations if a == "full" or _within(i, prof.ablation_seeds)]
-            seed_recipes = prof.recipes if _within(i, prof.recipe_seeds) else {}
+        for seed in seeds:  # the parts with a seed budget run on the first N of the profile's seeds (None: all)
+            seed_ablations = [a for a in ablations if a == "full" or seed in seeds[:prof.ablation_seeds]]
+            seed_recipes = prof.recipes if seed in seeds[:prof.recipe_seeds] else {}
             seed_dir = str(work / ts / f"seed-{seed}")
             common = {"seed": seed, "task_set": ts, "dataset": dataset, "data_dir": str(data_dir), "seed_dir": seed_dir}
             pool_jobs = [Job("pool", s.name, config={"spec": s.model_dump(mode="json"),
@@ -122,11 +122,6 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
                 others.append(Job("lightgbm", "lightgbm", config={"threads": 1}, **common))
             jobs += [*pool_jobs, decompose, *fused, *others]
     return jobs
-
-
-def _within(index: int, first: int | None) -> bool:
-    """Whether the seed at ``index`` of the profile's seeds is among the ``first`` (None: all) a part runs on."""
-    return first is None or index < first
 
 
 def execute(jobs: list[Job], fingerprints: dict[str, str], workers: int, on_result) -> list[dict[str, Any]]:
