@@ -302,8 +302,10 @@ def predict_cmd(
     The input names the model's raw feature columns in a header row (the ingested names; other columns,
     such as labels, are ignored), with values as text, integers or floats. A CSV without a header row
     that has all the columns of the dataset's declaration (a raw UCI Census file, gzipped or not) is read
-    in the declaration's column order. No code from the model folder is run: EMM rebuilds the model from
-    its bundle. Exit codes: 0 scored (rejects, if any, are reported); 2 a user error; 1 a crash.
+    in the declaration's column order. The input is never written: an --output that is the input, or whose
+    rejects file is (score fixed rejects into a new name), is refused. No code from the model folder is
+    run: EMM rebuilds the model from its bundle. Exit codes: 0 scored (rejects, if any, are reported); 2 a
+    user error; 1 a crash.
     """
     from emm.pipeline.predict import predict_stage
 

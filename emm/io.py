@@ -23,16 +23,49 @@ from emm.errors import EMMError
 LEGACY_STALE_S = 24 * 3600  # age after which a temp folder without a pid in its name counts as abandoned
 
 
+def inside(path: Path, root: Path) -> Path:
+    """``path`` as given, once checked to resolve strictly inside ``root``; EMMError otherwise.
+
+    Why: a stage joins names from params.yaml onto its folder and then removes or writes the result; a
+    name like ``/abs``, ``../x`` or ``""``, or a symlink left in the folder, would point that at someone
+    else's files. Symlinks are followed (writing through a link writes where it points), and ``root``
+    itself is refused: removing or replacing it would take every sibling's results with it.
+    """
+    path = Path(path)
+    resolved, base = path.resolve(), Path(root).resolve()
+    if resolved == base:
+        raise EMMError(f"refusing to write or remove {path}: it is the folder itself ({root}), not an entry inside "
+                       "it; a name that is empty or '.' (in params.yaml) leads here, give it a plain name")
+    if base not in resolved.parents:
+        raise EMMError(f"refusing to write or remove {path}: it resolves to {resolved}, outside {root}, the only "
+                       "folder this stage may change; a name that is a path (in params.yaml) or a symlink in "
+                       f"{root} leads here: use a plain name, remove the link")
+    return path
+
+
+def remove_tree(path: Path, root: Path) -> None:
+    """Remove ``path`` (a folder, a file, or a link: the link only) when it lies strictly inside ``root``.
+
+    Why not ``shutil.rmtree`` directly: see ``inside``; a missing path is nothing to do.
+    """
+    path = inside(path, root)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, *, within: Path | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``final``, on error it vanishes.
 
     Why: a killed or failing stage must leave either the previous good output or nothing, never a
     half-written folder that a later stage (or DVC) would trust. A run killed with SIGKILL cannot clean
     up, so every run first removes the temp siblings of ``final`` that dead runs left (see
     ``_remove_stale_siblings`` for why that is safe while other runs write the same target).
+    ``within``: the folder ``final`` must lie inside (``inside``), checked before anything is made.
     """
-    final = Path(final)
+    final = Path(final) if within is None else inside(final, within)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(final)
     tmp = final.parent / _temp_name(final, "tmp")

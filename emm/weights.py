@@ -1,8 +1,10 @@
 """One module <-> one safetensors file: the only way EMM writes and reads weights.
 
 Why one place: every artifact (pool models, plan components, the fused model, the MLflow bundle) must
-load without pickle, refuse a file from another architecture with the key and shape named, and survive
-tied tensors (safetensors refuses shared memory; ties are stored once and recorded as aliases).
+load without pickle, refuse a file from another architecture with the key and shape named, refuse NaN/inf
+weights (a model holding them only produces NaN, which surfaced later as a tracing failure or a metrics
+traceback), and survive tied tensors (safetensors refuses shared memory; ties are stored once and recorded
+as aliases).
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ from emm.errors import EMMError
 _ALIASES_KEY = "emm_aliases"
 
 
-
-
 def save_state(state: dict[str, Tensor], path: Path) -> None:
     """Write a state dict to ``path``; tied tensors are stored once and recorded as aliases."""
     tensors, aliases = _dedupe_state(state)
@@ -34,7 +34,8 @@ def save_module(module: nn.Module, path: Path) -> None:
 
 
 def load_module(module: nn.Module, path: Path, *, what: str = "component", fix: str = "save the plan again") -> None:
-    """Load ``path`` into ``module`` strictly: every key present, none extra, every shape equal.
+    """Load ``path`` into ``module`` strictly: every key present, none extra, every shape equal, every
+    value finite (``check_finite``).
 
     ``what`` names the module in messages, ``fix`` says what the user should do about a bad file.
     """
@@ -68,7 +69,23 @@ def load_module(module: nn.Module, path: Path, *, what: str = "component", fix: 
                 f"weights file {path}: key {key!r} has shape {list(tensors[key].shape)}, the {what} expects "
                 f"{list(tensor.shape)}; {other}"
             )
+    check_finite(tensors, {name for name, _ in module.named_parameters()}, path, what=what, fix=fix)
     module.load_state_dict(tensors, strict=True)
+
+
+def check_finite(tensors: dict[str, Tensor], parameters: set[str], path: Path, *, what: str, fix: str) -> None:
+    """Refuse NaN anywhere and inf in a parameter, naming the key, the count and the module.
+
+    Why inf is allowed in a buffer: a mask buffer may hold -inf by design (an outside model's attention
+    mask); a broken one still shows where the model is scored (``emm.train.metrics``).
+    """
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int(torch.isnan(tensor).sum()) + (int(torch.isinf(tensor).sum()) if key in parameters else 0)
+        if bad:
+            raise EMMError(f"weights file {path}: {key!r} holds {bad} NaN/inf value(s) of {tensor.numel()}; the "
+                           f"{what} would only produce NaN scores (did its training diverge?): {fix}")
 
 
 def _dedupe_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -39,6 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from emm.pipeline.cache import stage_cache_key, stage_output_ready  # noqa: E402
 from emm.pipeline.decompose import decompose_stage  # noqa: E402
 from emm.pipeline.evaluate import evaluate_stage  # noqa: E402
+from emm.pipeline.export import export_stage  # noqa: E402
 from emm.pipeline.fuse import fuse_stage, fuse_summary  # noqa: E402
 from emm.pipeline.ingest import fetch_stage, ingest_stage, raw_dir  # noqa: E402
 from emm.pipeline.pretrain import (  # noqa: E402
@@ -143,6 +144,14 @@ def evaluate_task(dataset: str, params: str) -> dict:
     return evaluate_stage(dataset, params)
 
 
+@task(name="export-onnx", cache_key_fn=cache_on("export"), **CACHED, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
+def export_task(dataset: str, params: str) -> dict:
+    """The ONNX file of the registered fused model, logged to its version (as `emm export` and `dvc repro`)."""
+    report = export_stage(dataset, params)
+    return {"path": str(report.path), "max_abs_diff": report.max_abs_diff, "version": report.version}
+
+
 @task(name="promote", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def promote_task(dataset: str, params: str) -> str:
     return promote_stage(dataset, params)[1]
@@ -177,7 +186,8 @@ def pretrain_pool(dataset: str, params: str) -> list[dict]:
 @flow(name="emm", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=PRETRAIN_WORKERS))
 def full_pipeline(dataset: str = "census-income", params: str = "params.yaml", mirror: str | None = None,
                   promote: bool = True, fuse_on: Literal["auto", "local", "gpu"] = "auto") -> dict:
-    """fetch -> ingest -> pretrain (one task per pool model) -> decompose -> fuse -> evaluate/register -> promote.
+    """fetch -> ingest -> pretrain (one task per pool model) -> decompose -> fuse -> evaluate/register -> export
+    (ONNX, logged to the registered version) -> promote.
 
     ``params`` is a params profile (a params.yaml-shaped file, e.g. params/tiny.yaml); ``mirror`` a local
     folder holding ``<dataset>/`` raw files; ``fuse_on``: auto = the gpu work pool when a worker is online
@@ -196,6 +206,9 @@ def full_pipeline(dataset: str = "census-income", params: str = "params.yaml", m
         logger.info("fusion training goes to deployment %s", FUSE_DEPLOYMENT)
     logger.info("fused test AUC: %s", fresh_unless_ready(fuse_task, dataset, params, "fuse")(dataset, params, on_gpu))
     summary = fresh_unless_ready(evaluate_task, dataset, params, "evaluate")(dataset, params)
+    exported = fresh_unless_ready(export_task, dataset, params, "export")(dataset, params)
+    logger.info("exported %s (version %s; max |onnxruntime - torch| %.2e on logits)", exported["path"],
+                exported["version"], exported["max_abs_diff"])
     create_markdown_artifact(key=f"{registered_name(dataset)}-auc".replace("_", "-"), markdown=auc_markdown(dataset, summary),
                              description=f"EMM test AUC on {dataset}")
     if promote:

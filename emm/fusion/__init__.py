@@ -1,5 +1,5 @@
 """Fusion of trained single-task models: decomposition into aligned components (Algorithm 1), storage,
-and the fused multi-task model (AKF levels, Algorithm 2)."""
+and the fused multi-task model (AKF levels, Algorithm 2) wired from recipe parts (``emm.fusion.recipes``)."""
 
 from emm.fusion.decompose import (
     LayerSignature,

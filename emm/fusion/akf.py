@@ -7,24 +7,14 @@ Task gate (eq. 2, MoE within a task)
 Fusion gate (eq. 3)
     ``F_t(g) = softmax(Linear(g))`` over all T tasks. The most related *other* task is
     ``sel = argmax_{u != t} F_t(g)_u``: task t is masked out, so a task never selects itself.
-    How ``h^sel`` enters MTM depends on ``fusion_gate``:
-
-    - ``hard`` (the paper): ``h^sel`` as is. argmax has no gradient, so F_t never learns; with two
-      tasks the choice is forced anyway (the only other task), so F_t is dead weight there.
-    - ``scaled``: ``F_t(g)_sel * h^sel``; the selection is still hard, but F_t gets a gradient through the
-      probability of the chosen task. With two tasks this learns *how much* of the other task to take
-      (``F_t(g)_other = 1 - F_t(g)_t``).
-    - ``ste``: straight-through one-hot. Forward: exactly ``h^sel``. Backward: as if the output were
-      ``sum_u F_t(g)_u * h^u`` over all tasks (task t's own entry has weight 0 in the forward pass, but
-      keeping it in the surrogate is what gives F_t a gradient when T = 2).
+    How ``h^sel`` enters MTM is the ``fusion_gate`` recipe (``emm.fusion.recipes.gate``: ``hard``, the
+    paper, gives F_t no gradient; ``scaled`` and ``ste`` do).
 MTM (eqs. 4-6)
     Self-attention over the pair ``[h^t, h^sel]`` with per-task ``Q``, ``K`` (Linear to ``qkv_dim`` +
     ReLU) and ``V`` (Linear back to the level width, so ``z^t`` can feed the next level's components):
-
-    - ``attention="task_query"``: ``c_w = softmax_w(<Q(h^t), K(w)> / sqrt(d))``, w in {h^t, h^sel}.
-      Task t asks how much of itself and of the selected task it wants.
-    - ``attention="self_score"``: eq. (6) read literally, ``c_w = softmax_w(<Q(w), K(w)> / sqrt(d))``:
-      each member scores itself, with no reference to the task asking.
+    ``c_w = softmax_w(<query_w, K(w)> / sqrt(d))``, w in {h^t, h^sel}, where the query is the ``attention``
+    recipe's (``emm.fusion.recipes.attention``: ``task_query`` asks with ``Q(h^t)``, ``self_score`` with
+    ``Q(w)``).
 
     ``z^t = sum_w c_w V(w)``. ``V`` starts as the identity (weight I, bias 0), so at initialisation
     ``z^t`` is a convex mix of ``h^t`` and ``h^sel``: inputs of the kind the next level's frozen
@@ -63,9 +53,7 @@ from torch import Tensor, fx, nn
 
 from emm.errors import EMMError
 from emm.fusion.decompose import Chain
-
-FUSION_GATES = ("hard", "scaled", "ste")
-ATTENTIONS = ("task_query", "self_score")
+from emm.fusion.recipes import ATTENTIONS, FUSION_GATES, Attention, FusionGate
 
 _PASS_THROUGH = (nn.Dropout, nn.AlphaDropout, nn.Identity)
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
@@ -80,11 +68,10 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 class MultiTaskMerge(nn.Module):
     """MTM (eqs. 4-6): attention over the pair ``[own, selected]`` -> ``z`` of the level width."""
 
-    def __init__(self, width: int, qkv_dim: int, attention: str, value_relu: bool) -> None:
+    def __init__(self, width: int, qkv_dim: int, attention: str | Attention, value_relu: bool) -> None:
         super().__init__()
-        if attention not in ATTENTIONS:
-            raise EMMError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
-        self.attention = attention
+        self.scoring = ATTENTIONS.resolve(attention)
+        self.attention = self.scoring.name
         self.qkv_dim = qkv_dim
         self.q = nn.Sequential(nn.Linear(width, qkv_dim), nn.ReLU())
         self.k = nn.Sequential(nn.Linear(width, qkv_dim), nn.ReLU())
@@ -97,7 +84,7 @@ class MultiTaskMerge(nn.Module):
         """``own``, ``other``: [B, W]. Returns ``z`` [B, W] and the weights ``c`` [B, 2] (own, other)."""
         pair = torch.stack([own, other], dim=1)  # [B, 2, W]
         keys = self.k(pair)  # [B, 2, d]
-        queries = self.q(own).unsqueeze(1) if self.attention == "task_query" else self.q(pair)
+        queries = self.scoring.queries(self.q, own, pair)  # [B, 1 or 2, d]
         scores = (queries * keys).sum(-1) / math.sqrt(self.qkv_dim)  # [B, 2]
         c = torch.softmax(scores, dim=-1)
         z = (c.unsqueeze(-1) * self.v(pair)).sum(dim=1)
@@ -120,7 +107,8 @@ class AKFLevel(nn.Module):
         out_shape: the shape (without batch) every component outputs.
         gate_dim: width of the gate input ``g``.
         mtm: fuse across tasks (fusion gate + MTM); False gives ``z^t = h^t``.
-        fusion_gate, attention, qkv_dim: see the module docstring (``qkv_dim`` None: the level width).
+        fusion_gate, attention: recipe names (``emm.fusion.recipes``) or recipe instances.
+        qkv_dim: Q/K width (None: the level width).
         frozen: freeze the components (no grad, always eval).
         pre, post: optional per-component modules applied before/after it (``align="project"``
             adapters); trainable, kept out of the frozen set.
@@ -136,8 +124,8 @@ class AKFLevel(nn.Module):
         gate_dim: int,
         *,
         mtm: bool = True,
-        fusion_gate: str = "scaled",
-        attention: str = "task_query",
+        fusion_gate: str | FusionGate = "scaled",
+        attention: str | Attention = "task_query",
         qkv_dim: int | None = None,
         frozen: bool = True,
         pre: Sequence[nn.Module | None] | None = None,
@@ -145,10 +133,8 @@ class AKFLevel(nn.Module):
         index: int = 0,
     ) -> None:
         super().__init__()
-        if fusion_gate not in FUSION_GATES:
-            raise EMMError(f"fusion_gate must be one of {', '.join(FUSION_GATES)}, got {fusion_gate!r}")
-        if attention not in ATTENTIONS:
-            raise EMMError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        self.gate_recipe = FUSION_GATES.resolve(fusion_gate)
+        scoring = ATTENTIONS.resolve(attention)
         component_tasks = [int(t) for t in component_tasks]
         if len(component_tasks) != len(components) or not components:
             raise EMMError(
@@ -177,8 +163,8 @@ class AKFLevel(nn.Module):
         self.width = math.prod(self.out_shape)
         self.gate_dim = gate_dim
         self.mtm = mtm
-        self.fusion_gate = fusion_gate
-        self.attention = attention
+        self.fusion_gate = self.gate_recipe.name
+        self.attention = scoring.name
         self.frozen = frozen
 
         self.components = nn.ModuleList(components)
@@ -196,7 +182,7 @@ class AKFLevel(nn.Module):
             self.fusion_gates: nn.ModuleList | None = nn.ModuleList(nn.Linear(gate_dim, num_tasks)
                                                                      for _ in range(num_tasks))
             self.merges: nn.ModuleList | None = nn.ModuleList(
-                MultiTaskMerge(self.width, d, attention, self.value_relu) for _ in range(num_tasks))
+                MultiTaskMerge(self.width, d, scoring, self.value_relu) for _ in range(num_tasks))
         else:
             self.fusion_gates = None
             self.merges = None
@@ -264,7 +250,6 @@ class AKFLevel(nn.Module):
 
         assert self.fusion_gates is not None and self.merges is not None
         H = torch.stack(fused, dim=1)  # [B, T, W]
-        rows = torch.arange(H.shape[0], device=H.device)
         zs, probs_all, selected, attention = [], [], [], []
         for t in range(self.num_tasks):
             logits = self.fusion_gates[t](gate_inputs[t])  # [B, T]
@@ -272,15 +257,7 @@ class AKFLevel(nn.Module):
             masked = logits.detach().clone()
             masked[:, t] = float("-inf")
             sel = masked.argmax(dim=-1)  # never t
-            if self.fusion_gate == "hard":
-                other = H[rows, sel]
-            elif self.fusion_gate == "scaled":
-                other = H[rows, sel] * probs.gather(1, sel.unsqueeze(1))
-            else:  # ste: forward one-hot, backward softmax
-                one_hot = F.one_hot(sel, self.num_tasks).to(probs.dtype)
-                weights = one_hot + probs - probs.detach()
-                other = torch.einsum("bt,btw->bw", weights, H)
-            z, c = self.merges[t](fused[t], other)
+            z, c = self.merges[t](fused[t], self.gate_recipe.other(H, sel, probs))
             zs.append(z.reshape(z.shape[0], *self.out_shape))
             probs_all.append(probs.detach())
             selected.append(sel)

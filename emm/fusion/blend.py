@@ -10,7 +10,8 @@ components and head, frozen, in eval mode) and predicts, per task,
 where ``blend_t`` is a per-task affine map of the task's donor logits (initialised to their mean, or
 fitted on validation logits: a logistic-regression stack) and ``r_t`` is the AKF stack's tower output,
 whose last layer starts at zero. So at step 0 the fused model *is* the blend, and training can only
-add to it what the cross-task AKF levels find.
+add to it what the cross-task AKF levels find. The recipe that puts these modules in a fused model (and
+fits the stack) is ``emm.fusion.recipes.output.DonorResidualOutput``.
 """
 
 from __future__ import annotations
@@ -123,23 +124,16 @@ def fit_stack(donor_logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     return model.coef_.ravel(), float(model.intercept_[0])
 
 
-@torch.no_grad()
 def fit_blend(model: nn.Module, sparse: Tensor, dense: Tensor, labels: Tensor, *,
               batch_size: int = 65536) -> dict[str, dict[str, float]]:
     """Set a donor-residual fused model's blend to the donor stack fitted on these (validation) rows.
 
-    ``labels`` is ``[N, T]`` in the model's task order. Returns the fitted weights per task, named by
-    donor, for the record. Deterministic, so every DDP rank given the same rows fits the same blend.
+    The fit is the output head's ``prepare`` (``emm.fusion.recipes.output.DonorResidualOutput``), reached
+    through ``FusedModel.prepare``; this name is kept for its callers. ``labels`` is ``[N, T]`` in the model's
+    task order. Returns the fitted weights per task, named by donor, for the record.
     """
-    blend, donors = getattr(model, "blend", None), getattr(model, "donors", None)
-    if blend is None or donors is None:
+    prepare = getattr(model, "prepare", None)
+    fitted = prepare(sparse, dense, labels, batch_size=batch_size) if callable(prepare) else None
+    if fitted is None:
         raise EMMError("fit_blend needs a fused model built with output='donor_residual'")
-    logits = torch.cat([donors(sparse[i:i + batch_size], dense[i:i + batch_size])
-                        for i in range(0, len(sparse), batch_size)]).cpu().numpy()
-    fitted = {}
-    for t, task in enumerate(model.task_names):
-        members = torch.nonzero(blend.mask[t]).flatten().tolist()
-        weights, bias = fit_stack(logits[:, members], labels[:, t].cpu().numpy())
-        blend.set_task(t, weights, bias)
-        fitted[task] = {**{model.model_names[i]: float(w) for i, w in zip(members, weights)}, "bias": bias}
     return fitted

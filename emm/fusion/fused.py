@@ -7,16 +7,13 @@ the model's own task), is fused within the task and across tasks by an ``AKFLeve
 (``emm.fusion.akf``), and the per-task outputs feed the next level; after the last level one fresh,
 trainable ``Tower`` per task gives its logit. The pool models' own heads are not used.
 
-Embedding (``cfg.embedding``)
-    ``retrain`` (the paper): a fresh, trainable, shared ``FeatureEmbedding`` produces ``x``.
-    When plan level 0 is *embedding-only* (every level-0 component's parameterised layers are all
-    ``nn.Embedding``: the pool's own embeddings), ``x`` replaces level 0 entirely: it is every task's
-    input to level 1 and level 1's gate input. ``x`` must then have level 0's width. When level 0 is
-    not embedding-only, the level-0 components still take the raw ``(sparse, dense)`` and ``x`` is
-    only level 0's gate input.
-    ``reuse``: the pool's trained level-0 components (their embeddings) are kept, frozen like every
-    other component (under ``full``/``+pretrained``), and fused by AKF level 0 like any other level;
-    level 0's gate input is then the mean of the level-0 component outputs.
+Recipes (``emm.fusion.recipes``): the model is wired from parts, each looked up by its config string.
+    ``embedding``  the level-0 entry: ``retrain`` (the paper: a fresh, trainable, shared ``FeatureEmbedding``,
+                   which replaces plan level 0 when that level is the pool's embeddings) or ``reuse`` (the
+                   pool's own level-0 components, fused by AKF level 0 like any other level).
+    ``fusion_gate``, ``attention``  how each ``AKFLevel`` mixes in the selected task (``emm.fusion.akf``).
+    ``output``     the output head: ``tower`` (the paper) or ``donor_residual`` (the donors' blend plus the
+                   towers as a residual that starts at zero, ``emm.fusion.blend``).
 
 Ablations (``cfg.ablation``, paper Table II)
     ``full``        trained components, frozen; MTM on (EMM).
@@ -40,7 +37,6 @@ architecture, into which the saved ``state_dict`` loads.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -53,8 +49,9 @@ from emm.fusion.akf import AKFLevel
 from emm.fusion.blend import DonorBlend, DonorPaths
 from emm.fusion.decompose import Plan
 from emm.fusion.options import ABLATIONS, AKFOptions
-from emm.fusion.plan_parts import (check_tasks, dim_from_width, embedding_from_plan, embedding_only_level,
-                                   flat_width, level0_embedding, level0_numeric, level_adapters, reinitialise)
+from emm.fusion.plan_parts import (check_levels, check_tasks, embedding_only_level, flat_width, level_adapters,
+                                   level_components)
+from emm.fusion.recipes import ATTENTIONS, ENTRIES, FUSION_GATES, OUTPUTS, Attention, FusionGate
 from emm.models.embedding import FeatureEmbedding
 from emm.models.single_task import Tower
 
@@ -68,7 +65,7 @@ class FusedModel(nn.Module):
         plan: from ``emm.fusion.decompose`` / ``load_plan``; its components are copied, not shared.
         model_tasks: the task of each plan model, in plan order.
         task_names: the output columns, in order; every task needs at least one pool model.
-        cfg: ``AKFOptions`` (embedding, fusion_gate, attention, ablation, qkv_dim, tower); a stage config
+        cfg: ``AKFOptions`` (output, embedding, fusion_gate, attention, ablation, qkv_dim, tower); a stage config
             that extends it (``FuseConfig``) is cut down to these fields, the only ones ``fused.json`` keeps.
         embedding: with ``embedding="retrain"``, the fresh ``FeatureEmbedding`` to train (``build_fused``
             builds one from the data schema); None derives its sizes from the plan's level-0 embedding.
@@ -84,102 +81,60 @@ class FusedModel(nn.Module):
         cfg = AKFOptions.model_validate(cfg.model_dump(include=set(AKFOptions.model_fields)))
         self.cfg = cfg
         check_tasks(plan, self.model_tasks, self.task_names)
-        if plan.num_levels < 1:
-            raise EMMError("the plan has no level to fuse; decompose the pool models again")
-        for level in plan.levels:
-            if len(level.out_shape) < 1:
-                raise EMMError(f"plan level {level.index} hands on a scalar per row; AKF fuses batch tensors [B, ...]")
+        check_levels(plan)
         self.frozen = ABLATIONS[cfg.ablation].pretrained
         self.mtm = ABLATIONS[cfg.ablation].mtm
         self.level0_embedding_only = embedding_only_level(plan, 0)
+        self.entry = ENTRIES.resolve(cfg.embedding)
+        self.output_head = OUTPUTS.resolve(cfg.output)
+        gate, attention = FUSION_GATES.resolve(cfg.fusion_gate), ATTENTIONS.resolve(cfg.attention)
 
-        if cfg.embedding == "retrain":
-            self.embedding: FeatureEmbedding | None = embedding if embedding is not None else embedding_from_plan(plan)
-        else:
-            if embedding is not None:
-                raise EMMError("an embedding was passed but fuse.embedding is 'reuse' (the pool's own embeddings); "
-                               "pass embedding=None, or set fuse.embedding: retrain")
-            self.embedding = None
-        self.replaces_level0 = cfg.embedding == "retrain" and self.level0_embedding_only
-        if self.replaces_level0:
-            assert self.embedding is not None
-            if self.embedding.out_dim != flat_width(plan.levels[0].out_shape):
-                raise EMMError(
-                    f"the fresh embedding outputs {self.embedding.out_dim} values per row but plan level 0 (the pool's "
-                    f"embeddings) outputs {list(plan.levels[0].out_shape)}; build it with the embedding dimension the "
-                    "pool models were trained with"
-                )
-            if plan.num_levels < 2:
-                raise EMMError("the plan's only level is the embedding, so with fuse.embedding 'retrain' nothing of "
-                               "the pool would be used; set fuse.embedding: reuse or decompose deeper models")
-
-        task_index = {t: j for j, t in enumerate(self.task_names)}
-        component_tasks = [task_index[t] for t in self.model_tasks]
-        self.first_level = 1 if self.replaces_level0 else 0
-        levels = []
-        for k in range(self.first_level, plan.num_levels):
-            components = [copy.deepcopy(plan.components[i][k]) for i in range(plan.num_models)]
-            if self.frozen:
-                for c in components:
-                    c.eval()
-            else:
-                for c in components:
-                    reinitialise(c)
-                    c.requires_grad_(True)
-            pre, post = level_adapters(plan, k)
-            levels.append(AKFLevel(
-                components, component_tasks, len(self.task_names), plan.levels[k].out_shape,
-                self._gate_dim(plan, k), mtm=self.mtm, fusion_gate=cfg.fusion_gate, attention=cfg.attention,
-                qkv_dim=cfg.qkv_dim, frozen=self.frozen, pre=pre, post=post, index=k,
-            ))
-        self.levels = nn.ModuleList(levels)
+        self.embedding: FeatureEmbedding | None = self.entry.embedding(plan, embedding)
+        self.replaces_level0 = self.entry.replaces_level0(plan, self.embedding)
+        self.first_level = int(self.replaces_level0)
+        self.levels = nn.ModuleList(self._level(plan, k, gate, attention)
+                                    for k in range(self.first_level, plan.num_levels))
         self.width = flat_width(plan.levels[-1].out_shape)
         self.towers = nn.ModuleList(Tower(self.width, list(cfg.tower)) for _ in self.task_names)
-        self.donors: DonorPaths | None = None
+        self.donors: DonorPaths | None = None  # set by an output head that keeps the donors (donor_residual)
         self.blend: DonorBlend | None = None
-        if cfg.output == "donor_residual":
-            self.donors = DonorPaths(plan)
-            self.blend = DonorBlend(self.model_tasks, self.task_names)
-            for tower in self.towers:  # the residual starts at zero: at step 0 the model is the donors' blend
-                nn.init.zeros_(tower.net[-1].weight)
-                nn.init.zeros_(tower.net[-1].bias)
+        for name, module in self.output_head.build(plan, self.model_tasks, self.task_names, self.towers).items():
+            setattr(self, name, module)
 
-    def _gate_dim(self, plan: Plan, k: int) -> int:
-        if k == 0:
-            if self.embedding is not None:
-                return self.embedding.out_dim
-            return flat_width(plan.levels[0].out_shape)
-        return flat_width(plan.levels[k - 1].out_shape)
+    def _level(self, plan: Plan, k: int, gate: FusionGate, attention: Attention) -> AKFLevel:
+        """Plan level k fused: its components as the ablation wants them, gated on the previous level's output
+        (level 0: on what the level-0 entry gives)."""
+        components = level_components(plan, k, pretrained=self.frozen)
+        pre, post = level_adapters(plan, k)
+        gate_dim = self.entry.gate_dim(plan, self.embedding) if k == 0 else flat_width(plan.levels[k - 1].out_shape)
+        component_tasks = [self.task_names.index(t) for t in self.model_tasks]
+        return AKFLevel(components, component_tasks, len(self.task_names), plan.levels[k].out_shape, gate_dim,
+                        mtm=self.mtm, fusion_gate=gate, attention=attention, qkv_dim=self.cfg.qkv_dim,
+                        frozen=self.frozen, pre=pre, post=post, index=k)
 
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
         """Logits [B, T] in ``task_names`` order."""
-        T = len(self.task_names)
-        x = self.embedding(sparse, dense) if self.embedding is not None else None
-        if self.replaces_level0:
-            shared = (x,)
-            inputs: list[tuple[Tensor, ...]] = [shared] * T
-            gates: list[Tensor] | None = [x] * T  # type: ignore[list-item]
-        else:
-            raw = (sparse, dense)
-            inputs = [raw] * T
-            gates = None if x is None else [x] * T
+        inputs, gates = self.entry.start(self.embedding, self.replaces_level0, len(self.task_names), sparse, dense)
         zs: list[Tensor] = []
         for level in self.levels:
             zs = level(inputs, gates)
             inputs = [(z,) for z in zs]
             gates = [z.reshape(z.shape[0], -1) for z in zs]
         out = torch.cat([tower(z.reshape(z.shape[0], -1)) for tower, z in zip(self.towers, zs)], dim=1)
-        if self.blend is not None:
-            out = out + self.blend(self.donor_logits(sparse, dense))
-        return out
+        return self.output_head.logits(self, out, sparse, dense)
 
     def donor_logits(self, sparse: Tensor, dense: Tensor) -> Tensor:
         """``[B, n_models]``: every donor's own logit (``output="donor_residual"`` only)."""
-        if self.donors is None:
-            raise EMMError("this fused model keeps no donors (output='tower'); build it with output='donor_residual'")
-        return self.donors(sparse, dense)
+        return self.output_head.donor_logits(self, sparse, dense)
+
+    def prepare(self, sparse: Tensor, dense: Tensor, labels: Tensor, *,
+                batch_size: int = 65536) -> dict[str, dict[str, float]] | None:
+        """Fit what the output head fits on held-out (validation) rows before training (``donor_residual``: the
+        blend, as the donor stack); ``labels`` ``[N, T]`` in ``task_names`` order. Returns the record for
+        ``fused.json``, or None when the head has nothing to fit (``tower``)."""
+        return self.output_head.prepare(self, sparse, dense, labels, batch_size=batch_size)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -195,7 +150,7 @@ class FusedModel(nn.Module):
         a fine-tune at a small learning rate should move the weights, not re-estimate the statistics.
         The model is no longer "frozen components": ``fuse`` records the phase in ``fused.json``.
         """
-        pool_modules = [*self.component_modules(), *([self.donors] if self.donors is not None else [])]
+        pool_modules = [*self.component_modules(), *self.output_head.pool_modules(self)]
         thawed = [p for m in pool_modules for p in m.parameters() if not p.requires_grad]
         for p_ in thawed:
             p_.requires_grad_(True)
@@ -207,18 +162,13 @@ class FusedModel(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able description; with the plan, ``FusedModel.from_config`` rebuilds the architecture."""
-        emb = None
-        if self.embedding is not None:
-            emb = self.embedding.config()
-            if emb["numeric"]["mode"] == "minmax":  # the paper's encoding: configs stay as before periodic existed
-                del emb["numeric"]
         return {
             "format": FUSED_FORMAT,
             "plan_models": list(self.model_names),
             "model_tasks": list(self.model_tasks),
             "task_names": list(self.task_names),
             "options": self.cfg.model_dump(mode="json"),
-            "embedding": emb,
+            "embedding": self.entry.config(self.embedding),
             "replaces_level0": self.replaces_level0,
             "levels": [int(level.index) for level in self.levels],
         }
@@ -295,14 +245,5 @@ def build_fused(plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str
     if missing:
         raise EMMError(f"tasks {missing} are not tasks of dataset {schema.dataset!r} ({schema.task_names}); "
                        "fix fuse task names or re-ingest")
-    embedding = None
-    if cfg.embedding == "retrain":
-        table = level0_embedding(plan)
-        if table is not None and table.num_embeddings != schema.total_vocab:
-            raise EMMError(
-                f"the pool's embedding table has {table.num_embeddings} rows but dataset {schema.dataset!r} has "
-                f"{schema.total_vocab} sparse values; the pool was trained on another schema: pretrain it again"
-            )
-        dim = table.embedding_dim if table is not None else dim_from_width(plan, schema)
-        embedding = FeatureEmbedding(schema.total_vocab, schema.n_sparse, schema.n_dense, dim, level0_numeric(plan))
+    embedding = ENTRIES.resolve(cfg.embedding).schema_embedding(plan, schema)
     return FusedModel(plan, model_tasks, task_names, cfg, embedding)

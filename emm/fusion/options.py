@@ -3,15 +3,23 @@
 Why the ablations are one table: Table II's variants are named in the config, built by the fused
 model, ordered by the benchmark and labelled by its report. Each reads this table, so adding or
 renaming a variant is one edit.
+
+Why the recipe options (``output``, ``embedding``, ``fusion_gate``, ``attention``) list no values here: the
+recipe registries (``emm.fusion.recipes``) are their one declaration. A field accepts exactly the registry's
+keys, checked when a config is validated, so a recipe registered later (a plugin, a test) is accepted too;
+the error message and the JSON schema are a ``Literal``'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
 
+from emm.fusion.recipes import ATTENTIONS, ENTRIES, FUSION_GATES, OUTPUTS, Registry
 from emm.options import Options
 
 
@@ -32,10 +40,34 @@ ABLATIONS: dict[str, Ablation] = {a.name: a for a in (
     Ablation("full", pretrained=True, mtm=True, label="EMM (fused)"),
 )}
 AblationName = Literal[tuple(ABLATIONS)]  # type: ignore[valid-type]  # built from the table above
-EMBEDDING_MODES = ("retrain", "reuse")
-GATE_MODES = ("hard", "scaled", "ste")
-ATTENTION_MODES = ("task_query", "self_score")
-OUTPUT_MODES = ("tower", "donor_residual")
+
+
+class RegistryKey:
+    """Pydantic marker for a ``str`` field whose allowed values are a recipe registry's keys (see the module
+    docstring): ``Annotated[str, RegistryKey(REGISTRY)]``."""
+
+    def __init__(self, registry: Registry[Any]) -> None:
+        self.registry = registry
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(self._check)
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {"enum": list(self.registry), "type": "string"}
+
+    def _check(self, value: Any) -> str:
+        if isinstance(value, str) and value in self.registry:
+            return value
+        keys = [repr(k) for k in self.registry]
+        expected = " or ".join([", ".join(keys[:-1]), keys[-1]] if len(keys) > 1 else keys)
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+
+
+OutputName = Annotated[str, RegistryKey(OUTPUTS)]
+EmbeddingName = Annotated[str, RegistryKey(ENTRIES)]
+GateName = Annotated[str, RegistryKey(FUSION_GATES)]
+AttentionName = Annotated[str, RegistryKey(ATTENTIONS)]
 
 
 class DecomposeConfig(Options):
@@ -52,23 +84,23 @@ class DecomposeConfig(Options):
 class AKFOptions(Options):
     """The fused model's architecture: all that ``fused.json`` records about how it was built.
 
-    See emm/fusion/fused.py and emm/fusion/akf.py for what each switch does. Training settings are not
-    here on purpose: the same architecture trained differently is the same model class.
+    See emm/fusion/recipes/ for what each recipe option does and ``ABLATIONS`` above for the ablations.
+    Training settings are not here on purpose: the same architecture trained differently is the same model class.
     """
 
-    embedding: Literal[tuple(EMBEDDING_MODES)] = Field(  # type: ignore[valid-type]
+    embedding: EmbeddingName = Field(
         default="retrain", description="retrain = the paper (a fresh shared embedding); reuse = the pool's own, frozen"
     )
-    fusion_gate: Literal[tuple(GATE_MODES)] = Field(  # type: ignore[valid-type]
+    fusion_gate: GateName = Field(
         default="scaled", description="hard = paper argmax (no gradient); scaled/ste give the gate a gradient"
     )
-    attention: Literal[tuple(ATTENTION_MODES)] = "task_query"  # type: ignore[valid-type]
+    attention: AttentionName = "task_query"
     ablation: AblationName = Field(default="full", description="Table II variant: baseline = random trainable "
                                    "components, no MTM; +mtm adds MTM; +pretrained = trained frozen components, "
                                    "no MTM; full = EMM")
     qkv_dim: int | None = Field(default=None, description="Q/K width (default: the level's width)")
     tower: list[int] = Field(default_factory=lambda: [8])
-    output: Literal[tuple(OUTPUT_MODES)] = Field(  # type: ignore[valid-type]
+    output: OutputName = Field(
         default="tower", description="tower = the paper (a fresh tower per task on the last level); "
         "donor_residual = each task's frozen donors whole, blended, plus the AKF towers as a residual that "
         "starts at zero (emm/fusion/blend.py)")

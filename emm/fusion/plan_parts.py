@@ -1,6 +1,6 @@
-"""What the fused model takes from a decomposition plan, apart from the components themselves: the pool's
-level-0 embedding table and numeric encoding (a fresh ``retrain`` embedding copies them), level widths,
-the ``align="project"`` adapters, the task checks, and random re-initialisation for the Table II ablations.
+"""What the fused model takes from a decomposition plan: the pool's level-0 embedding table and numeric
+encoding (a fresh ``retrain`` embedding copies them), level widths, each level's components as an ablation
+wants them (frozen copies, or randomly re-initialised), the ``align="project"`` adapters, and the checks.
 
 Why apart from ``fused.py``: these read a plan and answer "what does the pool offer"; ``FusedModel``
 answers "how are the levels wired". Both change for different reasons.
@@ -51,6 +51,27 @@ def reinitialise(module: nn.Module) -> None:
                 nn.init.xavier_uniform_(p)
             else:
                 p.zero_()
+
+
+def level_components(plan: Plan, k: int, pretrained: bool) -> list[nn.Module]:
+    """Copies of every model's level-k component: the trained ones in eval mode (``pretrained``, frozen by
+    ``AKFLevel``) or randomly re-initialised and trainable (ablations ``baseline`` and ``+mtm``)."""
+    components = [copy.deepcopy(plan.components[i][k]) for i in range(plan.num_models)]
+    for c in components:
+        if pretrained:
+            c.eval()
+        else:
+            reinitialise(c)
+            c.requires_grad_(True)
+    return components
+
+
+def check_levels(plan: Plan) -> None:
+    if plan.num_levels < 1:
+        raise EMMError("the plan has no level to fuse; decompose the pool models again")
+    for level in plan.levels:
+        if len(level.out_shape) < 1:
+            raise EMMError(f"plan level {level.index} hands on a scalar per row; AKF fuses batch tensors [B, ...]")
 
 
 def check_tasks(plan: Plan, model_tasks: list[str], task_names: list[str]) -> None:

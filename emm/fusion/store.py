@@ -8,6 +8,10 @@ Layout of a plan folder::
     model{i}.head.safetensors
     adapters.safetensors         only with align="project"
 
+``manifest.json`` may also record what the plan was ``made_from`` (the pipeline: a digest of the pool it
+was cut from); ``load_plan`` given ``made_from`` refuses a store made from anything else, so a stage never
+runs silently on components an older pool left behind.
+
 Why no pickle: ``torch.load`` of a pickled module runs code from the file. Only *weights* are stored
 (safetensors is plain data); the component *structure* is re-derived from freshly built models of the
 same architectures, and the re-derived plan must match ``plan.json`` layer for layer. So a checkpoint
@@ -36,11 +40,13 @@ ADAPTERS_FILE = "adapters.safetensors"
 
 
 def save_plan(
-    plan: Plan, folder: str | Path, *, model_names: Sequence[str] | None = None, tasks: Sequence[str]
+    plan: Plan, folder: str | Path, *, model_names: Sequence[str] | None = None, tasks: Sequence[str],
+    made_from: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``plan`` to ``folder`` (replaced atomically); returns the folder.
 
-    ``model_names`` (default: ``plan.names``) and ``tasks`` give one label per model for the manifest.
+    ``model_names`` (default: ``plan.names``) and ``tasks`` give one label per model for the manifest;
+    ``made_from`` (JSON) is recorded in it for ``load_plan`` to compare.
     """
     model_names = list(plan.names if model_names is None else model_names)
     tasks = list(tasks)
@@ -65,21 +71,27 @@ def save_plan(
             adapters = ADAPTERS_FILE
             save_module(_adapter_bundle(plan), tmp / ADAPTERS_FILE)
         manifest = {"format": MANIFEST_FORMAT, "plan": PLAN_FILE, "entries": entries, "adapters": adapters}
+        if made_from is not None:
+            manifest["made_from"] = made_from
         _write_json(tmp / PLAN_FILE, plan.to_dict())
         _write_json(tmp / MANIFEST_FILE, manifest)
     return folder
 
 
-def load_plan(folder: str | Path, models: Sequence[nn.Module], example_input: tuple[Tensor, ...] | Tensor) -> Plan:
+def load_plan(folder: str | Path, models: Sequence[nn.Module], example_input: tuple[Tensor, ...] | Tensor, *,
+              made_from: dict[str, Any] | None = None) -> Plan:
     """Rebuild a saved plan on freshly constructed ``models`` and load the saved weights into it.
 
     The models only provide structure (their own weights are ignored); they must be the same
-    architectures, in the same order, as when the plan was saved.
+    architectures, in the same order, as when the plan was saved. Given ``made_from``, the manifest must
+    record the same (``save_plan``), else the store is stale and refused.
     """
     folder = Path(folder)
     saved = _read_json(folder / PLAN_FILE)
     manifest = _read_json(folder / MANIFEST_FILE)
     _check_formats(folder, saved, manifest)
+    if made_from is not None:
+        _check_made_from(folder, manifest, made_from)
     names = list(saved["models"])
     if len(models) != len(names):
         raise EMMError(
@@ -152,6 +164,18 @@ def _check_formats(folder: Path, saved: dict[str, Any], manifest: dict[str, Any]
             f"{folder / MANIFEST_FILE} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}; "
             "re-run decompose"
         )
+
+
+def _check_made_from(folder: Path, manifest: dict[str, Any], made_from: dict[str, Any]) -> None:
+    """Why: the components are frozen into the fused model; from another pool they would fuse that pool."""
+    recorded = manifest.get("made_from")
+    if recorded is None:
+        raise EMMError(f"{folder / MANIFEST_FILE} records no pool it was made from (written by an older EMM), so "
+                       "it cannot be told apart from components another pool left behind; re-run decompose")
+    path = _first_difference(recorded, made_from, "made_from")
+    if path is not None:
+        raise EMMError(f"the components in {folder} were made from another pool than the one given ({path}: "
+                       "recorded vs now); they are stale: re-run decompose (`emm decompose`)")
 
 
 def _check_input_shapes(folder: Path, saved: dict[str, Any], inputs: tuple[Tensor, ...]) -> None:

@@ -20,8 +20,10 @@ every feature at its largest index, and names the feature, the call or the shape
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +36,7 @@ from emm.data.batches import encoding_differences, to_dict
 from emm.data.schema import Schema
 from emm.errors import EMMError
 from emm.io import sha256_file
+from emm.models.names import MemberName
 from emm.models.single_task import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ class ExternalMember(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: MemberName
     task: str
     inputs: Literal["tensors", "dict"] = Field(
         default="tensors", description="tensors = (sparse [B, n_sparse] global indices, dense [B, n_dense]); "
@@ -127,18 +130,51 @@ def pin_weights(member: FactoryMember) -> FactoryMember:
     return member.model_copy(update={"weights_sha256": sha})
 
 
-def build_factory_model(member: FactoryMember) -> nn.Module:
-    """Import and call the factory, then load the weights file into what it returns (strictly)."""
+def _in_stdlib(module_name: str) -> bool:
+    """Whether a module belongs to Python's standard library (``posix``, ``builtins`` and ``_io`` included).
+
+    Why by name (``sys.stdlib_module_names``) and not by file: the built-in and frozen modules have no file,
+    and an interpreter's site-packages may live inside its standard-library folder."""
+    return module_name.partition(".")[0] in sys.stdlib_module_names
+
+
+def resolve_factory(member: FactoryMember) -> Any:
+    """The function or class ``member.factory`` names, imported but not called; refuses the standard library.
+
+    Why: the entry's kwargs are passed to whatever it names, so ``subprocess:run`` or ``shutil:rmtree`` in a
+    params.yaml would run a command or delete a folder. Nothing in the standard library builds a torch model,
+    so every one of its modules is refused before import, and the imported object is refused too when it
+    comes from there (a user module that re-exports ``subprocess.run``). Code the user names in their own
+    modules is trusted like any package they install (README, "Factory + weights")."""
     module_name, fn_name = member.factory.split(":")
+    where = f"pool model {member.name!r}: factory {member.factory!r}"
+    fix = ("a factory entry calls the function it names with your kwargs, so EMM refuses the standard library's "
+           "(they run processes, touch files, evaluate code); name your own function that builds the model")
+    if _in_stdlib(module_name):
+        raise EMMError(f"{where} is in Python's standard library (module {module_name.partition('.')[0]!r}); {fix}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise EMMError(f"pool model {member.name!r}: factory {member.factory!r} is not importable ({exc}); install the "
-                       f"package that holds {module_name!r} or put its folder on PYTHONPATH") from exc
+        raise EMMError(f"{where} is not importable ({exc}); install the package that holds {module_name!r} or put "
+                       f"its folder on PYTHONPATH") from exc
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise EMMError(f"pool model {member.name!r}: module {module_name!r} has no function {fn_name!r} "
                        f"(factory {member.factory!r})")
+    if not (inspect.isfunction(fn) or inspect.isclass(fn)):
+        raise EMMError(f"{where} is a {type(fn).__name__}, not a function or class; name the function (or "
+                       f"nn.Module class) that builds the model")
+    origin = getattr(fn, "__module__", None) or ""
+    if _in_stdlib(origin):
+        raise EMMError(f"{where} is {origin}.{fn.__qualname__}, from Python's standard library; {fix}")
+    return fn
+
+
+def build_factory_model(member: FactoryMember) -> nn.Module:
+    """Import and call the factory (said in the log, with its kwargs), then load the weights file into what
+    it returns (strictly)."""
+    fn = resolve_factory(member)
+    log.info("pool model %r: calling factory %s(**%r)", member.name, member.factory, member.kwargs)
     try:
         model = fn(**member.kwargs)
     except Exception as exc:

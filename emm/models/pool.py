@@ -6,12 +6,19 @@ with no code of its author's). Either way ``build_member`` gives a fresh ``nn.Mo
 ``(sparse, dense)`` and returning logits ``[B, 1]``, so decomposition and the fused-model loader never
 need to know where a member came from; ``source`` and ``origin`` record that.
 
-Loading checks the schema fingerprint first: a model trained on other features or vocabularies must
-fail loudly with the mismatch named, never produce numbers.
+Nothing in ``pool/`` is trusted as it lies: ``read_pool`` checks every member's entry against itself and
+against the signature recorded beside it (what pretrain made it from), its weights file against the
+recorded sha256, and, when the caller has params, the signatures against the params' pool
+(``check_pool``: the one check every stage that reads ``pool/`` goes through). A file swapped or edited, or
+an entry edited by hand, is refused with the member and the field named, never loaded as another model.
+Loading then checks the schema fingerprint: a model trained on other features or vocabularies must fail
+loudly with the mismatch named, never produce numbers; and weights holding NaN/inf are refused
+(``emm.weights``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,12 +27,17 @@ from torch import nn
 
 from emm.data.schema import Schema, check_fingerprint
 from emm.errors import EMMError
-from emm.io import read_json
+from emm.io import digest, read_json, sha256_file
 from emm.models.portable import build_portable
 from emm.models.single_task import ModelSpec, SingleTaskModel, build_model
 from emm.weights import load_module
 
 POOL_FILE = "pool.json"
+RERUN = "rerun `emm pretrain`"
+OLDER = ("written by an older EMM, before pool.json recorded it: rerun `emm pretrain --resume` (members finished in "
+         "pool-work/ are reused, pool/ is written again)")
+EDITED = f"pool.json was changed after `emm pretrain` wrote it (by hand?), so it no longer says what it holds: {RERUN}"
+IDENTITY = {"name", "task", "spec", "weights", "weights_sha256", "schema_fingerprint", "source", "origin"}
 
 
 class PortableSpec(BaseModel):
@@ -105,24 +117,136 @@ def build_from_config(config: dict[str, Any], schema: Schema) -> SingleTaskModel
     return build_model(ModelSpec.model_validate(config), schema)
 
 
-def read_pool(pool_dir: Path) -> list[PoolEntry]:
-    raw = read_json(Path(pool_dir) / POOL_FILE)
+def read_pool(pool_dir: Path, expected: Mapping[str, dict] | None = None) -> list[PoolEntry]:
+    """pool.json's members, each checked (``check_pool``) before anything is built from them.
+
+    ``expected``: member name -> the signature the params' pool gives now
+    (``emm.pipeline.pretrain.pool_signatures``); callers without params (experiments, tests) leave it out.
+    """
+    path = Path(pool_dir) / POOL_FILE
+    raw = read_json(path)
     try:
-        return [PoolEntry.model_validate(e) for e in raw["models"]]
+        entries = [PoolEntry.model_validate(e) for e in raw["models"]]
     except Exception as exc:
-        raise EMMError(f"{Path(pool_dir) / POOL_FILE} is not a valid pool file ({exc}); rerun `emm pretrain`") from exc
+        raise EMMError(f"{path} is not a valid pool file ({exc}); {RERUN}") from exc
+    check_pool(path, entries, raw.get("signatures"), expected)
+    return entries
 
 
-def load_pool(pool_dir: Path, schema: Schema) -> list[tuple[PoolEntry, nn.Module]]:
-    """Every pool model rebuilt from its spec, weights loaded, in eval mode."""
+def check_pool(pool_file: Path, entries: list[PoolEntry], signatures: Any,
+               expected: Mapping[str, dict] | None = None) -> None:
+    """Every member's entry against its own spec and its recorded signature (``check_entry``), its weights
+    file against its recorded digest (``check_weights``), and, given ``expected``, the pool against the
+    params' pool (``check_against_params``)."""
+    if not isinstance(signatures, dict):
+        raise EMMError(f"{pool_file} records no member signatures ({OLDER})")
+    for entry in entries:
+        check_entry(pool_file, entry, signatures.get(entry.name))
+        check_weights(pool_file.parent, entry)
+    if expected is not None:
+        check_against_params(pool_file, entries, signatures, expected)
+
+
+def check_entry(pool_file: Path, entry: PoolEntry, signature: dict | None) -> None:
+    """One entry against its spec and against the signature pretrain recorded for it.
+
+    Why: the entry's ``task`` decides which task a member scores and donates to, so an edited one made an
+    income model fuse as a marital donor; the signature says what the member was made from.
+    """
+    member = f"{pool_file}: member {entry.name!r}"
+    for field in ("name", "task"):
+        if getattr(entry.spec, field) != getattr(entry, field):
+            raise EMMError(f"{member} has {field} {getattr(entry, field)!r} but its spec has {field} "
+                           f"{getattr(entry.spec, field)!r}; {EDITED}")
+    if not isinstance(signature, dict):
+        raise EMMError(f"{member} has no recorded signature ({OLDER})")
+    recorded: dict[str, Any] = {"fingerprint": signature.get("fingerprint")}
+    now: dict[str, Any] = {"fingerprint": entry.schema_fingerprint, "source": entry.source}
+    if "spec" in signature:  # trained here: the signature holds the spec itself
+        recorded.update(source="builtin", spec=signature["spec"])
+        now["spec"] = entry.spec.model_dump(mode="json")
+    else:  # imported: the signature holds the params entry it was imported from
+        made_from = signature.get("member") or {}
+        recorded.update(source="mlflow" if "uri" in made_from else "factory", name=made_from.get("name"),
+                        task=made_from.get("task"))
+        now.update(name=entry.name, task=entry.task)
+    found = first_difference(now, recorded)
+    if found:
+        where, ours, theirs = found
+        raise EMMError(f"{member}: {where} is {ours!r} in its entry but {theirs!r} in the signature recorded "
+                       f"beside it; {EDITED}")
+
+
+def check_weights(pool_dir: Path, entry: PoolEntry) -> None:
+    """The member's weights file is the one pretrain wrote: its sha256 equals the recorded one."""
+    path = Path(pool_dir) / entry.weights
+    member = f"{Path(pool_dir) / POOL_FILE}: member {entry.name!r}"
+    if entry.weights_sha256 is None:
+        raise EMMError(f"{member} records no weights digest ({OLDER})")
+    if not path.is_file():
+        raise EMMError(f"{member}: its weights file {path} is missing; {RERUN}")
+    sha = sha256_file(path)
+    if sha != entry.weights_sha256:
+        raise EMMError(f"{member}: its weights file {path} has sha256 {sha}, but pool.json records "
+                       f"{entry.weights_sha256}: the file was replaced or changed after `emm pretrain` wrote it "
+                       "(another member's file, a copy from elsewhere, an edit), and loading it would score another "
+                       f"model under this name; {RERUN}")
+
+
+def check_against_params(pool_file: Path, entries: list[PoolEntry], signatures: dict,
+                         expected: Mapping[str, dict]) -> None:
+    """The members, in order, and what each was made from, as the params' pool gives them now."""
+    names = [e.name for e in entries]
+    if names != list(expected):
+        raise EMMError(f"{pool_file} holds members {names} but pretrain.pool gives {list(expected)} in params.yaml: "
+                       f"pool/ was made from other settings; {RERUN}")
+    for e in entries:
+        found = first_difference(signatures[e.name], expected[e.name])
+        if found and found[0] == "fingerprint":
+            raise EMMError(f"{pool_file}: member {e.name!r} was trained on another data schema (fingerprint "
+                           f"{found[1]!r}) than the ingested data's ({found[2]!r}); {RERUN}")
+        if found:
+            where, ours, theirs = found
+            raise EMMError(f"{pool_file}: member {e.name!r} was made from other settings than params.yaml and the "
+                           f"data give now: {where} is {ours!r} in {POOL_FILE} but {theirs!r} in pretrain.pool "
+                           f"(with pretrain.train and the ingested data); {RERUN}")
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted path, value in ``a``, value in ``b``) of the first place two JSON values differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = first_difference(x, y, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    return None if a == b else (where or "the value", a, b)
+
+
+def pool_digest(entries: list[PoolEntry]) -> str:
+    """Which pool this is: each member's identity (name, task, spec, weights and their digest, schema,
+    source), in pool order. Its scores and timings are left out: they describe a pool, they do not make it
+    another one. Components and the fused model record it, so a stage can tell they came from this pool."""
+    return digest([e.model_dump(mode="json", include=IDENTITY) for e in entries])
+
+
+def load_pool(pool_dir: Path, schema: Schema,
+              expected: Mapping[str, dict] | None = None) -> list[tuple[PoolEntry, nn.Module]]:
+    """Every pool model rebuilt from its spec, weights loaded, in eval mode; the pool checked first
+    (``read_pool``), weights holding NaN/inf refused (``emm.weights.load_module``)."""
     out = []
-    for entry in read_pool(pool_dir):
+    for entry in read_pool(pool_dir, expected):
         check_fingerprint(entry.schema_fingerprint, schema, f"pool model {entry.name!r}")
         if entry.task not in schema.task_names:
             raise EMMError(f"pool model {entry.name!r} is for task {entry.task!r}, which the data does not have "
                            f"(tasks: {schema.task_names})")
         model = build_member(entry.spec, schema)
-        load_module(model, Path(pool_dir) / entry.weights, what=f"pool model {entry.name!r}",
-                    fix="run `emm pretrain` again")
+        load_module(model, Path(pool_dir) / entry.weights, what=f"pool model {entry.name!r}", fix=RERUN)
         out.append((entry, model.eval()))
     return out

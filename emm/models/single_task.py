@@ -15,6 +15,7 @@ from torch import nn
 from emm.data.schema import Schema
 from emm.models.bodies import CrossNetBody, MLPBody, ResidualMLPBody
 from emm.models.embedding import FeatureEmbedding, NumericOptions
+from emm.models.names import MemberName
 
 
 class ModelSpec(BaseModel):
@@ -22,7 +23,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: MemberName
     task: str
     arch: Literal["mlp", "dcn", "resmlp"]
     hidden: list[int] = Field(min_length=1, description="block widths of the body (the spine)")

@@ -50,6 +50,10 @@ STAGES: dict[str, StageInputs] = {
                                                     "emm/pipeline/evaluate.py", "emm/pipeline/register.py"),
                             ("data", "pool", "fused"),
                             "eval/metrics.json"),
+    # logs to the version evaluate registered, so it builds on evaluate (and reads its folder for DVC's order)
+    "export": StageInputs("evaluate", ("tracking",), ("emm/fusion", "emm/models", "emm/tracking",
+                                                  "emm/pipeline/export.py"), ("data", "fused", "eval"),
+                          "export/export.json"),
 }
 # One pool member, trained as its own Prefect task: the pretrain stage's inputs, one model's settings.
 STAGES["pretrain-model"] = StageInputs("ingest", ("pretrain.train", "scale"), STAGES["pretrain"].code, ("data",),

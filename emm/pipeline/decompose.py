@@ -9,6 +9,10 @@ model's fresh embedding is sized from the first level-0 embedding table it finds
 shared table, not an outside model's per-feature one. Where the members share no identical layer the
 error says so and names ``decompose.align: project``; a member with no single-tensor cut point at all
 (a wide or FM branch beside the deep tower) is named as one no alignment can cut.
+
+The pool is read through ``emm.models.pool.load_pool`` (every member's entry, signature, weights digest and
+finite weights checked; against the params' pool when run as a stage), and the components record the
+pool they were cut from (``pool_digest``), so fuse refuses components another pool left behind.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from emm.errors import EMMError
 from emm.fusion.decompose import Plan, decompose, trace_model
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.store import load_plan, save_plan
-from emm.models.pool import PoolEntry, PortableSpec, build_member, load_pool, read_pool
+from emm.models.pool import PoolEntry, PortableSpec, load_pool, pool_digest
 from emm.pipeline.layout import stage_dir
-from emm.pipeline.params import load_params
+from emm.pipeline.params import Params, load_params
+from emm.pipeline.pretrain import pool_signatures
 
 NO_COMMON = "share no identical layer"  # the start of emm.fusion.decompose's no-common-level message
 
@@ -40,10 +45,14 @@ def plan_order(entries: list[PoolEntry]) -> list[int]:
     return sorted(range(len(entries)), key=lambda i: isinstance(entries[i].spec, PortableSpec))
 
 
-def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: DecomposeConfig) -> tuple[Plan, list[PoolEntry]]:
-    """Decompose every pool model (Algorithm 1) and write the component store to ``out_dir``."""
+def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: DecomposeConfig, *,
+                   expected: dict[str, dict] | None = None) -> tuple[Plan, list[PoolEntry]]:
+    """Decompose every pool model (Algorithm 1) and write the component store to ``out_dir``.
+
+    ``expected``: the signatures the params' pool gives (``stage_pool_signatures``), checked against pool.json.
+    """
     schema = Schema.load(data_dir)
-    pool = load_pool(pool_dir, schema)
+    pool = load_pool(pool_dir, schema, expected)
     if len(pool) < 2:
         raise EMMError(f"{pool_dir} holds {len(pool)} model(s); fusion needs a pool of at least 2")
     lonely = [t for t in schema.task_names if t not in {e.task for e, _ in pool}]
@@ -55,13 +64,15 @@ def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: Decompose
                        "`factory:` + `weights:`) and run `emm pretrain`, or ingest without those tasks")
     pool = [pool[i] for i in plan_order([e for e, _ in pool])]
     entries, models = [e for e, _ in pool], [m for _, m in pool]
+    made_from = {"pool": pool_digest(entries)}  # in plan order: the order of the models in the store
     example = example_batch(data_dir, schema, cfg.example_rows)
     try:
         plan = decompose(models, example, names=[e.name for e in entries], align=cfg.align, levels=cfg.levels,
                          head=cfg.head)
     except EMMError as exc:
         raise explain(exc, entries, models, example, cfg) from exc
-    save_plan(plan, out_dir, model_names=[e.name for e in entries], tasks=[e.task for e in entries])
+    save_plan(plan, out_dir, model_names=[e.name for e in entries], tasks=[e.task for e in entries],
+              made_from=made_from)
     return plan, entries
 
 
@@ -88,18 +99,29 @@ def explain(exc: EMMError, entries: list[PoolEntry], models: list[nn.Module], ex
     return exc
 
 
-def load_pool_plan(data_dir: Path, pool_dir: Path, components_dir: Path,
-                   cfg: DecomposeConfig) -> tuple[Plan, list[PoolEntry]]:
-    """Rebuild the saved plan: fresh members from the pool's specs give the structure, the store the weights."""
+def load_pool_plan(data_dir: Path, pool_dir: Path, components_dir: Path, cfg: DecomposeConfig, *,
+                   expected: dict[str, dict] | None = None) -> tuple[Plan, list[PoolEntry]]:
+    """Rebuild the saved plan: the pool's members give the structure, the store the weights.
+
+    The members are loaded (``load_pool``), not only built, so a stage that never runs them still refuses a
+    damaged pool; and the store must have been cut from this very pool (``pool_digest``), else it is stale.
+    """
     schema = Schema.load(data_dir)
-    entries = read_pool(pool_dir)
-    entries = [entries[i] for i in plan_order(entries)]
-    models = [build_member(e.spec, schema) for e in entries]
-    plan = load_plan(components_dir, models, example_batch(data_dir, schema, cfg.example_rows))
+    pool = load_pool(pool_dir, schema, expected)
+    pool = [pool[i] for i in plan_order([e for e, _ in pool])]
+    entries = [e for e, _ in pool]
+    plan = load_plan(components_dir, [m for _, m in pool], example_batch(data_dir, schema, cfg.example_rows),
+                     made_from={"pool": pool_digest(entries)})
     return plan, entries
+
+
+def stage_pool_signatures(cfg: Params, dataset: str) -> dict[str, dict]:
+    """What a stage run from params checks pool.json against: the params' pool on the ingested data."""
+    return pool_signatures(dataset, cfg.pretrain, Schema.load(stage_dir(cfg, dataset, "data")))
 
 
 def decompose_stage(dataset: str, params: Path | str | None = None) -> tuple[Plan, list[PoolEntry]]:
     cfg = load_params(params)
     return decompose_pool(stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
-                          stage_dir(cfg, dataset, "components"), cfg.decompose)
+                          stage_dir(cfg, dataset, "components"), cfg.decompose,
+                          expected=stage_pool_signatures(cfg, dataset))

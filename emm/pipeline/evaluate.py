@@ -9,6 +9,12 @@ comes with a paired 95% bootstrap CI on the same test rows (``ci``), since one A
 several times larger than that of a difference measured on shared rows (``emm.train.compare``). The
 best donor in ``ci`` is chosen by *validation* AUC, so choosing it does not peek at the test rows it
 is then compared on (``pool_best_auc``, kept as it was, is the best by test AUC).
+
+Every donor AUC reported is scored here, on the rows the fused model is scored on (``donor_scores``),
+never read from pool.json: a stored number describes whatever the file says, a scored one the model that
+was loaded. The pool is loaded through its checks (``emm.models.pool.load_pool``; against the params'
+pool when run as a stage), and the fused model must have been fused from this pool (``fused.json``'s
+``made_from``), else the comparison would be with donors it never had.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from emm.data.schema import Schema
 from emm.data.tensors import SplitTensors, load_split
+from emm.errors import EMMError
 from emm.fusion.saved import load_fused
 from emm.io import atomic_dir, write_json
-from emm.models.pool import load_pool, read_pool
+from emm.models.pool import PoolEntry, load_pool, pool_digest
+from emm.pipeline.decompose import plan_order, stage_pool_signatures
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import TrackingConfig, load_params
 from emm.pipeline.register import register_fused
@@ -36,11 +45,12 @@ log = logging.getLogger(__name__)
 CI_RESAMPLES, CI_CONFIDENCE, CI_SEED = 1000, 0.95, 0  # one fixed seed: rerunning evaluate gives the same CIs
 
 
-def compare_with_pool(test: dict[str, dict[str, float]], pool_dir: Path) -> dict[str, dict[str, Any]]:
-    entries = read_pool(pool_dir)
+def compare_with_pool(test: dict[str, dict[str, float]], donors_by_task: dict[str, dict[str, Any]]
+                      ) -> dict[str, dict[str, Any]]:
+    """Per task: the fused model's test AUC against its donors' (as ``donor_scores`` scored them): Gain."""
     out = {}
     for task, m in test.items():
-        donors = {e.name: e.test_auc for e in entries if e.task == task}
+        donors = dict(zip(donors_by_task[task]["names"], donors_by_task[task]["test_auc"]))
         mean, best = float(np.mean(list(donors.values()))), max(donors.values())
         out[task] = {"auc": m["auc"], "logloss": m["logloss"], "pool": donors, "pool_mean_auc": mean,
                      "pool_best_auc": best, "gain": m["auc"] - mean, "gain_pct": 100 * (m["auc"] - mean) / mean,
@@ -48,31 +58,37 @@ def compare_with_pool(test: dict[str, dict[str, float]], pool_dir: Path) -> dict
     return out
 
 
-def donor_scores(pool_dir: Path, schema: Schema, val: SplitTensors, test: SplitTensors) -> dict[str, dict[str, Any]]:
-    """{task: {names, val_auc (pool.json's), val_logits [n_val, k], test_logits [n_test, k], test_probs}}.
+def donor_scores(pool: list[tuple[PoolEntry, nn.Module]], schema: Schema, val: SplitTensors,
+                 test: SplitTensors) -> dict[str, dict[str, Any]]:
+    """{task: {names, val_auc, test_auc, val_logits [n_val, k], test_logits [n_test, k], test_probs}}, every
+    AUC scored here on these rows.
 
     Logits, not probabilities, feed the ensemble and the stack (float32 sigmoids of confident rows are
-    all 1.0); a single donor is compared through ``sigmoid(logit)`` in float32, the way every AUC in
+    all 1.0); a single donor is scored through ``sigmoid(logit)`` in float32, the way every AUC in
     EMM (pool.json's, the fused model's) is computed.
     """
     out: dict[str, dict[str, Any]] = {}
-    for entry, model in load_pool(pool_dir, schema):
-        row = out.setdefault(entry.task, {"names": [], "val_auc": [], "val_logits": [], "test_logits": []})
+    for entry, model in pool:
+        row = out.setdefault(entry.task, {"names": [], "val_auc": [], "test_auc": [], "val_logits": [],
+                                          "test_logits": []})
+        i = schema.task_names.index(entry.task)
+        what = f"pool model {entry.name!r}"
+        for split, data in (("val", val), ("test", test)):
+            logits = predict_logits(model, data)[:, 0]
+            probs = torch.sigmoid(torch.from_numpy(logits)).numpy()
+            row[f"{split}_logits"].append(logits)
+            row[f"{split}_auc"].append(auc(data.labels[:, i].numpy(), probs, what=what, task=entry.task))
         row["names"].append(entry.name)
-        row["val_auc"].append(entry.val_auc)
-        row["val_logits"].append(predict_logits(model, val)[:, 0])
-        row["test_logits"].append(predict_logits(model, test)[:, 0])
     for row in out.values():
         row["val_logits"], row["test_logits"] = np.column_stack(row["val_logits"]), np.column_stack(row["test_logits"])
         row["test_probs"] = torch.sigmoid(torch.from_numpy(row["test_logits"])).numpy()
     return out
 
 
-def donor_baselines(per_task: dict[str, dict[str, Any]], fused_probs: np.ndarray, schema: Schema,
-                    val: SplitTensors, test: SplitTensors, pool_dir: Path) -> None:
+def donor_baselines(per_task: dict[str, dict[str, Any]], donors: dict[str, dict[str, Any]], fused_probs: np.ndarray,
+                    schema: Schema, val: SplitTensors, test: SplitTensors) -> None:
     """Add ``donor_ensemble_auc``, ``donor_stack_auc``, ``best_donor_by_val`` and the paired CIs
     ``ci`` (fused − best donor by validation AUC, − donor ensemble, − donor stack) to ``per_task``."""
-    donors = donor_scores(pool_dir, schema, val, test)
     for i, task in enumerate(schema.task_names):
         row, d = per_task[task], donors[task]
         y_test, y_val = test.labels[:, i].numpy(), val.labels[:, i].numpy()
@@ -113,24 +129,42 @@ def plot_auc(per_task: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def check_fused_pool(meta: dict[str, Any], fused_dir: Path, pool: list[tuple[PoolEntry, nn.Module]]) -> None:
+    """The fused model was fused from this pool (``fused.json``'s ``made_from``, in plan order as fuse has it)."""
+    entries = [e for e, _ in pool]
+    now = pool_digest([entries[i] for i in plan_order(entries)])
+    recorded = (meta.get("made_from") or {}).get("pool")
+    if recorded is None:
+        raise EMMError(f"fused model in {fused_dir} records no pool it was fused from (written by an older EMM), so "
+                       "it cannot be compared with this pool's donors; rerun `emm fuse`")
+    if recorded != now:
+        raise EMMError(f"fused model in {fused_dir} was made from another pool (digest {recorded!r}) than the one in "
+                       f"pool/ now ({now!r}), so its Gain over these donors would mean nothing; rerun `emm decompose` "
+                       "and `emm fuse`")
+
+
 def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_dir: Path, *,
-             tracking: TrackingConfig | None = None) -> dict[str, Any]:
+             tracking: TrackingConfig | None = None, expected: dict[str, dict] | None = None) -> dict[str, Any]:
     """Score the saved fused model on the test split and write ``eval/`` (metrics.json, auc.json, plot);
     with ``tracking``, also register it (``emm.pipeline.register``) and record the version in metrics.json.
-    The pool's models are scored too (validation and test rows), for the donor baselines and the paired
-    CIs of ``donor_baselines``.
+    The pool's models are scored too (validation and test rows): their AUCs, the donor baselines and the
+    paired CIs of ``donor_baselines``. ``expected``: the signatures the params' pool gives
+    (``stage_pool_signatures``), checked against pool.json.
 
     Why registration happens inside the atomic folder: ``eval/metrics.json`` must never describe a
     registration that did not happen. A stage killed or failing while registering leaves the previous
     ``eval/`` (or none), never a new one without its version.
     """
     schema = Schema.load(data_dir)
+    pool = load_pool(pool_dir, schema, expected)
     model, meta = load_fused(fused_dir, schema)
-    test = load_split(data_dir, "test", schema)
+    check_fused_pool(meta, fused_dir, pool)
+    test, val = load_split(data_dir, "test", schema), load_split(data_dir, "val", schema)
     probs = predict_proba(model, test)
-    metrics = task_metrics(test.labels.numpy(), probs, schema.task_names)
-    per_task = compare_with_pool(metrics, pool_dir)
-    donor_baselines(per_task, probs, schema, load_split(data_dir, "val", schema), test, pool_dir)
+    metrics = task_metrics(test.labels.numpy(), probs, schema.task_names, what=f"fused model in {fused_dir}")
+    donors = donor_scores(pool, schema, val, test)
+    per_task = compare_with_pool(metrics, donors)
+    donor_baselines(per_task, donors, probs, schema, val, test)
     summary = {"dataset": dataset, "rows_test": len(test), "mean_test_auc": mean_auc(metrics), "tasks": per_task,
                "mlflow_run_id": meta.get("mlflow_run_id")}
     with atomic_dir(out_dir) as tmp:
@@ -153,4 +187,5 @@ def evaluate_stage(dataset: str, params: Path | str | None = None, *, register: 
     the registered version is recorded in ``eval/metrics.json``."""
     cfg = load_params(params)
     dirs = [stage_dir(cfg, dataset, s) for s in ("data", "pool", "fused", "eval")]
-    return evaluate(dataset, *dirs, tracking=cfg.tracking if register else None)
+    return evaluate(dataset, *dirs, tracking=cfg.tracking if register else None,
+                    expected=stage_pool_signatures(cfg, dataset))

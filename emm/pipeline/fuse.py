@@ -6,6 +6,10 @@ training record (fit, val/test metrics, gates, the MLflow run) to ``fused.json``
 ``--resume`` continues ``fused-work/checkpoint`` only when it was made from the same fuse and decompose
 settings and the same pool and components (``fuse_made_from``): the checkpoint holds the frozen
 components too, so resuming one from an older pool would bring the old pool back into ``fused/``.
+
+For the same reason the pool is checked and loaded (``load_pool_plan``: digests, signatures, finite
+weights), components cut from another pool are refused, and ``fused.json`` records the pool it was fused
+from (``made_from``), for evaluate to refuse a fused model that another pool left behind.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from emm.fusion.blend import DonorEnsemble, fit_blend
 from emm.fusion.fused import FusedModel, build_fused
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, architecture
-from emm.io import atomic_dir, digest, provenance, read_json, sha256_file, tree_digest, write_json
-from emm.models.pool import POOL_FILE
-from emm.pipeline.decompose import load_pool_plan
+from emm.io import atomic_dir, digest, provenance, read_json, tree_digest, write_json
+from emm.models.pool import pool_digest
+from emm.pipeline.decompose import load_pool_plan, stage_pool_signatures
 from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import FuseConfig, load_params
 from emm.tracker import NullTracker, Tracker
@@ -49,36 +53,29 @@ class FuseResult:
     run_id: str | None
 
 
-def pool_digest(pool_dir: Path) -> str:
-    """sha256 over the pool's members (``pool.json``'s model entries) and their weight files.
-
-    ``pool.json``'s provenance (a timestamp) is left out: re-assembling the same members is the same pool.
-    """
-    models = read_json(Path(pool_dir) / POOL_FILE).get("models", [])
-    weights = {m["weights"]: sha256_file(Path(pool_dir) / m["weights"]) for m in models
-               if (Path(pool_dir) / str(m.get("weights", ""))).is_file()}
-    return digest({"models": models, "weights": weights})
-
-
-def fuse_made_from(pool_dir: Path, components_dir: Path, cfg: FuseConfig, dcfg: DecomposeConfig) -> dict:
+def fuse_made_from(pool: str, components_dir: Path, cfg: FuseConfig, dcfg: DecomposeConfig) -> dict:
     """What a fuse checkpoint is made from besides the train settings and the schema (the trainer adds
-    those): the AKF architecture, the decompose settings, and the pool and components it froze (digests
-    cut to ``digest``'s usual 16 hex digits, enough to tell artifacts apart and short in the log)."""
+    those): the AKF architecture, the decompose settings, and the pool (``pool``: its ``pool_digest``) and
+    components it froze (digests cut to ``digest``'s usual 16 hex digits, enough to tell artifacts apart
+    and short in the log)."""
     return {"fuse": cfg.akf.model_dump(mode="json"), "decompose": dcfg.model_dump(mode="json"),
-            "pool": pool_digest(pool_dir), "components": tree_digest([Path(components_dir)])[:16]}
+            "pool": pool, "components": tree_digest([Path(components_dir)])[:16]}
 
 
 def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out_dir: Path, work_dir: Path,
          cfg: FuseConfig, dcfg: DecomposeConfig, *, tracker: Tracker | None = None, resume: bool = False,
-         progress: bool = True, scale: ScaleConfig | None = None) -> FuseResult:
+         progress: bool = True, scale: ScaleConfig | None = None,
+         expected: dict[str, dict] | None = None) -> FuseResult:
     """Train the fused model on the pool's components and save ``fused/``.
 
     Under torchrun every rank trains on its shard of the data; rank 0 alone tracks and writes ``fused/``.
+    ``expected``: the signatures the params' pool gives (``stage_pool_signatures``), checked against pool.json.
     """
     ctx = ddp.current()
     tracker = tracker or NullTracker()
     schema = Schema.load(data_dir)
-    plan, entries = load_pool_plan(data_dir, pool_dir, components_dir, dcfg)
+    plan, entries = load_pool_plan(data_dir, pool_dir, components_dir, dcfg, expected=expected)
+    pool = pool_digest(entries)  # in plan order, as decompose recorded it in the components
     tasks_without_models = [t for t in schema.task_names if t not in {e.task for e in entries}]
     if tasks_without_models:
         raise EMMError(f"task(s) {tasks_without_models} have no model in the pool {[e.name for e in entries]}; "
@@ -98,7 +95,7 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
     distill = (Distillation(DonorEnsemble(plan, [e.task for e in entries], schema.task_names), cfg.distill)
                if cfg.distill > 0 else None)
     trainer = Trainer(model, cfg.train, checkpoint_dir=Path(work_dir) / "checkpoint", fingerprint=schema.fingerprint(),
-                      made_from=fuse_made_from(pool_dir, components_dir, cfg, dcfg), tracker=tracker,
+                      made_from=fuse_made_from(pool, components_dir, cfg, dcfg), tracker=tracker,
                       progress=progress, desc=f"fused[{cfg.ablation}]", score_start=model.blend is not None,
                       distill=distill)
     fit = trainer.fit(train, val, resume=resume)
@@ -121,6 +118,7 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
             "fit": {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1)},
             "val": val_m, "test": test_m, "mlflow_run_id": tracker.run_id, "gates": model.gate_report(),
             "blend_init": blend, "history": fit.history, "finetune": finetune, "distill": cfg.distill,
+            "made_from": {"pool": pool},
             "provenance": provenance(digest(cfg)),
         })
     log.info("fused model: test %s", {t: round(m["auc"], 5) for t, m in test_m.items()})
@@ -166,7 +164,7 @@ def fuse_stage(dataset: str, params: Path | str | None = None, *, resume: bool =
         return fuse(dataset, stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
                     stage_dir(cfg, dataset, "components"), stage_dir(cfg, dataset, "fused"),
                     stage_dir(cfg, dataset, "fused-work"), cfg.fuse, cfg.decompose, tracker=tracker, resume=resume,
-                    progress=progress, scale=cfg.scale)
+                    progress=progress, scale=cfg.scale, expected=stage_pool_signatures(cfg, dataset))
 
 
 def fuse_summary(dataset: str, params: Path | str | None = None) -> dict[str, float]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from emm.data.schema import Schema
 from emm.data.stream import ParquetStream, open_split
 from emm.data.tensors import load_split
 from emm.errors import EMMError
-from emm.io import read_json, sha256_file, write_json
+from emm.io import inside, read_json, remove_tree, sha256_file, write_json
 from emm.models.external import (
     ExternalAdapter,
     FactoryMember,
@@ -138,7 +137,8 @@ def import_member(member: FactoryMember | UriMember, data_dir: Path, work_dir: P
             model, graph = make_portable(adapter, batches, name=member.name, class_name=type(loaded.module).__name__)
             spec = PortableSpec(name=member.name, task=member.task, model_type=type(loaded.module).__name__,
                                 input_shapes=[[schema.n_sparse], [schema.n_dense]], graph=graph)
-    val_m, test_m = (score(model, data_dir, split, schema, member.task, scale) for split in ("val", "test"))
+    val_m, test_m = (score(model, data_dir, split, schema, member.task, scale, what=f"pool model {member.name!r}")
+                     for split in ("val", "test"))
     n_params = sum(p.numel() for p in model.parameters())
     entry = PoolEntry(name=member.name, task=member.task, spec=spec, weights=f"{member.name}.safetensors",
                       schema_fingerprint=schema.fingerprint(), params=n_params, val_auc=val_m["auc"],
@@ -151,9 +151,8 @@ def import_member(member: FactoryMember | UriMember, data_dir: Path, work_dir: P
     tracker.log_metrics({"best_val_auc": val_m["auc"], "test_auc": test_m["auc"], "best_val_logloss": val_m["logloss"],
                          "test_logloss": test_m["logloss"]})
     if write:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
+        remove_tree(work, work_dir)  # a guard, though names are checked at parse time: never outside pool-work/
+        inside(work, work_dir).mkdir(parents=True)
         save_module(model, work / "weights.safetensors")
         entry = entry.model_copy(update={"weights_sha256": sha256_file(work / "weights.safetensors")})
         write_json(work / "entry.json", {"signature": signature, "entry": entry.model_dump(mode="json")})
@@ -163,11 +162,12 @@ def import_member(member: FactoryMember | UriMember, data_dir: Path, work_dir: P
 
 @torch.no_grad()
 def score(model: nn.Module, data_dir: Path, split: str, schema: Schema, task: str,
-          scale: ScaleConfig | None) -> dict[str, float]:
-    """AUC and logloss of a member on a whole split (streamed when ``scale`` says so), as for built-in ones."""
+          scale: ScaleConfig | None, *, what: str = "the model") -> dict[str, float]:
+    """AUC and logloss of a member on a whole split (streamed when ``scale`` says so), as for built-in ones;
+    ``what`` names it when it scores NaN on some row (the checks before only ran it on the first rows)."""
     data = open_split(data_dir, split, schema, scale).select_tasks([task])
     if isinstance(data, ParquetStream):
         probs, labels = predict_stream(model, data)
     else:
         probs, labels = predict_proba(model, data), data.labels.numpy()
-    return task_metrics(labels, probs, [task])[task]
+    return task_metrics(labels, probs, [task], what=what)[task]

@@ -11,6 +11,7 @@ from typing import Any
 from emm.data.schema import Schema
 from emm.errors import EMMError
 from emm.models.external import FactoryMember, Member, parse_member, pin_weights, source_of
+from emm.models.names import name_key
 from emm.pipeline.params import PretrainConfig
 
 ALTERNATES = ("dcn", "resmlp", "mlp-deep")
@@ -42,19 +43,21 @@ def with_numeric(entry: Any, cfg: PretrainConfig) -> Any:
 def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[Member]:
     """The pool members of ``dataset``: built-in specs, MLflow and factory entries (weights pinned by sha256).
 
-    Refused here, before anything is trained or imported: an entry of no known kind, two entries with one
-    name, an entry for a task the data lacks. A task with no entry is only warned about by ``pretrain`` (a
-    pool may be built up in parts); the decompose stage refuses it, as nothing could fuse it.
+    Refused here, before anything is trained or imported: an entry of no known kind, a name that is not a plain
+    file name (``emm.models.names``), two names that differ at most in case, an entry for a task the data
+    lacks. A task with no entry is only warned about by ``pretrain`` (a pool may be built up in parts); the
+    decompose stage refuses it, as nothing could fuse it.
     """
     raw = cfg.pool.get(dataset) or default_pool(schema.task_names)
     where = f"pretrain.pool.{dataset}"
     members = [parse_member(with_numeric(s, cfg), f"{where}[{i}]") for i, s in enumerate(raw)]
-    names = [m.name for m in members]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    keys = [name_key(m.name) for m in members]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
-        listed = ", ".join(f"[{i}] {m.name!r} ({source_of(m)})" for i, m in enumerate(members) if m.name in dupes)
-        raise EMMError(f"{where}: model names must be unique, but {dupes} name more than one entry ({listed}); "
-                       "rename one (the name is its file in pool/ and its MLflow run)")
+        listed = ", ".join(f"[{i}] {m.name!r} ({source_of(m)})" for i, m in enumerate(members) if keys[i] in dupes)
+        raise EMMError(f"{where}: model names must be unique (ignoring case), but {dupes} name more than one entry "
+                       f"({listed}); rename one (the name is its file in pool/, one file for 'M' and 'm' on a "
+                       "case-insensitive filesystem, and its MLflow run)")
     for m in members:
         if m.task not in schema.task_names:
             raise EMMError(f"{where}: model {m.name!r} is for task {m.task!r}, but the ingested "

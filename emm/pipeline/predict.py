@@ -7,10 +7,13 @@ of those names but has as many fields as the dataset's declaration (``emm/data/b
 Census files are such files). Every value is scored from its text form, as ingestion read it, so the
 same value gives the same score whatever its dtype (``emm.tracking.pyfunc.raw_text``).
 
-Rows that cannot be scored (a required value missing, a dense value that is not a number) are never
-silently scored: they go to ``<output>.rejected.csv`` with the reason, and the run reports how many there
-were; a run without rejects removes a rejects file an earlier run left. A missing required *column*
-fails the whole run with the column names.
+Rows that cannot be scored (a required value missing, a dense value that is not a number: the pyfunc's
+``Scorer.validate``) are never silently scored: they go to ``<output>.rejected.csv`` with the reason, and the
+run reports how many there were; a run without rejects removes a rejects file an earlier run left. A
+missing required *column*, or one given twice, fails the whole run with the column names.
+
+The input is never written: an output, or its rejects file, that is the input file (by any name: a
+symlink, a hard link, ``r2.rejected.csv`` scored into ``r2.csv``) is refused before anything is read.
 
 Streaming: the input is read, scored and written ``chunk_rows`` rows at a time (Parquet by record batches
 of its row groups, CSV by pandas' ``chunksize``), so memory follows the chunk size, not the file size; a
@@ -23,6 +26,7 @@ scores the same chunked as in one piece: each row is encoded and scored on its o
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +43,7 @@ from emm.errors import EMMError
 from emm.io import atomic_file
 from emm.pipeline.params import load_params
 from emm.tracking.loading import load_scorer
-from emm.tracking.pyfunc import Scorer, raw_text
+from emm.tracking.pyfunc import Scorer, raw_text, refuse_repeated_columns
 
 CHUNK_ROWS = 65_536  # rows read, scored and written at a time: what bounds memory, whatever the input size
 
@@ -106,6 +110,8 @@ def read_chunks(path: Path, needed: list[str], layout: RawLayout | None = None,
     try:
         if kind == "Parquet":
             parquet = pq.ParquetFile(path)
+            refuse_repeated_columns(parquet.schema_arrow.names, needed, f"input file {path}", " in its schema",
+                                    "columns")
             batches = (b.to_pandas() for b in parquet.iter_batches(batch_size=chunk_rows))
             return InputRows(guarded(batches), False, parquet.metadata.num_rows)
         headerless = False
@@ -115,7 +121,8 @@ def read_chunks(path: Path, needed: list[str], layout: RawLayout | None = None,
         options = dict(dtype=str, keep_default_na=False, skipinitialspace=True, chunksize=chunk_rows)
         if headerless:
             reader = pd.read_csv(path, header=None, names=layout.columns, sep=layout.delimiter, **options)
-        else:
+        else:  # the header as written: pandas would rename a second `age` to `age.1`
+            refuse_repeated_columns(_first_row(path, ","), needed, f"input file {path}", " in the header", "fields")
             reader = pd.read_csv(path, **options)
     except failure as exc:
         raise EMMError(f"input file {path} cannot be read as {kind}: {exc}") from exc
@@ -137,17 +144,23 @@ def require_columns(frame: pd.DataFrame, needed: list[str], layout: RawLayout | 
                        f"feature columns: a header row naming them (the ingested column names){raw}")
 
 
-def validate_rows(frame: pd.DataFrame, sparse: list[str], dense: list[str]) -> pd.Series:
-    """A reason per row ('' = fine); ``frame`` holds the input columns as text (``raw_text``)."""
-    reasons = pd.Series("", index=frame.index, dtype=object)
-    for col in sparse + dense:
-        empty = frame[col].eq("")
-        reasons[empty & reasons.eq("")] = f"missing value in {col!r}"
-    for col in dense:
-        numbers = pd.to_numeric(frame[col], errors="coerce")
-        bad = ~np.isfinite(numbers.to_numpy(dtype=float)) & reasons.eq("")
-        reasons[bad] = f"{col!r} is not a number"
-    return reasons
+def annotated(rejected: pd.DataFrame, rows: np.ndarray, reasons: pd.Series) -> pd.DataFrame:
+    """Rejected input rows behind this run's ``row`` and ``reason`` columns.
+
+    An input column of either name (a rejects file, fixed, scored again) is kept, renamed ``input_row`` /
+    ``input_reason``: the row number in the file it came from is how the user finds the row there."""
+    taken, renames = set(rejected.columns), {}
+    for name in ("row", "reason"):
+        if name in taken:
+            new = f"input_{name}"
+            while new in taken:
+                new = f"input_{new}"
+            renames[name] = new
+            taken.add(new)
+    out = rejected.rename(columns=renames)
+    out.insert(0, "reason", reasons.to_numpy())
+    out.insert(0, "row", rows)
+    return out
 
 
 class TableWriter:
@@ -186,7 +199,43 @@ class TableWriter:
 
 
 def rejects_path(output_path: Path) -> Path:
+    """Where the rejected rows of a run writing ``output_path`` go: ``<stem>.rejected.csv`` beside it."""
     return Path(output_path).with_name(Path(output_path).stem + ".rejected.csv")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing file, by any name (symlink, hard link, ``..``)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: it cannot be the other
+        return False
+
+
+def refuse_unsafe_output(input_path: Path, output_path: Path) -> None:
+    """An ``EMMError``, before anything is read or written, for an output the run would destroy or fail on.
+
+    Why: the output and the rejects file are renamed into place at the end, and a run without rejects
+    removes the rejects file: were either of them the input (``--output s.csv`` for ``--input s.csv``, or
+    ``--input r2.rejected.csv --output r2.csv`` to score fixed rejects again), the input would be replaced
+    or deleted. A folder in the output's place would fail only after the whole input was scored."""
+    source, output = Path(input_path), Path(output_path)
+    rejects = rejects_path(output)
+    instead = source.with_name(f"{source.stem}-scores{output.suffix}")
+    if _same_file(output, source):
+        raise EMMError(f"--output {output} is the input file {source}: the scores would replace the rows; "
+                       f"name another --output (e.g. {instead})")
+    if _same_file(rejects, source):
+        raise EMMError(f"the rejects file of --output {output} would be {rejects}, which is the input file: a run "
+                       f"would overwrite it with its own rejects, or delete it when there are none; name another "
+                       f"--output (e.g. {instead})")
+    if output.is_dir():
+        raise EMMError(f"--output {output} is a folder: name a file to write, e.g. {output / 'scores.csv'}")
+    if rejects.is_dir():
+        raise EMMError(f"the rejects file of --output {output} would be {rejects}, which is a folder: move it or "
+                       "name another --output")
+    folder = next((p for p in output.absolute().parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise EMMError(f"{folder} is a file, not a folder: --output {output} cannot be written under it")
 
 
 def predict_file(scorer: Scorer, input_path: Path, output_path: Path,
@@ -194,6 +243,7 @@ def predict_file(scorer: Scorer, input_path: Path, output_path: Path,
                  progress: bool | None = None) -> PredictReport:
     """Score ``input_path`` into ``output_path`` chunk by chunk (both files appear whole, at the end); rejects
     beside it, or none. ``progress``: a row counter on stderr (None: only on a terminal)."""
+    refuse_unsafe_output(input_path, output_path)
     sparse, dense = scorer.sparse_columns, scorer.dense_columns
     layout = raw_layout(scorer.schema.dataset, declarations)
     rows = read_chunks(input_path, sparse + dense, layout, chunk_rows)
@@ -213,7 +263,7 @@ def predict_file(scorer: Scorer, input_path: Path, output_path: Path,
             if seen == 0:
                 require_columns(frame, sparse + dense, layout)
             text = pd.DataFrame({c: raw_text(frame[c]) for c in sparse + dense})
-            reasons = validate_rows(text, sparse, dense)
+            reasons = scorer.validate(text)  # the pyfunc's own check: both refuse the same rows
             good = reasons.eq("").to_numpy()
             if good.any():
                 scores = scorer.predict(text.loc[good])
@@ -223,10 +273,7 @@ def predict_file(scorer: Scorer, input_path: Path, output_path: Path,
                 if rejects_out is None:  # opened at the first reject: a run without rejects writes none
                     rejects_out = TableWriter(stack.enter_context(atomic_file(rejects)), rejects)
                     stack.callback(rejects_out.close)
-                rej = frame.loc[~good].copy()
-                rej.insert(0, "reason", reasons[~good])
-                rej.insert(0, "row", seen + np.flatnonzero(~good) + 1)
-                rejects_out.write(rej)
+                rejects_out.write(annotated(frame.loc[~good], seen + np.flatnonzero(~good) + 1, reasons[~good]))
             seen += len(frame)
             bar.update(len(frame))
         if seen == 0:
@@ -240,5 +287,6 @@ def predict_file(scorer: Scorer, input_path: Path, output_path: Path,
 
 def predict_stage(model_uri: str, input_path: Path, output_path: Path,
                   params: Path | str | None = None) -> PredictReport:
+    refuse_unsafe_output(input_path, output_path)  # before the model is loaded, too: a refusal needs none
     cfg = load_params(params)
     return predict_file(load_scorer(model_uri, cfg.tracking.store), input_path, output_path, cfg.datasets)

@@ -34,9 +34,9 @@ from emm.data.options import ScaleConfig
 from emm.data.schema import Schema
 from emm.data.stream import open_split
 from emm.errors import EMMError
-from emm.io import atomic_dir, digest, provenance, read_json, write_json
+from emm.io import atomic_dir, digest, inside, provenance, read_json, remove_tree, sha256_file, write_json
 from emm.models.external import Member, source_of
-from emm.models.pool import POOL_FILE, PoolEntry, read_pool
+from emm.models.pool import POOL_FILE, PoolEntry, check_entry, check_weights, read_pool
 from emm.models.single_task import ModelSpec, build_model
 from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import PretrainConfig, load_params
@@ -60,6 +60,12 @@ def member_key(member: Member, cfg: PretrainConfig, fingerprint: str) -> dict:
     return import_signature(member, fingerprint)
 
 
+def pool_signatures(dataset: str, cfg: PretrainConfig, schema: Schema) -> dict[str, dict]:
+    """Member name -> the signature pool.json must record for it under the current params and data, in pool
+    order: what every stage reading ``pool/`` checks it against (``emm.models.pool.check_pool``)."""
+    return {m.name: member_key(m, cfg, schema.fingerprint()) for m in pool_specs(dataset, cfg, schema)}
+
+
 def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: PretrainConfig, *,
                      resume: bool = False, tracker: Tracker | None = None, progress: bool = True,
                      scale: ScaleConfig | None = None) -> PoolEntry:
@@ -81,9 +87,9 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
             log.info("%s: already trained, reusing %s", spec.name, work)
             return PoolEntry.model_validate(done["entry"])
     if ctx.is_main:
-        if not resume and work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            remove_tree(work, work_dir)  # a guard, though names are checked at parse time: never outside pool-work/
+        inside(work, work_dir).mkdir(parents=True, exist_ok=True)
 
     rank, world = ctx.shard
     train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world).select_tasks([spec.task])
@@ -158,7 +164,12 @@ def finished_member(spec: Member, cfg: PretrainConfig, fingerprint: str, work_di
         if (pool.get("signatures") or {}).get(spec.name) == signature:
             for raw in pool.get("models", []):
                 if raw.get("name") == spec.name and (Path(pool_dir) / raw["weights"]).is_file():
-                    return PoolEntry.model_validate(raw), Path(pool_dir) / raw["weights"]
+                    entry = PoolEntry.model_validate(raw)
+                    # checked as every stage checks pool/: a swapped or edited file would otherwise be
+                    # carried into the new pool.json under a fresh digest
+                    check_entry(pool_file, entry, signature)
+                    check_weights(pool_dir, entry)
+                    return entry, Path(pool_dir) / entry.weights
     return None
 
 
@@ -188,14 +199,23 @@ def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: 
                   sources: dict[str, Path] | None = None, members: list[Member] | None = None) -> Path:
     """Write ``pool/`` atomically from the finished work folders (``sources``: other weight files by
     member name, e.g. the current ``pool/``'s, read before it is replaced) with each member's signature
-    (``members``: the params entries, needed for imported members; built-in ones sign with their spec)."""
+    (``members``: the params entries, needed for imported members; built-in ones sign with their spec) and
+    the sha256 of the weights file it was given, taken as soon as that file is written: every load checks
+    it (``emm.models.pool.check_weights``), so a file later overwritten or swapped is refused, not loaded."""
     sources = sources or {}
     by_name = {m.name: m for m in members or []}
+    recorded: list[PoolEntry] = []
     with atomic_dir(out_dir) as tmp:
         for e in entries:
-            shutil.copyfile(sources.get(e.name, Path(work_dir) / e.name / "weights.safetensors"), tmp / e.weights)
+            target = inside(tmp / e.weights, tmp)
+            shared = [o.name for o in recorded if (tmp / o.weights).resolve() == target.resolve()]
+            if shared:
+                raise EMMError(f"pool models {shared[0]!r} and {e.name!r} would share one weights file "
+                               f"{target.name} in {out_dir}; nothing was written. Give them distinct names")
+            shutil.copyfile(sources.get(e.name, Path(work_dir) / e.name / "weights.safetensors"), target)
+            recorded.append(e.model_copy(update={"weights_sha256": sha256_file(target)}))
         write_json(tmp / POOL_FILE, {
-            "models": [e.model_dump(mode="json") for e in entries],
+            "models": [e.model_dump(mode="json") for e in recorded],
             "signatures": {e.name: member_key(by_name.get(e.name, e.spec), cfg, e.schema_fingerprint)
                            for e in entries},
             "provenance": provenance(digest(cfg))})

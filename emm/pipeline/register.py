@@ -2,9 +2,10 @@
 
 ``register_fused`` logs the scorable model into the fuse run, registers a new version and aliases it
 ``challenger``; evaluating the same fused model again (same ``fused.safetensors`` sha256) reuses its
-version and moves ``challenger`` back to it, so there is one version per fused model. ``promote`` moves
-``champion`` to a version only if its mean test AUC beats the current champion's (the policy lives here;
-``emm.tracking.registry`` only reads and writes the registry).
+version and moves ``challenger`` back to it, so there is one version per fused model, also when two
+evaluations register it at once (``registry.registration_lock`` serialises them per registered model).
+``promote`` moves ``champion`` to a version only if its mean test AUC beats the current champion's (the
+policy lives here; ``emm.tracking.registry`` only reads and writes the registry).
 """
 
 from __future__ import annotations
@@ -37,27 +38,29 @@ def register_fused(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path
     weights = Path(fused_dir) / FUSED_WEIGHTS
     fused_sha256 = sha256_file(weights)
     name = registered_name(dataset)
-    with reopen_run(dataset, tracking.store, meta.get("mlflow_run_id"), "fused-evaluate") as tracker:
+    # one registration of <name> at a time, from the check for these weights until the new version is tagged
+    with registry.registration_lock(name, tracking.store), \
+            reopen_run(dataset, tracking.store, meta.get("mlflow_run_id"), "fused-evaluate") as tracker:
         tracker.log_metrics({"eval_mean_test_auc": summary["mean_test_auc"],
                              **{f"gain_{t}": r["gain"] for t, r in summary["tasks"].items()}})
         tracker.log_artifact(Path(eval_dir) / "metrics.json", "eval")
         tracker.log_artifact(Path(eval_dir) / "plots" / "auc.png", "eval")
         existing = registry.version_with_tag(name, registry.DIGEST_TAG, fused_sha256)
-        version = str(existing.version) if existing is not None else tracker.log_model(
-            "model", builder=FUSED_MODEL_BUILDER, config=meta["architecture"], outputs=meta["tasks"],
-            weights=weights, data_dir=data_dir, registered_name=name)
-    assert version is not None  # a registered_name always yields a version
-    summary["fused_sha256"], summary["registered_reused"] = fused_sha256, existing is not None
-    if existing is not None:
-        registry.set_alias(name, registry.CHALLENGER, version)
-        log.info("%s version %s was registered from these fused weights already: reused it, alias %s",
-                 name, version, registry.CHALLENGER)
-        return version
-    registry.tag_version(name, version, {
-        registry.SCORE_TAG: f"{summary['mean_test_auc']:.6f}",
-        **{f"test_auc_{t}": f"{r['auc']:.6f}" for t, r in summary["tasks"].items()},
-        registry.DIGEST_TAG: fused_sha256,
-    })
+        summary["fused_sha256"], summary["registered_reused"] = fused_sha256, existing is not None
+        if existing is not None:
+            version = str(existing.version)
+            registry.set_alias(name, registry.CHALLENGER, version)
+            log.info("%s version %s was registered from these fused weights already: reused it, alias %s",
+                     name, version, registry.CHALLENGER)
+            return version
+        version = tracker.log_model("model", builder=FUSED_MODEL_BUILDER, config=meta["architecture"],
+                                    outputs=meta["tasks"], weights=weights, data_dir=data_dir, registered_name=name)
+        assert version is not None  # a registered_name always yields a version
+        registry.tag_version(name, version, {
+            registry.SCORE_TAG: f"{summary['mean_test_auc']:.6f}",
+            **{f"test_auc_{t}": f"{r['auc']:.6f}" for t, r in summary["tasks"].items()},
+            registry.DIGEST_TAG: fused_sha256,
+        })
     log.info("registered %s version %s as %s", name, version, registry.CHALLENGER)
     return version
 

@@ -13,8 +13,15 @@ safetensors, and nothing is pickled.
 Why the input signature types every column as ``Any``: raw rows come as CSV strings, int64 (UCI's
 ``73``), float or numeric strings, and MLflow's typed enforcement refuses some of them (int64 -> double
 "can not safely convert"). The signature still names every required column (MLflow checks they are
-there); the types are checked where a bad value can be named, by the encoder, which parses every value
-from its text form (``raw_text``), so the same value scores the same whatever its dtype.
+there); the values are checked where a bad one can be named, by ``validate_rows``, on every value's text
+form (``raw_text``), so the same value scores the same whatever its dtype.
+
+Why a frame with bad rows is refused whole (``Scorer.predict``): a score for each good row and none for
+the bad ones would make the answer shorter than the request, or need a placeholder a caller could take
+for a score. So no row is scored, and the message names every bad row (0-based, in the order given) and
+its column, for the caller to fix and send again; ``emm predict`` validates with the same
+``validate_rows`` and writes the bad rows to a rejects file instead. The pyfunc raises ``InputRefused``,
+which MLflow's scoring server answers with a 400 carrying that message and no traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import math
 import numbers
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec
 from mlflow.types.schema import Schema as MlflowSchema
 
@@ -50,6 +59,7 @@ BUILDERS = ("emm.models.pool:build_from_config", "emm.fusion.saved:build_from_co
 # The models-from-code file MLflow copies into every logged model (it calls mlflow.models.set_model).
 SCORER_CODE = Path(__file__).with_name("scorer_model.py")
 BUNDLE = "bundle"  # the pyfunc artifact holding the bundle: <model>/artifacts/bundle/
+SHOWN_BAD_ROWS = 20  # bad rows a refusal names one by one; the rest it counts
 
 
 def resolve_builder(name: str, where: Path | str) -> Callable[..., Any]:
@@ -91,6 +101,67 @@ def raw_text(values: pd.Series) -> pd.Series:
     return pd.Series([_value_text(v) for v in values.to_numpy(dtype=object)], index=values.index, dtype=object)
 
 
+def validate_rows(frame: pd.DataFrame, sparse: list[str], dense: list[str]) -> pd.Series:
+    """A reason per row ('' = fine); ``frame`` holds the input columns as text (``raw_text``).
+
+    The one rule for what can be scored, shared by ``emm predict`` (bad rows to the rejects file) and the
+    pyfunc (a frame with bad rows refused): a required value missing, or a dense value not a finite number."""
+    reasons = pd.Series("", index=frame.index, dtype=object)
+    for col in sparse + dense:
+        empty = frame[col].eq("")
+        reasons[empty & reasons.eq("")] = f"missing value in {col!r}"
+    for col in dense:
+        numbers = pd.to_numeric(frame[col], errors="coerce")
+        bad = ~np.isfinite(numbers.to_numpy(dtype=float)) & reasons.eq("")
+        reasons[bad] = f"{col!r} is not a number"
+    return reasons
+
+
+def bad_rows_message(reasons: pd.Series) -> str:
+    """The refusal of a frame with bad rows (``validate_rows``): each named by position, the first
+    ``SHOWN_BAD_ROWS`` of them, and what to do."""
+    bad = np.flatnonzero(reasons.ne("").to_numpy())
+    shown = "; ".join(f"row {i}: {reasons.iloc[i]}" for i in bad[:SHOWN_BAD_ROWS])
+    more = f"; and {len(bad) - SHOWN_BAD_ROWS} more" if len(bad) > SHOWN_BAD_ROWS else ""
+    return (f"{len(bad)} of {len(reasons)} rows cannot be scored, so none was: {shown}{more} (rows count from 0, "
+            "in the order given). Fix or drop those rows and send the rows again")
+
+
+def refuse_repeated_columns(names: Sequence[Any], needed: Sequence[str], where: str, place: str = "",
+                            unit: str | None = None) -> None:
+    """An ``EMMError`` naming each required column that ``names`` holds more than once (positions 1-based,
+    as ``unit``, when given); columns the model does not read may repeat.
+
+    Why refuse: pandas scores the first of two same-named columns (a CSV's second ``age`` becomes
+    ``age.1``), so a file with two ``age`` columns would score silently from one of them, which may not be
+    the one meant."""
+    wanted = set(needed)
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(names, 1):
+        if name in wanted:
+            positions.setdefault(name, []).append(i)
+    repeated = {name: at for name, at in positions.items() if len(at) > 1}
+    if repeated:
+        listed = "; ".join(
+            f"column {name!r} appears {len(at)} times{place}"
+            + (f" ({unit} {', '.join(map(str, at[:-1]))} and {at[-1]})" if unit else "")
+            for name, at in repeated.items())
+        raise EMMError(f"{where}: {listed}; the model reads each of its columns once and cannot tell which copy is "
+                       "meant: remove or rename the extra copies")
+
+
+class InputRefused(MlflowException, EMMError):
+    """An ``EMMError`` about the input rows, as MLflow's scoring server answers a bad request: 400, this message.
+
+    Why: the server answers any other exception with a generic 400 whose ``stack_trace`` holds the real
+    message among the server's file paths; an ``MlflowException`` with INVALID_PARAMETER_VALUE is answered
+    with its own message and no trace. Still an ``EMMError``: a Python caller of the pyfunc catches what
+    ``Scorer`` raises."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class Scorer:
     """A bundle loaded for scoring: schema, encoder, the rebuilt torch module and its output tasks.
 
@@ -128,13 +199,25 @@ class Scorer:
     def input_columns(self) -> list[str]:
         return self.sparse_columns + self.dense_columns
 
+    def validate(self, text: pd.DataFrame) -> pd.Series:
+        """``validate_rows`` for this model, a reason per row ('' = fine): what ``predict`` refuses and
+        ``emm predict`` rejects. An empty categorical value the model was trained on (it is in the
+        vocabulary: a raw file's empty field or null) is a value, not a missing one."""
+        must_fill = [c for c in self.sparse_columns if "" not in self.encoder.vocab[c]]
+        return validate_rows(text, must_fill, self.dense_columns)
+
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Raw rows (any dtypes, extra columns ignored) -> ``score_<task>`` columns, one row per input row."""
+        """Raw rows (any dtypes, extra columns ignored) -> ``score_<task>`` columns, one row per input row;
+        a frame with a bad row (``validate_rows``) is refused whole, every bad row named."""
         missing = [c for c in self.input_columns if c not in frame.columns]
         if missing:
             raise EMMError(f"model input lacks required column(s) {missing}; the model needs the raw columns "
                            f"{self.input_columns}")
+        refuse_repeated_columns(list(frame.columns), self.input_columns, "model input")
         text = pd.DataFrame({c: raw_text(frame[c]) for c in self.input_columns}).reset_index(drop=True)
+        reasons = self.validate(text)
+        if reasons.ne("").any():
+            raise EMMError(bad_rows_message(reasons))
         encoded = self.encoder.transform(text, source="model input", first_line=None)
         tensors = frame_to_tensors(encoded, self.schema, with_labels=False)
         probs = predict_proba(self.model, tensors)
@@ -148,7 +231,10 @@ class EMMScorer(mlflow.pyfunc.PythonModel):
         self.scorer = Scorer(Path(context.artifacts[BUNDLE]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:  # noqa: ANN001
-        return self.scorer.predict(model_input)
+        try:
+            return self.scorer.predict(model_input)
+        except EMMError as exc:  # a bad request, to be answered with this message (``InputRefused``)
+            raise InputRefused(str(exc)) from exc
 
 
 def write_bundle(folder: Path, *, builder: str, config: dict[str, Any], outputs: list[str],

@@ -3,25 +3,77 @@
 ``challenger`` is the version the last evaluation registered; ``champion`` is what ``@champion`` URIs
 serve. The promotion *policy* (when champion may move) is the pipeline's (``emm.pipeline.register``);
 this module only reads and writes the registry, and turns MLflow's errors into messages that say what to do.
+``registration_lock`` makes the registrations of one model take turns, across processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import mlflow
+from filelock import FileLock, Timeout
 
 from emm.errors import EMMError
 from emm.tracking.store import configure, tracking_uri
 
 log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
+LOCK_WAIT_S = 1800.0  # how long a registration waits for another one of the same model before giving up
 SCORE_TAG = "mean_test_auc"
 # sha256 of the fused weights a version was registered from: evaluating the same fused model again reuses
 # that version instead of registering a duplicate (a new version number for the very same model).
 DIGEST_TAG = "fused_sha256"
+
+
+def lock_path(name: str, store: Path) -> Path:
+    """The lock file of ``name``'s registrations, beside the store: in the folder of the SQLite database (the
+    default ``<store>/mlflow.db``, or the one ``MLFLOW_TRACKING_URI`` names) or in a file store's folder. For a
+    tracking server there is no folder to share: the lock is in this machine's temp folder (one per URI),
+    so it serialises the registrations made from this machine only."""
+    uri = tracking_uri(store)
+    parsed = urlparse(uri)
+    lock_name = f".emm-registry-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock"
+    if uri.startswith("sqlite:///"):
+        return Path(unquote(uri.removeprefix("sqlite:///").split("?")[0])).parent / lock_name
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path)) / lock_name
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (a Windows drive letter parses as a scheme)
+        return Path(uri) / lock_name
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"emm-registry-{key}{lock_name}"
+
+
+@contextlib.contextmanager
+def registration_lock(name: str, store: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[Path]:
+    """Hold the registration lock of ``name`` (a file lock, released by the OS if the process dies).
+
+    Why: registering checks whether the fused weights are registered already, then registers them; two
+    ``emm evaluate`` of one fused model at once would both find nothing and register two versions. Held
+    from the check until the new version is tagged, one evaluation registers and the other reuses it."""
+    path = lock_path(name, store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for %s: another process is registering %s", path, name)
+        try:
+            lock.acquire(timeout=wait_s)
+        except Timeout as exc:
+            raise EMMError(f"waited {wait_s:.0f} s for {path}: another process (an `emm evaluate`) is still "
+                           f"registering {name!r}; let it finish or stop it, then run again") from exc
+    try:
+        yield path
+    finally:
+        lock.release()
 
 
 def tag_version(name: str, version: str, tags: dict[str, Any]) -> None:

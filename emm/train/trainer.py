@@ -264,9 +264,10 @@ class Trainer:
         else:
             probs, labels = self.predict(data), data.labels.numpy()
         if not self.dist.active:
-            return task_metrics(labels, probs, data.task_names)
+            return task_metrics(labels, probs, data.task_names, what=f"model {self.desc!r}")
         probs, labels = ddp.gather_rows(probs, self.dist), ddp.gather_rows(labels, self.dist)
-        return ddp.on_main(lambda: task_metrics(labels, probs, data.task_names), self.dist)
+        return ddp.on_main(lambda: task_metrics(labels, probs, data.task_names, what=f"model {self.desc!r}"),
+                           self.dist)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _save_checkpoint(self, state: dict[str, Any], best_state: dict[str, torch.Tensor]) -> None:

@@ -219,3 +219,66 @@ def test_widedeep_has_no_cut_point_and_is_named(trained_rechub, tmp_path):
         with pytest.raises(EMMError, match=r"pool model\(s\) 'marital-wd' \(WideDeep, factory\) have no point where a "
                                            r"single tensor carries everything downstream.*either decompose.align"):
             decompose_stage("census-income", params)
+
+
+# ---- what a factory entry may name: never the standard library's process/file functions -----------------------
+def _marker_kwargs(marker, victim) -> dict[str, dict]:
+    """For each refused factory, kwargs that would leave a trace (a new file, a deleted folder) if it ran."""
+    return {"subprocess:run": {"args": ["touch", str(marker)]},
+            "os:system": {"command": f"touch {marker}"},
+            "shutil:rmtree": {"path": str(victim)},
+            "builtins:eval": {"source": f"open({str(marker)!r}, 'w')"},
+            "operator:call": {"obj": "ignored"},
+            "importlib:import_module": {"name": "this"}}
+
+
+@pytest.mark.parametrize("factory", ["subprocess:run", "os:system", "shutil:rmtree", "builtins:eval",
+                                     "operator:call", "importlib:import_module"])
+def test_standard_library_factories_are_refused_before_they_run(factory, tmp_path, caplog):
+    from emm.models.external import FactoryMember, build_factory_model
+
+    marker, victim = tmp_path / "ran", tmp_path / "keep-me"
+    victim.mkdir()
+    member = FactoryMember(name="evil", task="income", factory=factory, kwargs=_marker_kwargs(marker, victim)[factory],
+                           weights=tmp_path / "w.safetensors")
+    with caplog.at_level(logging.INFO, logger="emm"), pytest.raises(EMMError) as info:
+        build_factory_model(member)
+    message = str(info.value)
+    assert f"pool model 'evil': factory {factory!r}" in message and "standard library" in message, message
+    assert not marker.exists() and victim.is_dir()  # nothing ran
+    assert "calling factory" not in caplog.text
+
+
+def test_a_factory_that_re_exports_a_standard_library_function_is_refused(tmp_path, monkeypatch):
+    """Named through a user module (``from subprocess import run as build``): refused by what the object is."""
+    from emm.models.external import FactoryMember, build_factory_model
+
+    (tmp_path / "sneaky_factory.py").write_text("from subprocess import run as build\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    marker = tmp_path / "ran"
+    member = FactoryMember(name="sneaky", task="income", factory="sneaky_factory:build",
+                           kwargs={"args": ["touch", str(marker)]}, weights=tmp_path / "w.safetensors")
+    with pytest.raises(EMMError, match=r"pool model 'sneaky': factory 'sneaky_factory:build' is subprocess\.run.*"
+                                       r"standard library"):
+        build_factory_model(member)
+    assert not marker.exists()
+
+
+def test_a_factory_entry_naming_subprocess_stops_pretrain(census_small_data, tmp_path, tabular_weights):
+    marker = tmp_path / "ran"
+    entry = factory_entry(tabular_weights()) | {"factory": "subprocess:run", "kwargs": {"args": ["touch", str(marker)]}}
+    refused(tmp_path / "p", census_small_data, entry, tmp_path / "mlruns",
+            r"pool model 'mine': factory 'subprocess:run' is in Python's standard library")
+    assert not marker.exists()
+
+
+def test_a_user_factory_is_called_and_said(census_small_data, tabular_weights, caplog):
+    from emm.models.external import FactoryMember, build_factory_model
+
+    kwargs = {"data_dir": str(census_small_data)}
+    member = FactoryMember(name="mine", task="income", factory=f"{USER_MODULE}:tabular", kwargs=kwargs,
+                           weights=tabular_weights())
+    with caplog.at_level(logging.INFO, logger="emm"):
+        model = build_factory_model(member)
+    assert isinstance(model, torch.nn.Module) and not model.training
+    assert f"pool model 'mine': calling factory {USER_MODULE}:tabular(**{kwargs})" in caplog.text

@@ -49,6 +49,8 @@ def evaluated(census_small_data, tmp_path_factory):
          FuseConfig(train=TRAIN), DecomposeConfig(), progress=False)
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({"paths": {"artifacts": str(root / "artifacts")},
+                                      "pretrain": {"train": TRAIN.model_dump(mode="json"),  # the pool's own params
+                                                   "pool": {"census-income": POOL}},
                                       "tracking": {"store": str(root / "mlruns"), "log_models": False}}))
     mp = pytest.MonkeyPatch()
     mp.setattr("emm.cli.console", Console(width=250))  # the table unwrapped, into CliRunner's stdout

@@ -10,6 +10,8 @@ On a tiny registry built by the real CLI (``tiny_registry``: two fuses of one po
   and an unknown format.
 A second fused variant (donor paths kept whole, the pool's own embeddings) is exported through the
 library function: the ops it adds (the donors' DCN and residual blocks, the blend) must export too.
+On a smaller fused model (``tiny_fused``), the file must score a sparse index outside its column's block of
+the table as that column's unseen index, inside the graph (the file is used without EMM's encoder).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.fusion.saved import load_fused
-from emm.pipeline.export import EXPORT_JSON, ONNX_FILE, RTOL, TOLERANCE, export_fused, onnx_logits, onnx_session
+from emm.pipeline.export import EXPORT_JSON, LOGIT_ATOL, ONNX_FILE, RTOL, TOLERANCE, export_fused, onnx_logits, onnx_session
 from emm.io import read_json
 from tests.integration.test_mlflow_ui_promote import DATASET, MODEL, emm, tiny_registry  # noqa: F401 (fixture)
+from tests.integration.test_registry_atomic import tiny_fused  # noqa: F401 (fixture)
 
 
 def emm_fails(args: list[str], registry) -> str:  # noqa: ANN001 - the Registry of the fixture
@@ -59,7 +62,7 @@ def torch_vs_onnx(fused_dir: Path, onnx_path: Path, data_dir: Path) -> tuple[flo
     got = np.concatenate([whole, sevens, singles]).astype(np.float64)
     want = np.concatenate([ref, ref, ref[:20]]).astype(np.float64)
     logit_diff = np.abs(got - want)
-    assert (logit_diff <= TOLERANCE + RTOL * np.abs(want)).all(), logit_diff.max()
+    assert (logit_diff <= LOGIT_ATOL + RTOL * np.abs(want)).all(), logit_diff.max()
     prob_diff = float(np.abs(1 / (1 + np.exp(-got)) - 1 / (1 + np.exp(-want))).max())
     assert prob_diff <= TOLERANCE
     return float(logit_diff.max()), prob_diff
@@ -122,3 +125,36 @@ def test_donor_residual_reuse_variant_exports_exactly(tiny_registry, tmp_path):
     logits, probs = torch_vs_onnx(tmp_path / "fused", tmp_path / "export" / ONNX_FILE, reg.data_dir)
     print(f"donor_residual/reuse, onnxruntime vs torch on the test split: max abs difference {logits:.3g} "
           f"(logits), {probs:.3g} (probabilities)")
+
+
+def test_out_of_range_indices_score_as_unseen(tiny_fused, tmp_path):  # noqa: F811 (fixture)
+    """The file stands alone: an index outside its column's block of the one table (-1, the previous feature's
+    last index, the next feature's first, past the whole table) scores exactly as that column's unseen index
+    (its offset), inside onnxruntime, while in-range rows keep torch's scores."""
+    report, _ = export_fused(DATASET, tiny_fused.data_dir, tiny_fused.fused_dir, tmp_path / "export")
+    assert report.max_abs_diff_probability <= TOLERANCE
+    schema = Schema.load(tiny_fused.data_dir)
+    rows = load_split(tiny_fused.data_dir, "test", schema).head(16)
+    sparse, dense = rows.sparse.numpy(), rows.dense.numpy()
+    offset = np.array([f.offset for f in schema.sparse], dtype=np.int64)
+    end = offset + np.array([f.vocab_size for f in schema.sparse], dtype=np.int64)  # one past each column
+    session = onnx_session(tmp_path / "export" / ONNX_FILE, threads=1)
+    columns = np.arange(schema.n_sparse)
+    unseen = sparse.copy()
+    unseen[:, columns] = offset
+    want = onnx_logits(session, unseen, dense)
+    model, _ = load_fused(tiny_fused.fused_dir, schema)
+    with torch.no_grad():
+        torch_unseen = model(torch.from_numpy(unseen), torch.from_numpy(dense)).numpy()
+    np.testing.assert_allclose(want, torch_unseen, rtol=RTOL, atol=LOGIT_ATOL)
+    bad_values = {"-1": np.full_like(offset, -1), "offset - 1": offset - 1, "offset + vocab": end,
+                  "past the table": np.full_like(offset, schema.total_vocab + 7), "huge": np.full_like(offset, 2 ** 62)}
+    for kind, values in bad_values.items():
+        bad = sparse.copy()
+        bad[:, columns] = values
+        np.testing.assert_array_equal(onnx_logits(session, bad, dense), want, err_msg=kind)
+    # one bad column at a time: the others keep their own values
+    for j in (0, schema.n_sparse // 2, schema.n_sparse - 1):
+        bad, expected = sparse.copy(), sparse.copy()
+        bad[:, j], expected[:, j] = end[j], offset[j]
+        np.testing.assert_array_equal(onnx_logits(session, bad, dense), onnx_logits(session, expected, dense))

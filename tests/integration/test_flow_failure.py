@@ -95,7 +95,7 @@ def test_cache_keys_follow_their_inputs(project):
     profile["fuse"]["tower"] = [6]
     params.write_text(yaml.safe_dump(profile))
     fused = {s: stage_cache_key("census-income", params, s, "income-mlp") for s in STAGES}
-    assert [s for s in fused if fused[s] != moved[s]] == ["fuse", "evaluate"]
+    assert [s for s in fused if fused[s] != moved[s]] == ["fuse", "evaluate", "export"]
     (project / "data" / "census-income" / "census-income.test.gz").write_bytes(b"")  # other raw bytes
     assert stage_cache_key("census-income", params, "ingest") != keys["ingest"]
 

@@ -9,8 +9,8 @@ have put ``champion`` there. Then the registry (MlflowClient) and ``emm predict`
 scores exactly like ``models:/emm-census-income/1`` and unlike version 2.
 
 Needs Debian's ``chromium`` (/usr/bin/chromium, or EMM_CHROMIUM=PATH) and the ``playwright`` package: both
-are installed by scripts/setup.sh (the dev extra; Playwright cannot download its own browser offline, so it
-drives the system one). A missing browser fails the test with that message: it is part of CI, never skipped.
+are installed by the test command (scripts/browser.sh the browser, scripts/setup.sh the dev extra; Playwright
+cannot download its own browser offline, so it drives the system one). A missing browser fails the test with that message: it is part of CI, never skipped.
 Screenshots go to the test's tmp dir: ``ui-failure.png`` when the UI step fails, ``ui-alias-set.png`` at the end.
 """
 
@@ -112,7 +112,7 @@ def add_alias_in_ui(base: str, version: str, alias: str, shots: Path) -> None:
     except ImportError:
         pytest.fail("the playwright package is missing: run `bash scripts/setup.sh` (it is in the dev extra)")
     if not CHROMIUM.is_file():
-        pytest.fail(f"no Chromium at {CHROMIUM}: `bash scripts/setup.sh` installs Debian's `chromium` with apt-get "
+        pytest.fail(f"no Chromium at {CHROMIUM}: `bash scripts/browser.sh` (part of the test command) installs Debian's `chromium` with apt-get "
                     f"(as root); elsewhere install a Chromium and set EMM_CHROMIUM=/path/to/it")
     events: list[str] = []
     with sync_playwright() as pw:

@@ -7,7 +7,9 @@ makes the challenger champion, and ``mlflow models serve -m models:/emm-census-i
 checked closed). Raw UCI test rows, as a user's pandas reads them (integer dense values, text
 elsewhere, the label columns too), are posted as MLflow's ``dataframe_split`` JSON, in one request and
 one row at a time; the answers must equal ``emm predict`` on the same rows, and a request missing a
-required column must be refused with a 4xx that names it.
+required column must be refused with a 4xx that names it. A request with bad rows (``"forty"`` for age, a
+missing value) is refused whole with a 400 whose message names every bad row and its column, and no
+traceback or file path of the server.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 
 from emm.data.spec import resolve_dataset
 from emm.tracking.processes import free_port, model_server_args, running_server
-from tests.conftest import write_head
+from tests.conftest import REPO, write_head
 from tests.integration.test_mlflow_ui_promote import DATASET, MODEL, emm, tiny_registry  # noqa: F401
 
 ROWS = 120
@@ -72,6 +74,10 @@ def test_served_champion_scores_raw_rows_like_emm_predict(tiny_registry, census_
             assert one.status_code == 200, one.text
             singles.append(pd.DataFrame(one.json()["predictions"]))
         missing = post_split(base, rows.drop(columns=["education"]))
+        bad = rows.head(6).astype({"age": object})
+        bad.loc[1, "age"] = "forty"
+        bad.loc[4, "education"] = ""
+        refused = post_split(base, bad)
     assert list(served.columns) == ["score_income", "score_marital"] and len(served) == ROWS
     cols = ["score_income", "score_marital"]
     np.testing.assert_allclose(served[cols].to_numpy(), expected[cols].to_numpy(), rtol=1e-6, atol=1e-7)
@@ -79,3 +85,10 @@ def test_served_champion_scores_raw_rows_like_emm_predict(tiny_registry, census_
                                rtol=1e-6, atol=1e-7)
     assert served[cols].std().min() > 1e-4  # the rows score differently: a real model answered
     assert 400 <= missing.status_code < 500 and "education" in missing.text, (missing.status_code, missing.text[:500])
+    assert refused.status_code == 400, (refused.status_code, refused.text[:2000])
+    body = refused.json()
+    assert "stack_trace" not in body, body
+    assert "2 of 6 rows cannot be scored, so none was: row 1: 'age' is not a number; row 4: missing value in " \
+           "'education'" in body["message"], body["message"]
+    for leak in (str(REPO), str(reg.project), "site-packages", ".py", "Traceback", "File \""):
+        assert leak not in refused.text, (leak, refused.text[:2000])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.fusion.options import DecomposeConfig
-from emm.io import atomic_file, digest, read_json, write_json
+from emm.io import atomic_file, digest, inside, read_json, remove_tree, write_json
 from emm.train.lightgbm_row import lightgbm_per_task
 from emm.models.baselines.registry import build_baseline
 from emm.models.pool import PoolEntry
@@ -120,9 +119,10 @@ def run_job(job: Job, signature: str) -> dict[str, Any]:
     started_file = job.result_path.with_suffix(".started")
     started_file.parent.mkdir(parents=True, exist_ok=True)
     resume = started_file.exists() and started_file.read_text() == signature
-    if not resume and job.work_dir.exists():
-        shutil.rmtree(job.work_dir)
-    job.work_dir.mkdir(parents=True, exist_ok=True)
+    own = Path(job.seed_dir) / "work"  # every job's folder lies here: a method name never reaches outside it
+    if not resume:
+        remove_tree(job.work_dir, own)
+    inside(job.work_dir, own).mkdir(parents=True, exist_ok=True)
     started_file.write_text(signature)
     t0 = time.perf_counter()
     result = RUNNERS[job.kind](job, resume)

@@ -1,0 +1,99 @@
+"""The output head (``output``): what the fused model returns on top of its per-task towers.
+
+``tower`` (the paper): the towers' logits, nothing else.
+``donor_residual``: each task's frozen donors kept whole (``emm.fusion.blend``: why, and the modules), their
+    per-task blend, plus the towers as a residual whose last layer starts at zero, so at step 0 the fused
+    model *is* the blend. Its ``prepare`` fits the blend as the donor stack on validation rows.
+
+A head builds the modules it needs (registered on the model under the names it returns: the state-dict names)
+and is handed the model back to run them. The model is ``emm.fusion.fused.FusedModel``, typed ``Any`` here
+because that module imports this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from emm.errors import EMMError
+from emm.fusion.blend import DonorBlend, DonorPaths, fit_stack
+from emm.fusion.decompose import Plan
+from emm.fusion.recipes.base import Recipe, Registry
+
+
+class OutputHead(Recipe):
+    """What the fused model's logits are, given its towers' logits."""
+
+    def build(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str],
+              towers: nn.ModuleList) -> dict[str, nn.Module]:
+        """The head's own modules, by the attribute name the model keeps them under (may adjust ``towers``)."""
+        return {}
+
+    def logits(self, model: Any, towers: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
+        """``[B, T]``: the model's output from its towers' ``[B, T]``."""
+        return towers
+
+    def donor_logits(self, model: Any, sparse: Tensor, dense: Tensor) -> Tensor:
+        """``[B, n_models]``: every donor's own logit, for a head that keeps the donors."""
+        raise EMMError(f"this fused model keeps no donors (output={self.name!r}); build it with "
+                       "output='donor_residual'")
+
+    def pool_modules(self, model: Any) -> list[nn.Module]:
+        """Pool-derived modules of the head that a fine-tune phase thaws (``FusedModel.unfreeze_pool``)."""
+        return []
+
+    def prepare(self, model: Any, sparse: Tensor, dense: Tensor, labels: Tensor, *,
+                batch_size: int = 65536) -> dict[str, dict[str, float]] | None:
+        """Fit what the head fits on held-out rows before training; a record for ``fused.json``, or None when
+        the head has nothing to fit."""
+        return None
+
+
+OUTPUTS: Registry[OutputHead] = Registry("output", OutputHead)
+
+
+@OUTPUTS.register("tower")
+class TowerOutput(OutputHead):
+    pass
+
+
+@OUTPUTS.register("donor_residual")
+class DonorResidualOutput(OutputHead):
+    """Owns ``donors`` (``DonorPaths``) and ``blend`` (``DonorBlend``) on the model."""
+
+    def build(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str],
+              towers: nn.ModuleList) -> dict[str, nn.Module]:
+        modules = {"donors": DonorPaths(plan), "blend": DonorBlend(model_tasks, task_names)}
+        for tower in towers:  # the residual starts at zero: at step 0 the model is the donors' blend
+            nn.init.zeros_(tower.net[-1].weight)
+            nn.init.zeros_(tower.net[-1].bias)
+        return modules
+
+    def logits(self, model: Any, towers: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
+        return towers + model.blend(self.donor_logits(model, sparse, dense))
+
+    def donor_logits(self, model: Any, sparse: Tensor, dense: Tensor) -> Tensor:
+        return model.donors(sparse, dense)
+
+    def pool_modules(self, model: Any) -> list[nn.Module]:
+        return [model.donors]
+
+    @torch.no_grad()
+    def prepare(self, model: Any, sparse: Tensor, dense: Tensor, labels: Tensor, *,
+                batch_size: int = 65536) -> dict[str, dict[str, float]]:
+        """The blend set to the donor stack fitted on these (validation) rows; ``labels`` ``[N, T]`` in the
+        model's task order. Returns the fitted weights per task, named by donor. Deterministic, so every DDP
+        rank given the same rows fits the same blend."""
+        blend, donors = model.blend, model.donors
+        logits = torch.cat([donors(sparse[i:i + batch_size], dense[i:i + batch_size])
+                            for i in range(0, len(sparse), batch_size)]).cpu().numpy()
+        fitted = {}
+        for t, task in enumerate(model.task_names):
+            members = torch.nonzero(blend.mask[t]).flatten().tolist()
+            weights, bias = fit_stack(logits[:, members], labels[:, t].cpu().numpy())
+            blend.set_task(t, weights, bias)
+            fitted[task] = {**{model.model_names[i]: float(w) for i, w in zip(members, weights)}, "bias": bias}
+        return fitted
