@@ -39,7 +39,7 @@ from emm.data.spec import resolve_dataset
 from emm.data.tensors import frame_to_tensors
 from emm.fusion.saved import FUSED_WEIGHTS, load_fused
 from emm.io import read_json, sha256_file
-from emm.pipeline.export import EXPORT_JSON, ONNX_FILE, export_onnx, onnx_logits, onnx_session
+from emm.pipeline.export import EXPORT_JSON, ONNX_FILE, UnseenGuard, export_onnx, onnx_logits, onnx_session
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import load_params
 from emm.train.lightgbm_row import DEFAULT_PARAMS
@@ -75,14 +75,17 @@ def train_lightgbm(data_dir: Path, schema: Schema, threads: int, seed: int = 202
     return features, boosters
 
 
-def onnx_file(cfg: Any, dataset: str, model: torch.nn.Module, example: tuple[torch.Tensor, torch.Tensor],
-              tmp: Path) -> tuple[Path, str]:
-    """``export/fused.onnx`` if it was made from the current fused weights, else a fresh export in ``tmp``."""
+def onnx_file(cfg: Any, dataset: str, model: torch.nn.Module, schema: Schema,
+              example: tuple[torch.Tensor, torch.Tensor], tmp: Path) -> tuple[Path, str]:
+    """``export/fused.onnx`` if it was made from the current fused weights (and maps out-of-range indices, as
+    every ``emm export`` file now does), else a fresh export of the same graph in ``tmp``."""
     export_dir, fused_dir = stage_dir(cfg, dataset, "export"), stage_dir(cfg, dataset, "fused")
     if (export_dir / EXPORT_JSON).is_file():
-        if read_json(export_dir / EXPORT_JSON).get("fused_weights_sha256") == sha256_file(fused_dir / FUSED_WEIGHTS):
+        record = read_json(export_dir / EXPORT_JSON)
+        if record.get("fused_weights_sha256") == sha256_file(fused_dir / FUSED_WEIGHTS) \
+                and record.get("sparse_out_of_range") == "unseen":
             return export_dir / ONNX_FILE, f"{export_dir / ONNX_FILE} (emm export)"
-    export_onnx(model, tmp / ONNX_FILE, example)
+    export_onnx(UnseenGuard(model, schema), tmp / ONNX_FILE, example)
     return tmp / ONNX_FILE, "exported here (no export/ of these fused weights)"
 
 
@@ -119,7 +122,8 @@ def main() -> None:
     features, boosters = train_lightgbm(data_dir, schema, args.threads)
     lgb_input = encoded[features]
     with tempfile.TemporaryDirectory() as tmp:
-        path, where = onnx_file(cfg, args.dataset, model, (tensors.sparse[:64], tensors.dense[:64]), Path(tmp))
+        example = (tensors.sparse[:64], tensors.dense[:64])
+        path, where = onnx_file(cfg, args.dataset, model, schema, example, Path(tmp))
         session = onnx_session(path, threads=args.threads)
         sparse_np, dense_np = tensors.sparse.numpy(), tensors.dense.numpy()
         sides = {

@@ -94,6 +94,8 @@ def read_chunks(path: Path, needed: list[str], layout: RawLayout | None = None,
     """The input rows, ``chunk_rows`` at a time (Parquet in its own dtypes, CSV as text); a file that cannot
     be read, at its start or further down, is an ``EMMError`` naming it."""
     path = Path(path)
+    if path.is_dir():  # refuse_unsafe_output says so first when predict_file calls this
+        raise EMMError(f"input {path} is a folder; name the CSV or Parquet file to score")
     if not path.is_file():
         raise EMMError(f"input file {path} does not exist")
     if chunk_rows < 1:
@@ -219,6 +221,8 @@ def refuse_unsafe_output(input_path: Path, output_path: Path) -> None:
     ``--input r2.rejected.csv --output r2.csv`` to score fixed rejects again), the input would be replaced
     or deleted. A folder in the output's place would fail only after the whole input was scored."""
     source, output = Path(input_path), Path(output_path)
+    if source.is_dir():
+        raise EMMError(f"input {source} is a folder; name the CSV or Parquet file to score")
     rejects = rejects_path(output)
     instead = source.with_name(f"{source.stem}-scores{output.suffix}")
     if _same_file(output, source):

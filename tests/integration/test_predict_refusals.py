@@ -109,6 +109,8 @@ def test_an_output_that_is_a_folder_is_a_user_error(logged, rows, tmp_path):
         predict_stage(uri, tmp_path / "in.csv", tmp_path / "file" / "out.csv", params)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.csv", "out.rejected.csv", "scores"]
     assert not any((tmp_path / "scores").iterdir())
+    with pytest.raises(EMMError, match=r"input .*scores is a folder; name the CSV or Parquet file"):
+        predict_stage(uri, tmp_path / "scores", tmp_path / "out2.csv", params)  # the input a folder
 
 
 def test_fixed_rejects_scored_again(logged, rows, tmp_path):

@@ -70,3 +70,14 @@ def test_names_that_differ_only_in_case_are_one_name():
 
 def test_distinct_names_pass_the_duplicate_check():
     assert [s.name for s in specs("m", "m2", "n")] == ["m", "m2", "n"]
+
+
+def test_the_benchmark_pool_is_checked_like_the_pretrain_pool():
+    """The benchmark builds its pool from pretrain.pool too: a bad name is the same EMMError, not pydantic's."""
+    from emm.pipeline.experiments.runner import parse_builtin
+
+    with pytest.raises(EMMError, match=r"pretrain\.pool\.census-income\[1\].*'\.\./x'"):
+        parse_builtin({"name": "../x", "task": "income", "arch": "mlp"}, "pretrain.pool.census-income[1]")
+    with pytest.raises(EMMError, match="built-in entries"):
+        parse_builtin({"name": "m", "task": "income", "uri": "models:/m/1"}, "pretrain.pool.census-income[0]")
+    assert parse_builtin({"name": "m", "task": "income", "arch": "mlp", "hidden": [4]}, "x").name == "m"

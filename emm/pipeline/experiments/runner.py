@@ -20,6 +20,7 @@ from emm.data.schema import Schema
 from emm.data.spec import resolve_dataset
 from emm.errors import EMMError
 from emm.fusion.options import ABLATIONS
+from emm.models.external import parse_member
 from emm.models.single_task import ModelSpec
 from emm.pipeline.experiments.data import prepare_task_set, task_set_key
 from emm.pipeline.experiments.jobs import PRIORITY, Job, cached_result, describe, init_worker, run_job
@@ -60,6 +61,15 @@ def benchmark_pool(dataset: str, cfg: Params, schema: Schema) -> list[dict[str, 
     return configured + (default_pool(missing, spine) if missing else [])
 
 
+def parse_builtin(raw: dict[str, Any], where: str) -> ModelSpec:
+    """A benchmark pool entry, checked like ``emm pretrain`` checks it (name, fields), built-in only."""
+    member = parse_member(raw, where)
+    if not isinstance(member, ModelSpec):
+        raise EMMError(f"{where} ({member.name!r}) is an outside model; the benchmark trains every pool member "
+                       "itself on each seed, so its pool takes built-in entries (`arch:`) only")
+    return member
+
+
 # fuse settings added after results were stored, each with its "off" value: a job's config leaves such a
 # setting out while it is off, so the fused jobs stored before it existed (the same work) stay reusable
 FUSE_ADDED_OFF = {"distill": 0.0}
@@ -86,7 +96,8 @@ def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict
         seeds = prof.seeds if is_main else prof.seeds[:prof.task_set_seeds]
         baselines = prof.baselines if is_main else [b for b in prof.task_set_methods if b in BASELINE_NAMES]
         ablations = [a for a in ABLATIONS if a in prof.ablations or a == "full"] if is_main else ["full"]
-        specs = [ModelSpec.model_validate(with_numeric(s, cfg.pretrain)) for s in benchmark_pool(dataset, cfg, schema)]
+        specs = [parse_builtin(with_numeric(s, cfg.pretrain), f"pretrain.pool.{dataset}[{i}]")
+                 for i, s in enumerate(benchmark_pool(dataset, cfg, schema))]
         if prof.numeric:  # the profile's encoding for every model alike
             specs = [s.model_copy(update={"numeric": prof.numeric}) for s in specs]
         encoding = prof.numeric or cfg.pretrain.numeric
