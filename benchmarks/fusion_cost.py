@@ -39,7 +39,7 @@ from torch import nn
 
 from emm.data.schema import Schema
 from emm.data.tensors import SplitTensors, load_split
-from emm.fusion.fused import build_fused
+from emm.fusion.procedure import FusePlan, FuseRunner
 from emm.models.baselines.registry import build_baseline
 from emm.pipeline.decompose import load_pool_plan
 from emm.pipeline.fuse import fuse
@@ -105,15 +105,15 @@ def fit_fused(cfg: Params, dataset: str) -> dict[str, Any]:
 
 
 def fresh_fused(cfg: Params, dataset: str, schema: Schema) -> nn.Module:
+    """The fused model the fuse stage starts from (the fuse runner builds it, seeded alike), untrained."""
     plan, entries = load_pool_plan(stage_dir(cfg, dataset, "data"), stage_dir(cfg, dataset, "pool"),
                                    stage_dir(cfg, dataset, "components"), cfg.decompose)
-    torch.manual_seed(cfg.fuse.train.seed)
-    return build_fused(plan, [e.task for e in entries], schema.task_names, cfg.fuse.akf, schema)
+    return FuseRunner(FusePlan.from_options(cfg.fuse), plan, [e.task for e in entries], schema, progress=False).model
 
 
 def epoch_rate(trainer: Trainer, data: SplitTensors, epoch: int) -> float:
     started = time.perf_counter()
-    trainer._run_epoch(data, epoch=epoch)
+    trainer.train_epoch(data, epoch=epoch)
     return len(data) / (time.perf_counter() - started)
 
 
@@ -204,14 +204,7 @@ def step_breakdown(model: nn.Module, data: SplitTensors, cfg: TrainConfig, steps
 
 def profile_step(model: nn.Module, data: SplitTensors, cfg: TrainConfig, steps: int = 20, top: int = 14) -> str:
     """torch.profiler's operator table (self CPU time) over ``steps`` of the Trainer's own loop."""
-    from torch.profiler import ProfilerActivity, profile
-
-    trainer = Trainer(model, cfg, progress=False, desc="fused")
-    sub = data.head(steps * cfg.batch_size)
-    trainer._run_epoch(sub, epoch=90)  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer._run_epoch(sub, epoch=91)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    return Trainer(model, cfg, progress=False, desc="fused").profile_epoch(data, steps, epoch=90, top=top)
 
 
 def main() -> None:

@@ -4,9 +4,10 @@ Why: the donors are scored on their own training rows when the fused model train
 rows they look better than they are (Census: train AUC well above validation AUC), so whatever the AKF
 levels and the blend learn on train rows is fitted to in-sample donor outputs. The donor stack, fitted on
 validation rows, does not have that problem. This probe fuses each seed's pool (the `emm benchmark` work
-folder of the default profile) with the params file's ``fuse`` settings, but fitted on half of the
-validation split (a seeded random half: the stack is fitted there too) and early-stopped on the other
-half; test rows are untouched. It prints, per task and against the same seed's models on the same test
+folder of the default profile) with the params file's ``fuse`` settings (the fuse stage's own plan and
+runner, ``emm.fusion.procedure``: its phases and target included), but fitted on half of the validation
+split (a seeded random half: the stack is fitted there too) and early-stopped on the other half; test rows
+are untouched. It prints, per task and against the same seed's models on the same test
 rows, paired bootstrap 95% CIs (1,000 resamples of test rows, pooled over seeds) of
 
     held-out EMM − donor stack (fitted on all validation rows, Table I's row)
@@ -29,14 +30,17 @@ import torch
 
 from emm.data.schema import Schema
 from emm.data.tensors import SplitTensors, load_split
-from emm.fusion.blend import fit_blend
-from emm.fusion.fused import build_fused
+from emm.fusion.decompose import Plan
+from emm.fusion.fused import FusedModel
+from emm.fusion.options import FuseOptions
+from emm.fusion.procedure import FusePlan, FuseRunner
 from emm.pipeline.decompose import load_pool_plan
 from emm.pipeline.experiments.paired import best_key, collect
 from emm.pipeline.params import load_params
-from emm.train.compare import paired_auc_cis, predict_logits
+from emm.train.compare import paired_auc_cis
+from emm.train.predict import predict_logits
 from emm.train.metrics import auc
-from emm.train.trainer import Trainer
+from emm.train.trainer import FitResult
 
 from benchmarks.train_throughput import load_average
 
@@ -49,6 +53,19 @@ def halves(rows: SplitTensors, seed: int) -> tuple[SplitTensors, SplitTensors]:
     def take(idx: torch.Tensor) -> SplitTensors:
         return SplitTensors(rows.sparse[idx], rows.dense[idx], rows.labels[idx], rows.task_names)
     return take(fit), take(stop)
+
+
+def fuse_held_out(options: FuseOptions, decomposition: Plan, model_tasks: list[str], schema: Schema, seed: int,
+                  fit_rows: SplitTensors, stop_rows: SplitTensors,
+                  prepare_rows: SplitTensors | None = None) -> tuple[FusedModel, FitResult]:
+    """The fuse procedure as the stage runs it (``FusePlan.from_options`` + ``FuseRunner``, the train seed set to
+    ``seed``), fitted on ``fit_rows`` and early-stopped on ``stop_rows``, without checkpoints. The output head is
+    prepared on ``prepare_rows`` (default: the fit rows)."""
+    options = options.model_copy(update={"train": options.train.model_copy(update={"seed": seed})})
+    runner = FuseRunner(FusePlan.from_options(options), decomposition, model_tasks, schema, progress=False,
+                        desc=f"held-out seed {seed}")
+    runner.prepare(lambda: fit_rows if prepare_rows is None else prepare_rows)
+    return runner.model, runner.train(fit_rows, stop_rows).fit
 
 
 def main() -> None:
@@ -71,23 +88,18 @@ def main() -> None:
     scores = collect(results, tasks_key, schema.task_names)
     if scores is None:
         raise SystemExit(f"no stored scores under {work}: run `emm benchmark {args.dataset}` first")
-    print(f"{args.dataset}: fuse {cfg.fuse.akf.model_dump()}; fitted on half of {len(val):,} val rows, "
+    fuse_plan = FusePlan.from_options(cfg.fuse)
+    print(f"{args.dataset}: fuse {cfg.fuse.akf.model_dump()}, phases {[p.name for p in fuse_plan.phases]}, target "
+          f"{fuse_plan.target}; fitted on half of {len(val):,} val rows, "
           f"early-stopped on the other half; seeds {seeds}; {load_average()}")
     held: dict[int, np.ndarray] = {}
     for seed in seeds:
         seed_dir = work / f"seed-{seed}"
         plan, entries = load_pool_plan(data_dir, seed_dir / "pool", seed_dir / "components", cfg.decompose)
-        torch.manual_seed(seed)
-        model = build_fused(plan, [e.task for e in entries], schema.task_names, cfg.fuse.akf, schema)
         fit_rows, stop_rows = halves(val, seed)
-        if model.blend is not None and cfg.fuse.blend_init == "stack":
-            fit_blend(model, fit_rows.sparse, fit_rows.dense, fit_rows.labels)
-        train_cfg = cfg.fuse.train.model_copy(update={"seed": seed})
-        trainer = Trainer(model, train_cfg, progress=False, desc=f"held-out seed {seed}",
-                          score_start=model.blend is not None)
         started = time.perf_counter()
-        fit = trainer.fit(fit_rows, stop_rows)
-        held[seed] = predict_logits(model, test, train_cfg.eval_batch_size)
+        model, fit = fuse_held_out(cfg.fuse, plan, [e.task for e in entries], schema, seed, fit_rows, stop_rows)
+        held[seed] = predict_logits(model, test, cfg.fuse.train.eval_batch_size)
         aucs = {t: round(auc(test.labels[:, i].numpy(), held[seed][:, i]), 5) for i, t in enumerate(schema.task_names)}
         print(f"  seed {seed}: best epoch {fit.best_epoch} of {fit.epochs_run}, {time.perf_counter() - started:.0f} s, "
               f"test AUC {aucs}")

@@ -9,9 +9,9 @@ the medians are reported as rows/s, with ratios, and end to end (encoding includ
 - torch eager: the saved fused model (``fused/``), ``predict_proba`` (sigmoid included), batch ``--batch-size``.
 - onnxruntime: ``export/fused.onnx`` when it was exported from these fused weights (``emm export``),
   else exported here into a temporary folder; logits -> sigmoid, same batch size.
-- LightGBM: one booster per task, trained here exactly as the benchmark's LightGBM row trains them
-  (``emm.train.lightgbm_row``: its parameters, features and early stopping); scoring both tasks is
-  one row's work.
+- LightGBM: one booster per task, trained here by the benchmark's LightGBM row itself
+  (``emm.train.lightgbm_row.lightgbm_per_task``: its parameters, features and early stopping); scoring
+  both tasks is one row's work.
 Every side gets ``--threads`` threads. The ONNX-vs-torch max abs difference is over the same rows.
 
     python -m benchmarks.score_speed [--dataset census-income] [--rows 50000] [--rounds 3] [--threads 2]
@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -42,8 +41,8 @@ from emm.io import read_json, sha256_file
 from emm.pipeline.export import EXPORT_JSON, ONNX_FILE, UnseenGuard, export_onnx, onnx_logits, onnx_session
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import load_params
-from emm.train.lightgbm_row import DEFAULT_PARAMS
-from emm.train.trainer import predict_proba
+from emm.train.lightgbm_row import lightgbm_features, lightgbm_per_task
+from emm.train.predict import predict_proba
 
 from benchmarks.train_throughput import load_average
 
@@ -54,25 +53,6 @@ def raw_rows(cfg: Any, dataset: str, rows: int) -> pd.DataFrame:
     path = resolve_file(Path(cfg.paths.raw_root) / dataset, spec.files["test"])
     return pd.read_csv(path, header=None, names=spec.columns, sep=spec.delimiter, dtype=str, nrows=rows,
                        keep_default_na=False, skipinitialspace=True)
-
-
-def train_lightgbm(data_dir: Path, schema: Schema, threads: int, seed: int = 2026) -> tuple[list[str], list[Any]]:
-    """One booster per task, as ``lightgbm_per_task`` trains them (its features, parameters, early stopping)."""
-    import lightgbm as lgb
-
-    categorical = [f.name for f in schema.sparse if f.bucket_of is None]
-    features = categorical + [f.name for f in schema.dense]
-    frames = {s: pq.read_table(Path(data_dir) / f"{s}.parquet").to_pandas() for s in ("train", "val")}
-    boosters = []
-    for task in schema.task_names:
-        train = lgb.Dataset(frames["train"][features], frames["train"][task], categorical_feature=categorical,
-                            free_raw_data=False)
-        val = lgb.Dataset(frames["val"][features], frames["val"][task], reference=train,
-                          categorical_feature=categorical)
-        boosters.append(lgb.train({**DEFAULT_PARAMS, "num_threads": threads, "seed": seed, "metric": "auc"}, train,
-                                  num_boost_round=2000, valid_sets=[val],
-                                  callbacks=[lgb.early_stopping(50, verbose=False)]))
-    return features, boosters
 
 
 def onnx_file(cfg: Any, dataset: str, model: torch.nn.Module, schema: Schema,
@@ -119,8 +99,8 @@ def main() -> None:
         seconds, (encoded, tensors) = timed(lambda: (lambda e: (e, frame_to_tensors(e, schema, with_labels=False)))(
             encoder.transform(rows, source="raw rows", first_line=None)))
         encode_s.append(seconds)
-    features, boosters = train_lightgbm(data_dir, schema, args.threads)
-    lgb_input = encoded[features]
+    boosters = [row["booster"] for row in lightgbm_per_task(data_dir, params={"num_threads": args.threads}).values()]
+    lgb_input = encoded[lightgbm_features(schema)[1]]
     with tempfile.TemporaryDirectory() as tmp:
         example = (tensors.sparse[:64], tensors.dense[:64])
         path, where = onnx_file(cfg, args.dataset, model, schema, example, Path(tmp))

@@ -164,19 +164,13 @@ def loader_only(loader: Any, rows: int) -> float:
 def emm_epoch(trainer: Trainer, data: SplitTensors, epoch: int) -> float:
     """One epoch of EMM's trainer (its own training loop, as ``fit`` runs it): samples/s."""
     started = time.perf_counter()
-    trainer._run_epoch(data, epoch=epoch)
+    trainer.train_epoch(data, epoch=epoch)
     return len(data) / (time.perf_counter() - started)
 
 
 def profile_emm(trainer: Trainer, data: SplitTensors, steps: int = 40, top: int = 12) -> str:
     """torch.profiler over ``steps`` of EMM's training loop: the operators that take the time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    sub = data.head(steps * trainer.cfg.batch_size)
-    trainer._run_epoch(sub, epoch=99)  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer._run_epoch(sub, epoch=100)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    return trainer.profile_epoch(data, steps, epoch=99, top=top)
 
 
 def load_average() -> str:

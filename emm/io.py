@@ -99,12 +99,18 @@ def _owner(final: Path, name: str) -> tuple[str, int] | None:
     return (found.group(1), int(found.group(2))) if found else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid may exist on this host; False only when it certainly does not.
+
+    Callers act (remove a folder, end a run) only on a certain death, so what cannot be told counts as
+    alive: a ``PermissionError`` means the process exists (another user's), and any other ``OSError``
+    leaves the question open.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # e.g. another user's process: it exists
+    except OSError:
         return True
     return True
 
@@ -135,7 +141,7 @@ def _remove_stale_siblings(final: Path) -> None:
             if entry.is_symlink() or not entry.is_dir():
                 continue
             if owner is not None:
-                stale = owner[0] == _host_tag() and not _pid_alive(owner[1])
+                stale = owner[0] == _host_tag() and not pid_alive(owner[1])
             else:
                 stale = bool(legacy.fullmatch(name)) and time.time() - entry.stat().st_mtime > LEGACY_STALE_S
         except OSError:  # vanished meanwhile (another run removed it)

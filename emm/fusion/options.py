@@ -1,4 +1,6 @@
-"""What the fusion library takes: decomposition settings, the AKF options, and the ablation table.
+"""What the fusion library takes: decomposition settings, the AKF options (the architecture), the fuse options
+(the architecture and how it is trained: ``FuseOptions``, which ``emm.fusion.procedure`` turns into a plan), and
+the ablation table.
 
 Why the ablations are one table: Table II's variants are named in the config, built by the fused
 model, ordered by the benchmark and labelled by its report. Each reads this table, so adding or
@@ -21,6 +23,7 @@ from pydantic_core import PydanticCustomError, core_schema
 
 from emm.fusion.recipes import ATTENTIONS, ENTRIES, FUSION_GATES, OUTPUTS, Registry
 from emm.options import Options
+from emm.train.options import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -104,3 +107,27 @@ class AKFOptions(Options):
         default="tower", description="tower = the paper (a fresh tower per task on the last level); "
         "donor_residual = each task's frozen donors whole, blended, plus the AKF towers as a residual that "
         "starts at zero (emm/fusion/blend.py)")
+
+
+class FuseOptions(AKFOptions):
+    """The fuse procedure: the fused model's architecture (``AKFOptions``, what ``fused.json`` records) and how it
+    is trained. ``FusePlan.from_options`` (``emm.fusion.procedure``) reads the training switches once, into the
+    plan's phases and target; the pipeline's ``fuse`` section of params.yaml is this class."""
+
+    blend_init: Literal["mean", "stack"] = Field(
+        default="stack", description="output donor_residual only: the donors' blend starts as their mean, or as "
+        "a logistic regression fitted on their validation logits (the donor stack)")
+    finetune_lr_scale: float | None = Field(
+        default=None, gt=0, le=1, description="after the first early stop (the gates have converged), unfreeze "
+        "the pool's components and donors and train on at lr x this, early-stopped again with the first phase's "
+        "best as a candidate; None = frozen throughout (the paper)")
+    distill: float = Field(
+        default=0.0, ge=0, lt=1, description="knowledge distillation from the pool's donor ensemble (the mean of "
+        "each task's donor logits): the training targets are (1 - distill) x label + distill x the ensemble's "
+        "probability (emm/train/distill.py); 0 = the labels alone (the paper)")
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def akf(self) -> AKFOptions:
+        """The architecture half alone: what the fused model is built from."""
+        return AKFOptions.model_validate(self.model_dump(include=set(AKFOptions.model_fields)))

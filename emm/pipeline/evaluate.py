@@ -37,9 +37,9 @@ from emm.pipeline.decompose import plan_order, stage_pool_signatures
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import TrackingConfig, load_params
 from emm.pipeline.register import register_fused
-from emm.train.compare import ensemble_logits, paired_auc_cis, predict_logits, stack
+from emm.train.compare import ensemble_logits, paired_auc_cis, stack
 from emm.train.metrics import auc, mean_auc, task_metrics
-from emm.train.trainer import predict_proba
+from emm.train.predict import predict_logits, predict_proba
 
 log = logging.getLogger(__name__)
 CI_RESAMPLES, CI_CONFIDENCE, CI_SEED = 1000, 0.95, 0  # one fixed seed: rerunning evaluate gives the same CIs

@@ -1,11 +1,16 @@
-"""Stage 4, ``fuse``: build the AKF model on the saved components, train it (components frozen), write ``fused/``.
+"""Stage 4, ``fuse``: build the AKF model on the saved components, train it, write ``fused/``.
+
+The procedure is the library's (``emm.fusion.procedure``): ``FusePlan.from_options`` reads the ``fuse`` settings
+into phases (components frozen, then optionally a fine-tune) and a target (labels or distillation), and
+``FuseRunner`` executes it; this stage hands it the pool, the rows, the checkpoint folder and the tracker.
 
 What lands in ``fused/`` is described in ``emm.fusion.saved`` (the one loader); this stage adds the
 training record (fit, val/test metrics, gates, the MLflow run) to ``fused.json``.
 
-``--resume`` continues ``fused-work/checkpoint`` only when it was made from the same fuse and decompose
-settings and the same pool and components (``fuse_made_from``): the checkpoint holds the frozen
-components too, so resuming one from an older pool would bring the old pool back into ``fused/``.
+``--resume`` continues ``fused-work/checkpoint`` (and a fine-tune phase's ``checkpoint-finetune``) only when it
+was made from the same fuse and decompose settings and the same pool and components (``fuse_made_from``): the
+checkpoint holds the frozen components too, so resuming one from an older pool would bring the old pool back
+into ``fused/``.
 
 For the same reason the pool is checked and loaded (``load_pool_plan``: digests, signatures, finite
 weights), components cut from another pool are refused, and ``fused.json`` records the pool it was fused
@@ -18,15 +23,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from emm.data.options import ScaleConfig
 from emm.data.schema import Schema
 from emm.data.stream import open_split
 from emm.errors import EMMError
-from emm.fusion.blend import DonorEnsemble, fit_blend
-from emm.fusion.fused import FusedModel, build_fused
+from emm.fusion.fused import FusedModel
 from emm.fusion.options import DecomposeConfig
+from emm.fusion.procedure import FusePlan, FuseRunner
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, architecture
 from emm.io import atomic_dir, digest, provenance, read_json, tree_digest, write_json
 from emm.models.pool import pool_digest
@@ -35,9 +38,8 @@ from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import FuseConfig, load_params
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
-from emm.train.distill import Distillation
 from emm.train.metrics import mean_auc
-from emm.train.trainer import FitResult, Trainer
+from emm.train.trainer import FitResult
 from emm.weights import save_module
 
 log = logging.getLogger(__name__)
@@ -80,30 +82,20 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
     if tasks_without_models:
         raise EMMError(f"task(s) {tasks_without_models} have no model in the pool {[e.name for e in entries]}; "
                        f"add one to pretrain.pool.{dataset} and pretrain again")
-    torch.manual_seed(cfg.train.seed)
-    model = build_fused(plan, [e.task for e in entries], schema.task_names, cfg.akf, schema)
-    blend = None
-    if model.blend is not None and cfg.blend_init == "stack":  # every rank fits on the same (whole) val rows
-        rows = open_split(data_dir, "val", schema, scale).head(STACK_ROWS)
-        blend = fit_blend(model, rows.sparse, rows.dense, rows.labels)
-        log.info("donor blend (stack on %d val rows): %s", len(rows), blend)
+    runner = FuseRunner(FusePlan.from_options(cfg), plan, [e.task for e in entries], schema,
+                        work_dir=Path(work_dir), made_from=fuse_made_from(pool, components_dir, cfg, dcfg),
+                        tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}]")
+    model = runner.model
+    # every rank fits on the same (whole) val rows
+    blend = runner.prepare(lambda: open_split(data_dir, "val", schema, scale).head(STACK_ROWS))
     rank, world = ctx.shard
     train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world) for s in ("train", "val", "test"))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracker.log_params({**cfg.akf.model_dump(), "levels": plan.num_levels, "pool": [e.name for e in entries],
                         "trainable_params": n_trainable, "distill": cfg.distill, **cfg.train.model_dump()})
-    distill = (Distillation(DonorEnsemble(plan, [e.task for e in entries], schema.task_names), cfg.distill)
-               if cfg.distill > 0 else None)
-    trainer = Trainer(model, cfg.train, checkpoint_dir=Path(work_dir) / "checkpoint", fingerprint=schema.fingerprint(),
-                      made_from=fuse_made_from(pool, components_dir, cfg, dcfg), tracker=tracker,
-                      progress=progress, desc=f"fused[{cfg.ablation}]", score_start=model.blend is not None,
-                      distill=distill)
-    fit = trainer.fit(train, val, resume=resume)
-    finetune = None
-    if cfg.finetune_lr_scale is not None:
-        fit, finetune, trainer = _finetune(model, fit, train, val, cfg, schema, work_dir, trainer.made_from,
-                                           tracker=tracker, resume=resume, progress=progress, distill=distill)
-    val_m, test_m = trainer.evaluate(val), trainer.evaluate(test)
+    fitted = runner.train(train, val, resume=resume)
+    fit = fitted.fit
+    val_m, test_m = runner.evaluate(val), runner.evaluate(test)
     tracker.log_metrics({**{f"test_auc_{t}": m["auc"] for t, m in test_m.items()},
                          **{f"best_val_auc_{t}": m["auc"] for t, m in val_m.items()},
                          "mean_test_auc": mean_auc(test_m), "epochs_run": fit.epochs_run})
@@ -117,42 +109,12 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
             "total_params": sum(p.numel() for p in model.parameters()),
             "fit": {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1)},
             "val": val_m, "test": test_m, "mlflow_run_id": tracker.run_id, "gates": model.gate_report(),
-            "blend_init": blend, "history": fit.history, "finetune": finetune, "distill": cfg.distill,
+            "blend_init": blend, "history": fit.history, "finetune": fitted.record("finetune"), "distill": cfg.distill,
             "made_from": {"pool": pool},
             "provenance": provenance(digest(cfg)),
         })
     log.info("fused model: test %s", {t: round(m["auc"], 5) for t, m in test_m.items()})
     return FuseResult(model, fit, val_m, test_m, tracker.run_id)
-
-
-def _finetune(model: FusedModel, first: FitResult, train, val, cfg: FuseConfig, schema: Schema, work_dir: Path,
-              made_from: dict, *, tracker: Tracker, resume: bool, progress: bool,
-              distill: Distillation | None) -> tuple[FitResult, dict, Trainer]:
-    """Phase 2 of linear-probe-then-fine-tune: the pool's parameters thawed, everything at lr x scale.
-
-    The phase starts from phase 1's best weights and scores them first (``score_start``), so early
-    stopping can only hand back a model at least as good on validation as phase 1's. Returns the two
-    phases as one fit (epochs numbered on from phase 1's), a record for ``fused.json``, and the trainer.
-    """
-    thawed = model.unfreeze_pool()
-    train_cfg = cfg.train.model_copy(update={"lr": cfg.train.lr * cfg.finetune_lr_scale})
-    trainer = Trainer(model, train_cfg, checkpoint_dir=Path(work_dir) / "checkpoint-finetune",
-                      fingerprint=schema.fingerprint(), made_from={**made_from, "phase": "finetune"},
-                      tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}] fine-tune",
-                      score_start=True, distill=distill, first_step=first.epochs_run)
-    second = trainer.fit(train, val, resume=resume)
-    offset = first.epochs_run
-    history = first.history + [{**row, "epoch": row["epoch"] + offset, "phase": "finetune"}
-                               for row in second.history if row["epoch"] > 0]
-    best_epoch = first.best_epoch if second.best_epoch == 0 else offset + second.best_epoch
-    record = {"lr": train_cfg.lr, "thawed_params": sum(p.numel() for p in thawed), "first_phase_epochs": offset,
-              "first_phase_best_val_auc": first.best_val_auc, "best_val_auc": second.best_val_auc,
-              "kept": "finetune" if second.best_epoch > 0 else "first phase"}
-    log.info("fine-tune at lr %.2g: %s (val AUC %.5f -> %.5f)", train_cfg.lr, record["kept"], first.best_val_auc,
-             second.best_val_auc)
-    fit = FitResult(best_epoch=best_epoch, best_val_auc=second.best_val_auc, epochs_run=offset + second.epochs_run,
-                    stopped_early=second.stopped_early, seconds=first.seconds + second.seconds, history=history)
-    return fit, record, trainer
 
 
 def fuse_stage(dataset: str, params: Path | str | None = None, *, resume: bool = False, track: bool = True,

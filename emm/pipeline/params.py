@@ -10,7 +10,7 @@ pool lists, tracking, the benchmark). Unknown keys are errors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from emm.data.options import IngestConfig, ScaleConfig, SynthConfig
 from emm.data.spec import DatasetSpec
 from emm.errors import EMMError
-from emm.fusion.options import ABLATIONS, AblationName, AKFOptions, DecomposeConfig
+from emm.fusion.options import ABLATIONS, AblationName, DecomposeConfig, FuseOptions
 from emm.models.embedding import NumericOptions
 from emm.models.baselines.registry import BASELINES
 from emm.options import Options
@@ -60,27 +60,9 @@ class PretrainConfig(Options):
     )
 
 
-class FuseConfig(AKFOptions):
-    """The fuse stage: the fused model's architecture (``AKFOptions``, what ``fused.json`` records) and its
-    training. See emm/fusion/akf.py for what each switch does."""
-
-    blend_init: Literal["mean", "stack"] = Field(
-        default="stack", description="output donor_residual only: the donors' blend starts as their mean, or as "
-        "a logistic regression fitted on their validation logits (the donor stack)")
-    finetune_lr_scale: float | None = Field(
-        default=None, gt=0, le=1, description="after the first early stop (the gates have converged), unfreeze "
-        "the pool's components and donors and train on at lr x this, early-stopped again with the first phase's "
-        "best as a candidate; None = frozen throughout (the paper)")
-    distill: float = Field(
-        default=0.0, ge=0, lt=1, description="knowledge distillation from the pool's donor ensemble (the mean of "
-        "each task's donor logits): the training targets are (1 - distill) x label + distill x the ensemble's "
-        "probability (emm/train/distill.py); 0 = the labels alone (the paper)")
-    train: TrainConfig = TrainConfig()
-
-    @property
-    def akf(self) -> AKFOptions:
-        """The architecture half alone: what the fused model is built from."""
-        return AKFOptions.model_validate(self.model_dump(include=set(AKFOptions.model_fields)))
+class FuseConfig(FuseOptions):
+    """The fuse stage's section: the library's ``FuseOptions`` (architecture, phases, target) as params.yaml
+    spells it. See emm/fusion/recipes/ for the architecture's recipes, emm/fusion/procedure/ for the training."""
 
 
 class TrackingConfig(Options):

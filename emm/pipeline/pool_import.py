@@ -50,7 +50,7 @@ from emm.models.portable import make_portable
 from emm.models.single_task import ModelSpec, build_model
 from emm.tracker import NullTracker, Tracker
 from emm.train.metrics import task_metrics
-from emm.train.trainer import predict_proba, predict_stream
+from emm.train.predict import predict_proba, predict_stream
 from emm.weights import load_module, save_module
 
 log = logging.getLogger(__name__)

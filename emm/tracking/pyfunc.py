@@ -50,7 +50,7 @@ from emm.data.encoding import Encoder
 from emm.data.schema import SCHEMA_FILE, VOCAB_FILE, Schema
 from emm.data.tensors import frame_to_tensors
 from emm.errors import EMMError
-from emm.train.trainer import predict_proba
+from emm.train.predict import predict_proba
 from emm.weights import load_module
 
 PIP_REQUIREMENTS = ["torch", "pandas", "pyarrow", "safetensors", "scikit-learn", "pydantic"]

@@ -20,6 +20,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from emm.io import pid_alive
 from emm.tracking.store import configure, registered_name, use_experiment
 
 log = logging.getLogger(__name__)
@@ -165,16 +166,6 @@ def _create_run(client: mlflow.MlflowClient, exp_id: str, name: str, tags: dict[
                                                            HOST_TAG: socket.gethostname()})
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def end_orphaned_runs(exp_id: str) -> list[str]:
     """Mark KILLED every RUNNING run of the experiment that was started on this host by a process that no
     longer exists (a ``kill -9``, a crashed worker); returns their ids.
@@ -188,7 +179,7 @@ def end_orphaned_runs(exp_id: str) -> list[str]:
     for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
         pid = tags.get(PID_TAG, "")
-        if tags.get(HOST_TAG) == host and pid.isdigit() and not _alive(int(pid)):
+        if tags.get(HOST_TAG) == host and pid.isdigit() and not pid_alive(int(pid)):
             client.set_terminated(run.info.run_id, status="KILLED")
             ended.append(run.info.run_id)
     if ended:

@@ -22,13 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from scipy.stats import bootstrap
 from sklearn.linear_model import LogisticRegression
-from torch import nn
 
-from emm.data.tensors import SplitTensors
-from emm.train.modes import eval_mode
 
 Pair = tuple[np.ndarray, np.ndarray]  # (score_a, score_b) on the same rows
 
@@ -186,17 +182,3 @@ def stack(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarra
     """Test scores (the stack's logit) of ``fit_stack`` applied to the donors' test logits."""
     model = fit_stack(val_logits, val_labels)
     return model.decision_function(np.asarray(test_logits, dtype=np.float64).reshape(len(test_logits), -1))
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, data: SplitTensors, batch_size: int = 65536,
-                   device: torch.device | None = None) -> np.ndarray:
-    """Raw logits [N, T] in eval mode, batch by batch. Why not probabilities: float32 sigmoids of
-    confident rows round to exactly 1.0, and a mean or a regression of such values loses their order."""
-    device = device or next(model.parameters()).device
-    out = []
-    with eval_mode(model):
-        for start in range(0, len(data), batch_size):
-            sl = slice(start, start + batch_size)
-            out.append(model(data.sparse[sl].to(device), data.dense[sl].to(device)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)

@@ -23,18 +23,24 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 
 
+def lightgbm_features(schema: Schema) -> tuple[list[str], list[str]]:
+    """(categorical columns, all feature columns in the order LightGBM is given them) of an ingested frame."""
+    categorical = [f.name for f in schema.sparse if f.bucket_of is None]
+    return categorical, categorical + [f.name for f in schema.dense]
+
+
 def lightgbm_per_task(data_dir: Path, *, seed: int = 2026, rounds: int = 2000, early_stop: int = 50,
-                      params: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """{task: {"val_auc", "test_auc", "best_iteration", "seconds", "test_scores", "val_scores"}} for every task of
-    the ingested data (the per-row probabilities: paired comparisons on the same test rows, and stacks
-    fitted on validation rows)."""
+                      params: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """{task: {"val_auc", "test_auc", "best_iteration", "seconds", "test_scores", "val_scores", "booster"}} for
+    every task of the ingested data, in the schema's task order (the per-row probabilities: paired comparisons
+    on the same test rows, and stacks fitted on validation rows; the booster: scoring other rows, given the
+    columns ``lightgbm_features`` names)."""
     try:
         import lightgbm as lgb
     except ImportError as exc:  # an optional extra
         raise EMMError("the LightGBM row needs the `lightgbm` package: pip install -e '.[baselines]'") from exc
     schema = Schema.load(data_dir)
-    categorical = [f.name for f in schema.sparse if f.bucket_of is None]
-    features = categorical + [f.name for f in schema.dense]
+    categorical, features = lightgbm_features(schema)
     frames = {s: pq.read_table(Path(data_dir) / f"{s}.parquet").to_pandas() for s in ("train", "val", "test")}
     out = {}
     for task in schema.task_names:
@@ -50,5 +56,5 @@ def lightgbm_per_task(data_dir: Path, *, seed: int = 2026, rounds: int = 2000, e
         out[task] = {"val_auc": auc(frames["val"][task].to_numpy(), scores["val"]),
                      "test_auc": auc(frames["test"][task].to_numpy(), scores["test"]),
                      "best_iteration": int(booster.best_iteration), "seconds": time.perf_counter() - started,
-                     "test_scores": scores["test"], "val_scores": scores["val"]}
+                     "test_scores": scores["test"], "val_scores": scores["val"], "booster": booster}
     return out

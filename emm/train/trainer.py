@@ -51,6 +51,7 @@ from emm.train.distill import Distillation
 from emm.train.metrics import mean_auc, task_metrics
 from emm.train.modes import eval_mode
 from emm.train.options import TrainConfig
+from emm.train.predict import predict_proba, predict_stream
 
 log = logging.getLogger(__name__)
 NUMERIC_FIT_ROWS = 100_000  # training rows the numeric encoders' standardisation is fitted on
@@ -158,7 +159,7 @@ class Trainer:
         stopped_early = state["bad_epochs"] >= cfg.patience
         while state["epoch"] < cfg.max_epochs and not stopped_early:
             epoch = state["epoch"] + 1
-            train_loss = self._run_epoch(train_dev, epoch)
+            train_loss = self.train_epoch(train_dev, epoch)
             ddp.sync_buffers(self.model, self.dist)
             metrics = self.evaluate(val)
             val_auc = mean_auc(metrics)
@@ -215,7 +216,10 @@ class Trainer:
             idx = order[start:start + bs]
             yield SplitTensors(data.sparse[idx], data.dense[idx], data.labels[idx], data.task_names)
 
-    def _run_epoch(self, data: Data, epoch: int) -> float:
+    def train_epoch(self, data: Data, epoch: int) -> float:
+        """One training epoch as ``fit`` runs it (the shuffle seeded by ``epoch``, a step per batch), without
+        validation, checkpoint or logging: ``fit``'s own loop, and the public handle for timing the training
+        step (benchmarks/). Trains the model; returns the mean training loss per row."""
         self.model.train()
         self._net.train()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -247,6 +251,19 @@ class Trainer:
             if self.progress and step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         return float(total) / float(seen)
+
+    def profile_epoch(self, data: Data, steps: int, *, epoch: int = 1, top: int = 12) -> str:
+        """torch.profiler's operator table (self CPU time, ``top`` rows) over ``steps`` batches of the training
+        loop: ``train_epoch`` on the first ``steps`` batches' rows at ``epoch`` (a warm-up, not profiled), then
+        at ``epoch + 1``. It trains the model, so profile a model you do not keep, or before ``fit``."""
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        rows = data.head(steps * self.cfg.batch_size)
+        self.train_epoch(rows, epoch)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.train_epoch(rows, epoch + 1)
+        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
     # ---- inference ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -353,33 +370,3 @@ def _leaves(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-@torch.no_grad()
-def predict_proba(model: nn.Module, data: SplitTensors, batch_size: int = 65536,
-                  device: torch.device | None = None) -> np.ndarray:
-    """Sigmoid probabilities [N, T], in eval mode, batch by batch."""
-    device = device or next(model.parameters()).device
-    out = []
-    with eval_mode(model):
-        for start in range(0, len(data), batch_size):
-            sl = slice(start, start + batch_size)
-            logits = model(data.sparse[sl].to(device), data.dense[sl].to(device))
-            out.append(torch.sigmoid(logits).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, data.labels.shape[1]), np.float32)
-
-
-@torch.no_grad()
-def predict_stream(model: nn.Module, data: ParquetStream, batch_size: int = 65536,
-                   device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [N, T], labels [N, T]) over a stream, in file order; memory: one batch + the outputs."""
-    device = device or next(model.parameters()).device
-    probs, labels = [], []
-    with eval_mode(model):
-        for batch in data.batches(batch_size):
-            probs.append(torch.sigmoid(model(batch.sparse.to(device), batch.dense.to(device))).float().cpu())
-            labels.append(batch.labels)
-    if not probs:
-        empty = np.zeros((0, len(data.task_names)), np.float32)
-        return empty, empty
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()

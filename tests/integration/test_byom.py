@@ -30,7 +30,7 @@ from emm.tracking.store import configure
 from tests.conftest import REPO
 from tests.integration.test_byom_support import USER_MODULE, project, set_align, trained_rechub, user_code  # noqa: F401
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # end to end: real training, DVC and Prefect runs
 
 
 def mixed_pool(t) -> list[dict]:

@@ -4,20 +4,17 @@ from raw Census rows to a registered fused model."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from emm.models.pool import read_pool
 from tests.conftest import REPO
+from tests.integration.repo_copy import dvc, dvc_env, dvc_project
 from tests.integration.test_byom_support import TINY_TRAIN, USER_MODULE, trained_rechub, user_code  # noqa: F401
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # end to end: real training, DVC and Prefect runs
 
 
 def mixed_pool(t) -> list[dict]:
@@ -38,23 +35,12 @@ def tiny_params(base: dict, t, artifacts: str | None = None) -> dict:
 
 
 def test_dvc_repro_fuses_a_mixed_pool(trained_rechub, census_small_raw, user_code, tmp_path):
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    repo = tmp_path / "repo"
-    for rel in files:
-        if (REPO / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, repo / rel)
-    shutil.copytree(census_small_raw, repo / "data" / "census-income")
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    (repo / "data.dvc").unlink()
+    repo = dvc_project(tmp_path / "repo", census_small_raw)
     params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), trained_rechub)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "PYTHONPATH": f"{repo}:{user_code}"}
+    env = dvc_env(PYTHONPATH=f"{repo}:{user_code}")
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=800)
+    done = dvc(["repro"], repo, env=env, timeout=800)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     for stage in ("pretrain", "decompose", "fuse", "evaluate"):
         assert f"Running stage '{stage}'" in done.stdout

@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
-
-
-def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+from tests.integration.repo_copy import dvc, dvc_project
 
 
 @pytest.fixture
 def repo_copy(tmp_path, census_small_raw) -> Path:
     """Tracked files of this checkout + a small real Census slice as data/census-income."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    dst = tmp_path / "repo"
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    shutil.copytree(census_small_raw, dst / "data" / "census-income")
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    (dst / "data.dvc").unlink()  # the real data.dvc describes the full raw folder; this copy has a slice
+    dst = dvc_project(tmp_path / "repo", census_small_raw)
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["pretrain"]["train"].update(max_epochs=2, lr=0.005, batch_size=512)
     for spec in params["pretrain"]["pool"]["census-income"]:
@@ -43,6 +24,7 @@ def repo_copy(tmp_path, census_small_raw) -> Path:
     return dst
 
 
+@pytest.mark.slow  # end to end: real `dvc repro` of the pipeline, run three times
 def test_repro_runs_once_then_nothing(repo_copy):
     first = dvc(["repro"], repo_copy)
     assert first.returncode == 0, first.stderr + first.stdout

@@ -11,20 +11,15 @@ what must not differ is a code dep (``emm/...``) or a params section. When this 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from tests.conftest import REPO
+from tests.integration.repo_copy import dvc
 
 OUTSIDE_THE_CODE = ("data/", "artifacts/")  # raw data and stage outputs: absent on a clean clone
 
 
 def dvc_status() -> dict:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = dvc(["status", "--json"], REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout or "{}")
 

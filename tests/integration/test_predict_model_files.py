@@ -25,7 +25,7 @@ from emm.pipeline.predict import predict_stage
 from emm.tracking.pyfunc import raw_example
 from emm.tracking.store import configure
 from tests.conftest import REPO
-from tests.integration.test_predict_raw import log_untrained_model
+from tests.integration.test_predict_raw import logged_in_store
 
 # Every file of a registered model as downloaded, and nothing else: the bundle, MLflow's metadata
 # (registered_model_meta is the registry's name/version note), and the code file.
@@ -49,11 +49,7 @@ class ShellPayload:
 @pytest.fixture(scope="module")
 def logged(census_small_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("model-files")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        uri, model = log_untrained_model(census_small_data, root / "mlruns", root / "work")
-        params = root / "params.yaml"
-        params.write_text(f"tracking:\n  store: {root / 'mlruns'}\n")
+    with logged_in_store(census_small_data, root) as (params, uri, model):
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(root / "downloaded")))
         yield params, uri, model, folder
 

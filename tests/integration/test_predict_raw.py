@@ -5,10 +5,12 @@ and exactly like the model on ingestion's own encoding of those rows. Also: the 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -53,15 +55,22 @@ def log_untrained_model(data_dir: Path, store: Path, work: Path, seed: int = 0) 
     return f"models:/{MODEL}/{info.registered_model_version}", model
 
 
-@pytest.fixture(scope="module")
-def logged(census_small_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict-raw")
+@contextlib.contextmanager
+def logged_in_store(data_dir: Path, root: Path) -> Iterator[tuple[Path, str, torch.nn.Module]]:
+    """(params.yaml, model uri, model): ``log_untrained_model`` into ``root/mlruns`` with MLFLOW_TRACKING_URI
+    unset while the block runs, and the params file ``emm predict --params`` reads to find that registry."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        uri, model = log_untrained_model(census_small_data, root / "mlruns", root / "work")
-        params = root / "params.yaml"  # what `emm predict --params` reads: where the registry is
+        uri, model = log_untrained_model(data_dir, root / "mlruns", root / "work")
+        params = root / "params.yaml"
         params.write_text(f"tracking:\n  store: {root / 'mlruns'}\n")
         yield params, uri, model
+
+
+@pytest.fixture(scope="module")
+def logged(census_small_data, tmp_path_factory):
+    with logged_in_store(census_small_data, tmp_path_factory.mktemp("predict-raw")) as found:
+        yield found
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,12 @@ from emm.pipeline.predict import predict_file, predict_stage
 from emm.tracking.loading import load_scorer
 from emm.tracking.pyfunc import raw_example
 from emm.tracking.store import configure
-from tests.integration.test_predict_raw import log_untrained_model
+from tests.integration.test_predict_raw import logged_in_store
 
 
 @pytest.fixture(scope="module")
 def logged(census_small_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict-refusals")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        uri, _ = log_untrained_model(census_small_data, root / "mlruns", root / "work")
-        params = root / "params.yaml"
-        params.write_text(f"tracking:\n  store: {root / 'mlruns'}\n")
+    with logged_in_store(census_small_data, tmp_path_factory.mktemp("predict-refusals")) as (params, uri, _):
         yield params, uri
 
 
@@ -207,9 +202,7 @@ def blank_category(census_small_raw, tmp_path_factory):
     data = root / "data"
     ingest(resolve_dataset("census-income"), raw, data, IngestConfig())
     assert "" in Encoder.load(data, Schema.load(data)).vocab["hisp_origin"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        uri, _ = log_untrained_model(data, root / "mlruns", root / "work")
+    with logged_in_store(data, root) as (_, uri, _):
         yield uri, root / "mlruns", data
 
 

@@ -18,7 +18,7 @@ from emm.data.spec import resolve_dataset
 from emm.errors import EMMError
 from emm.pipeline.predict import CHUNK_ROWS, predict_file
 from emm.tracking.loading import load_scorer
-from tests.integration.test_predict_raw import log_untrained_model
+from tests.integration.test_predict_raw import logged_in_store
 
 WHOLE = 10**9  # a chunk larger than any file here: the whole file in one piece
 
@@ -40,9 +40,7 @@ class CountingScorer:
 @pytest.fixture(scope="module")
 def scorer(census_small_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("predict-stream")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        uri, _ = log_untrained_model(census_small_data, root / "mlruns", root / "work")
+    with logged_in_store(census_small_data, root) as (_, uri, _):
         yield load_scorer(uri, root / "mlruns")
 
 

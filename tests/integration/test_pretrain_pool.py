@@ -49,7 +49,7 @@ def test_pool_json_and_weights(trained, census_small_data):
         assert 0.5 < entry.test_auc <= 1.0 and entry.epochs_run == 3 and entry.mlflow_run_id
         test = load_split(census_small_data, "test", schema).select_tasks([entry.task])
         from emm.train.metrics import auc
-        from emm.train.trainer import predict_proba
+        from emm.train.predict import predict_proba
 
         # the weights on disk reproduce the logged test AUC
         assert auc(test.labels.numpy()[:, 0], predict_proba(model, test)[:, 0]) == pytest.approx(entry.test_auc)

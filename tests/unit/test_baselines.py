@@ -8,27 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from emm.data.schema import DenseFeature, Schema, SparseFeature, TaskInfo
+from emm.data.schema import Schema
 from emm.errors import EMMError
 from emm.models.baselines.aitm import AITM
 from emm.models.baselines.registry import BASELINES, build_baseline
+from tests.unit.test_akf import N_SPARSE, VOCAB, batch
+from tests.unit.test_akf import make_schema as akf_schema
 
-N_SPARSE, VOCAB, N_DENSE = 3, 5, 2
 NAMES = sorted(BASELINES)
 
 
 def make_schema(n_tasks: int) -> Schema:
-    sparse = [SparseFeature(name=f"s{i}", vocab_size=VOCAB, offset=VOCAB * i) for i in range(N_SPARSE)]
-    dense = [DenseFeature(name=f"d{i}", min=0.0, max=1.0) for i in range(N_DENSE)]
-    infos = [TaskInfo(name=f"t{k}", column="label", rule={}, positives={}, positive_rate={})
-             for k in range(n_tasks)]
-    return Schema(dataset="fake", sparse=sparse, dense=dense, tasks=infos, rows={}, raw_files=[], encoding={})
-
-
-def batch(rows: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    offsets = torch.arange(N_SPARSE) * VOCAB
-    return torch.randint(0, VOCAB, (rows, N_SPARSE), generator=g) + offsets, torch.rand(rows, N_DENSE, generator=g)
+    return akf_schema([f"t{k}" for k in range(n_tasks)])
 
 
 def labels(sparse: Tensor, dense: Tensor, n_tasks: int) -> Tensor:

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
-from emm.data.tensors import SplitTensors
-from emm.train.compare import (ensemble_logits, fit_stack, paired_auc_ci, paired_auc_cis, predict_logits, stack,
-                               weighted_auc)
-from emm.train.trainer import predict_proba
+from emm.train.compare import ensemble_logits, fit_stack, paired_auc_ci, paired_auc_cis, stack, weighted_auc
 
 
 def scores(n: int, signal: float, seed: int = 0, rate: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -117,23 +112,3 @@ def test_stack_recovers_the_better_donor_when_the_other_is_noise() -> None:
     stacked = roc_auc_score(y_test, stack(val, y_val, test))
     good, mean = roc_auc_score(y_test, test[:, 1]), roc_auc_score(y_test, ensemble_logits(test))
     assert stacked == pytest.approx(good, abs=0.003) and stacked > mean + 0.02
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(3, 2)
-        self.drop = nn.Dropout(0.5)
-
-    def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.lin(dense)) * 10  # large logits: float32 sigmoids saturate
-
-
-def test_predict_logits_is_the_pre_sigmoid_of_predict_proba_in_eval_mode() -> None:
-    torch.manual_seed(0)
-    model = Tiny().train()
-    data = SplitTensors(torch.zeros(300, 1, dtype=torch.long), torch.randn(300, 3), torch.zeros(300, 2), ["a", "b"])
-    logits = predict_logits(model, data, batch_size=64)
-    assert logits.shape == (300, 2) and model.training  # eval inside, the caller's mode back after
-    np.testing.assert_array_equal(torch.sigmoid(torch.from_numpy(logits)).numpy(), predict_proba(model, data, 64))
-    assert len(np.unique(logits[:, 0])) == 300  # no ties where the probabilities may have them

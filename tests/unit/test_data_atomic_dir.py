@@ -122,3 +122,17 @@ def test_previous_output_of_a_run_killed_while_swapping_is_kept(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "schema.json").write_text("{}")
     assert siblings(target) == []  # once a new output exists, the superseded copy goes
+
+
+@pytest.mark.parametrize(("error", "alive"), [(ProcessLookupError, False), (PermissionError, True), (OSError, True)])
+def test_a_pid_counts_as_dead_only_when_it_certainly_is(monkeypatch, error, alive):
+    """Another user's process exists (PermissionError); any other OSError cannot tell, so the pid stays alive."""
+    from emm import io
+
+    assert io.pid_alive(os.getpid()) and not io.pid_alive(dead_pid())
+
+    def kill(pid, sig):
+        raise error
+
+    monkeypatch.setattr(io.os, "kill", kill)
+    assert io.pid_alive(12345) is alive

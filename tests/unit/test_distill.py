@@ -12,7 +12,8 @@ from emm.errors import EMMError
 from emm.fusion.blend import DonorEnsemble
 from emm.train.distill import Distillation
 from emm.train.options import TrainConfig
-from emm.train.trainer import Trainer, predict_proba
+from emm.train.predict import predict_proba
+from emm.train.trainer import Trainer
 from tests.unit.test_akf import Pool, batch
 from tests.unit.test_blend import donor_means
 

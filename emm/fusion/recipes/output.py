@@ -13,7 +13,7 @@ because that module imports this one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,16 @@ from emm.fusion.recipes.base import Recipe, Registry
 
 
 class OutputHead(Recipe):
-    """What the fused model's logits are, given its towers' logits."""
+    """What the fused model's logits are, given its towers' logits.
+
+    Two class facts the fuse plan (``emm.fusion.procedure.FusePlan``) reads, so the procedure never asks which
+    head a model has: ``prepares`` (``prepare`` fits something on held-out rows, worth loading them for) and
+    ``scores_at_start`` (the untrained model is already a model worth keeping, so training scores it as epoch 0
+    and early stopping may hand it back).
+    """
+
+    prepares: ClassVar[bool] = False
+    scores_at_start: ClassVar[bool] = False
 
     def build(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str],
               towers: nn.ModuleList) -> dict[str, nn.Module]:
@@ -62,7 +71,11 @@ class TowerOutput(OutputHead):
 
 @OUTPUTS.register("donor_residual")
 class DonorResidualOutput(OutputHead):
-    """Owns ``donors`` (``DonorPaths``) and ``blend`` (``DonorBlend``) on the model."""
+    """Owns ``donors`` (``DonorPaths``) and ``blend`` (``DonorBlend``) on the model. At step 0 the model is the
+    donors' blend (the residual starts at zero), and ``prepare`` fits that blend as the donor stack."""
+
+    prepares: ClassVar[bool] = True
+    scores_at_start: ClassVar[bool] = True
 
     def build(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str],
               towers: nn.ModuleList) -> dict[str, nn.Module]:

@@ -36,9 +36,9 @@ from emm.pipeline.fuse import fuse
 from emm.pipeline.params import FuseConfig, PretrainConfig
 from emm.pipeline.pretrain import assemble_pool, train_pool_model
 from emm.runtime import set_quiet_env
-from emm.train.compare import predict_logits
 from emm.train.options import TrainConfig
-from emm.train.trainer import Trainer, predict_proba
+from emm.train.predict import predict_logits, predict_proba
+from emm.train.trainer import Trainer
 from emm.weights import load_module
 
 log = logging.getLogger(__name__)

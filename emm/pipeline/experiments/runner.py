@@ -71,7 +71,11 @@ def parse_builtin(raw: dict[str, Any], where: str) -> ModelSpec:
 
 
 # fuse settings added after results were stored, each with its "off" value: a job's config leaves such a
-# setting out while it is off, so the fused jobs stored before it existed (the same work) stay reusable
+# setting out while it is off, so the fused jobs stored before it existed (the same work) stay reusable.
+# Why not a canonical form of the fuse plan that drops whatever is off: the config is also what a job rebuilds
+# its FuseConfig from, and stored jobs carry every older setting as params.yaml spells it (finetune_lr_scale:
+# null included), so such a signature would re-run all of them. Left out or not, the config gives the same
+# FusePlan (tests/unit/test_fuse_plan.py).
 FUSE_ADDED_OFF = {"distill": 0.0}
 
 
