@@ -1,4 +1,6 @@
-"""``emm``: one command per pipeline stage. Each command is a thin call into the library.
+"""``emm``: one command per pipeline stage. Each command is a thin call into the library. Commands from
+outside the library (the paper harness's ``benchmark`` and ``relatedness``) join through the ``emm.commands``
+entry point (``_mount_commands``), so emm never imports them.
 
 User errors (``EMMError``) print their message and exit 2, without a traceback; anything else is a bug
 and keeps its traceback.
@@ -145,62 +147,6 @@ def pool_list_cmd(
 
     folder, entries = pool_entries(dataset, params)
     console.print(pool_table(f"{dataset}: pool ({folder})", entries))
-
-
-@app.command("benchmark")
-@user_errors
-def benchmark_cmd(
-    dataset: Annotated[str, typer.Argument(help="census-income, aliexpress, ali-ccp, or a declared dataset")],
-    profile: Annotated[Optional[str], typer.Option(help="benchmark.profiles entry (default: benchmark.profile)")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="same as --profile quick: a CI-sized run")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="parallel training processes (default benchmark.workers)")] = None,
-    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
-    params: ParamsOpt = None,
-) -> None:
-    """Pool, every baseline, the ablations and EMM over seeds (+ LightGBM, + 3/4-task runs): tables and plots
-    in results/<dataset>/. Finished runs are reused, so an interrupted benchmark resumes."""
-    from emm.pipeline.benchmark import benchmark_stage
-
-    run = benchmark_stage(dataset, params, profile="quick" if quick else profile, workers=workers,
-                          track=not no_track)
-    console.print((run.out_dir / "table1.md").read_text(), highlight=False, soft_wrap=True)
-    console.print(f"{len(run.results)} runs in {run.seconds / 60:.1f} min; wrote:")
-    for f in run.files:
-        console.print(f"  {f}")
-
-
-def _numbers(text: str | None, kind: type, option: str) -> list | None:
-    if text is None:
-        return None
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise EMMError(f"{option} takes comma-separated numbers, e.g. 0,0.3,0.6,0.9; got {text!r}") from exc
-
-
-@app.command("relatedness")
-@user_errors
-def relatedness_cmd(
-    shared_weights: Annotated[Optional[str], typer.Option(
-        help="comma-separated relatedness levels (default benchmark.relatedness.shared_weights)")] = None,
-    rows: Annotated[Optional[int], typer.Option(help="rows per synthetic table (default synth.rows)")] = None,
-    seeds: Annotated[Optional[str], typer.Option(help="comma-separated seeds (default benchmark.relatedness.seeds)")] = None,
-    max_epochs: Annotated[Optional[int], typer.Option(help="cap on every model's epochs")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="parallel training processes (default benchmark.workers)")] = None,
-    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
-    params: ParamsOpt = None,
-) -> None:
-    """Where fusion pays: sweep planted task relatedness on `emm synth` tables, fuse at each level, compare
-    with the donors (paired CIs) under the oracle ceiling: results/<synth.dataset>/relatedness.*"""
-    from emm.pipeline.benchmark import relatedness_stage
-
-    run = relatedness_stage(params, shared_weights=_numbers(shared_weights, float, "--shared-weights"), rows=rows,
-                            seeds=_numbers(seeds, int, "--seeds"), max_epochs=max_epochs, workers=workers,
-                            track=not no_track)
-    console.print((run.out_dir / "relatedness.md").read_text(), highlight=False, soft_wrap=True)
-    console.print(f"{run.jobs} jobs in {run.seconds / 60:.1f} min; wrote:")
-    for f in run.files:
-        console.print(f"  {f}")
 
 
 @app.command("decompose")
@@ -365,6 +311,24 @@ def synth_cmd(
     console.print(f"{schema.dataset}: {sum(schema.rows.values()):,} rows {dict(schema.rows)} in "
                   f"{time.perf_counter() - started:.1f}s; rates "
                   + ", ".join(f"{t.name} {t.positive_rate['train']:.4f}" for t in schema.tasks))
+
+
+def _mount_commands() -> None:
+    """Commands other installed packages add to ``emm``: each entry point of the group ``emm.commands`` names a
+    function that takes this app. Why: the paper harness (harness/, outside the library) adds ``emm benchmark``
+    and ``emm relatedness`` this way, so emm never imports it, and an install without it has no such commands.
+    A package whose commands fail to load is named on stderr; the stages still run."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="emm.commands"):
+        try:
+            ep.load()(app)
+        except Exception as exc:  # noqa: BLE001 - a broken add-on must not take the stages down with it
+            err_console.print(f"[yellow]warning:[/] the `emm` commands of {ep.value} were not added: {exc}",
+                              highlight=False, soft_wrap=True)
+
+
+_mount_commands()
 
 
 def main() -> None:  # pragma: no cover - console entry point

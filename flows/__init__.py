@@ -1,1 +1,1 @@
-"""Prefect flows: thin orchestration over ``emm.pipeline``; no logic of their own."""
+"""Prefect flows: thin orchestration over ``emm.pipeline`` (and the paper harness, ``harness``); no logic of their own."""

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/browser.sh
 bash scripts/setup.sh
 source scripts/env.sh
-lint-imports --no-cache  # the import contract (.importlinter): layers, mlflow only in emm.tracking, prefect only in flows/
+lint-imports --no-cache  # the import contract (.importlinter): layers, mlflow only in emm.tracking, prefect only in flows/, emm never imports harness/
 exec python -m pytest "$@"

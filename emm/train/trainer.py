@@ -2,7 +2,7 @@
 
 Design choices, and why:
 - Whole splits live as tensors; a batch is an index slice of a shuffled permutation. No per-row Python,
-  no dict per sample: this is what makes two CPU cores enough (see benchmarks/train_throughput.py).
+  no dict per sample: this is what makes two CPU cores enough (see harness/benchmarks/train_throughput.py).
 - Multi-task from day one: the model returns ``[B, T]`` logits, the loss is the sum of the T binary
   cross-entropies, early stopping watches the mean validation AUC over tasks.
 - Exact resume: the shuffle of epoch ``e`` comes from a generator seeded with ``seed + e``, and the
@@ -219,7 +219,7 @@ class Trainer:
     def train_epoch(self, data: Data, epoch: int) -> float:
         """One training epoch as ``fit`` runs it (the shuffle seeded by ``epoch``, a step per batch), without
         validation, checkpoint or logging: ``fit``'s own loop, and the public handle for timing the training
-        step (benchmarks/). Trains the model; returns the mean training loss per row."""
+        step (harness/benchmarks/). Trains the model; returns the mean training loss per row."""
         self.model.train()
         self._net.train()
         total = torch.zeros((), dtype=torch.float64, device=self.device)

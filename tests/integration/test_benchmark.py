@@ -15,11 +15,11 @@ import torch.nn.functional as F
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from emm.pipeline.params import BASELINE_NAMES
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
 from emm.models.baselines.registry import build_baseline
+from harness.params import BASELINE_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,8 +52,9 @@ def test_each_baseline_loss_falls_on_real_rows(name: str, census_small_data: Pat
 
 
 def tiny_project(tmp_path: Path, census_small_raw: Path, extra_profiles: dict | None = None,
-                 **profile_overrides) -> Path:
-    """A params.yaml pointing every output into tmp_path, with a 2-seed tiny benchmark profile."""
+                 **profile_overrides) -> tuple[Path, Path]:
+    """A params.yaml pointing every output into tmp_path, and a harness config beside it with a 2-seed tiny
+    benchmark profile: (params, config)."""
     raw_root = tmp_path / "raw"
     raw_root.mkdir(parents=True)
     (raw_root / "census-income").symlink_to(census_small_raw)
@@ -66,26 +67,29 @@ def tiny_project(tmp_path: Path, census_small_raw: Path, extra_profiles: dict | 
             {"name": "income-dcn", "task": "income", "arch": "dcn", "cross_layers": 1, **small},
             {"name": "marital-mlp", "task": "marital", "arch": "mlp", **small}]}},
         "fuse": {"train": {"batch_size": 512, "max_epochs": 2, "lr": 0.01}},  # tiny data: few steps
+    }
+    harness = {
         "benchmark": {"out": str(tmp_path / "results"), "workers": 2, "profile": "tiny", "profiles": {"tiny": {
             "seeds": [1, 2], "raw_rows": 3000, "max_epochs": 2,
             "task_sets": {"census-income": [["income", "marital", "sex"]]}, "task_set_methods": ["mmoe"],
             **profile_overrides}, **(extra_profiles or {})}},
     }
-    path = tmp_path / "params.yaml"
+    path, config = tmp_path / "params.yaml", tmp_path / "benchmark.yaml"
     path.write_text(yaml.safe_dump(params))
-    return path
+    config.write_text(yaml.safe_dump(harness))
+    return path, config
 
 
 def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path, census_small_raw: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from emm.pipeline.experiments.runner import run_benchmark
+    from harness.experiments.runner import run_benchmark
     from emm.tracking.store import configure
 
     extra = {"seeds": [1, 2], "raw_rows": 3000, "max_epochs": 2, "jobs_from": "tiny", "baselines": [],
              "ablations": ["full"], "recipes": {"distill": {"distill": 0.5}}}
-    params = tiny_project(tmp_path, census_small_raw, extra_profiles={"extra": extra})
-    run = run_benchmark("census-income", params)
+    params, config = tiny_project(tmp_path, census_small_raw, extra_profiles={"extra": extra})
+    run = run_benchmark("census-income", params, config=config)
     out = tmp_path / "results" / "census-income"
     assert run.out_dir == out
 
@@ -136,7 +140,7 @@ def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path
     assert 0.5 < emm_child.data.metrics["test_auc_income"] <= 1.0
 
     # A second run reuses every finished job: identical numbers, all children tagged cached.
-    again = run_benchmark("census-income", params)
+    again = run_benchmark("census-income", params, config=config)
     assert [r["tasks"] for r in again.results] == [r["tasks"] for r in run.results]
     parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'benchmark-tiny'",
                                  order_by=["attributes.start_time DESC"])
@@ -145,7 +149,7 @@ def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path
 
     # A profile of one more recipe in the tiny profile's job store trains that recipe and nothing else,
     # and recipes.md pairs it with the default recipe on the same test rows.
-    more = run_benchmark("census-income", params, profile="extra")
+    more = run_benchmark("census-income", params, config=config, profile="extra")
     assert more.out_dir == out / "extra" and not (tmp_path / "results" / "census-income" / "raw" / "extra").exists()
     parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'benchmark-extra'")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
@@ -215,13 +219,36 @@ def check_donor_rows_and_paired_cis(run, out: Path, table1: str, rows: list[dict
             assert float(ci["ci_high"]) - float(ci["ci_low"]) > 0, ci
 
 
-def test_unknown_profile_and_baseline_are_refused(tmp_path: Path, census_small_raw: Path) -> None:
-    from emm.pipeline.experiments.runner import run_benchmark
+def test_emm_benchmark_quick_is_the_harness_command_on_emms_cli(tmp_path: Path, census_small_raw: Path) -> None:
+    """`emm benchmark DATASET --quick` reaches the harness through emm's CLI (the `emm.commands` entry point):
+    --quick runs the config's `quick` profile into results/<dataset>/quick/; an old params file that still
+    carries the `benchmark:` section is refused with where it went."""
+    from typer.testing import CliRunner
 
-    params = tiny_project(tmp_path, census_small_raw)
+    from emm.cli import app
+
+    quick = {"seeds": [1], "raw_rows": 3000, "max_epochs": 1, "baselines": ["mmoe"], "ablations": ["full"],
+             "lightgbm": False}
+    params, config = tiny_project(tmp_path, census_small_raw, extra_profiles={"quick": quick})
+    out = CliRunner().invoke(app, ["benchmark", "census-income", "--quick", "--no-track", "--params", str(params),
+                                   "--config", str(config)])
+    assert out.exit_code == 0, out.output
+    assert "| **EMM (fused)** |" in out.output and "| MMoE |" in out.output
+    assert (tmp_path / "results" / "census-income" / "quick" / "table1.md").exists()
+
+    old = tmp_path / "old-params.yaml"
+    old.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()), **yaml.safe_load(config.read_text())}))
+    refused = CliRunner().invoke(app, ["benchmark", "census-income", "--quick", "--params", str(old)])
+    assert refused.exit_code == 2 and "harness/benchmark.yaml" in refused.output, refused.output
+
+
+def test_unknown_profile_and_baseline_are_refused(tmp_path: Path, census_small_raw: Path) -> None:
+    from harness.experiments.runner import run_benchmark
+
+    params, config = tiny_project(tmp_path, census_small_raw)
     with pytest.raises(EMMError, match="profile 'nope'"):
-        run_benchmark("census-income", params, profile="nope", track=False)
-    bad = tiny_project(tmp_path / "bad", census_small_raw, baselines=["mmoe", "transformer"])
+        run_benchmark("census-income", params, config=config, profile="nope", track=False)
+    bad, bad_config = tiny_project(tmp_path / "bad", census_small_raw, baselines=["mmoe", "transformer"])
     with pytest.raises(EMMError, match=r"unknown baseline\(s\) \['transformer'\]"):
-        run_benchmark("census-income", bad, track=False)
+        run_benchmark("census-income", bad, config=bad_config, track=False)
     assert not (tmp_path / "bad" / "results").exists()  # refused before any work

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emm.pipeline.experiments.report import write_table2
-from emm.pipeline.experiments.runner import plan_jobs
-from emm.pipeline.params import BenchmarkProfile, load_params
+from harness.experiments.report import write_table2
+from harness.experiments.runner import plan_jobs
+from harness.params import BenchmarkProfile, load_harness_params
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = "income+marital"
 
 
 def planned(data_dir: Path, tmp_path: Path, **profile) -> dict[int, set[tuple[str, str]]]:
-    cfg = load_params(REPO / "params.yaml")
+    cfg = load_harness_params(REPO / "params.yaml")  # and harness/benchmark.yaml
     prof = BenchmarkProfile.model_validate({"seeds": [1, 2, 3], "baselines": ["mmoe"], **profile})
     jobs = plan_jobs("census-income", cfg, prof, {MAIN: data_dir}, MAIN, tmp_path / "raw")
     by_seed: dict[int, set[tuple[str, str]]] = {}

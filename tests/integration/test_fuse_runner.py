@@ -1,6 +1,6 @@
 """One fuse procedure for every caller: the fuse stage, the benchmark's fused job and the held-out probe
-(benchmarks/heldout_fusion.py) all run ``FuseRunner``, and given the same rows and seed they train the same model,
-phases and distillation included (the probe used to rebuild the procedure by hand and left both out)."""
+(harness/benchmarks/heldout_fusion.py) all run ``FuseRunner``, and given the same rows and seed they train the same
+model, phases and distillation included (the probe used to rebuild the procedure by hand and left both out)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.heldout_fusion import fuse_held_out
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.fusion.options import DecomposeConfig
@@ -18,11 +17,12 @@ from emm.fusion.procedure import FuseRunner
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS
 from emm.io import read_json
 from emm.pipeline.decompose import decompose_pool, load_pool_plan
-from emm.pipeline.experiments.jobs import Job, run_job
-from emm.pipeline.experiments.runner import fuse_job_config
 from emm.pipeline.fuse import fuse
 from emm.pipeline.params import FuseConfig, PretrainConfig, TrainConfig
 from emm.pipeline.pretrain import pretrain
+from harness.benchmarks.heldout_fusion import fuse_held_out
+from harness.experiments.jobs import Job, run_job
+from harness.experiments.runner import fuse_job_config
 
 TRAIN = TrainConfig(batch_size=512, max_epochs=1, patience=1, lr=5e-3, device="cpu", seed=11)
 POOL = [{"name": f"{t}-{a}", "task": t, "arch": a, "hidden": [8, 4]} for t in ("income", "marital")

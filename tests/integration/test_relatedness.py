@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from emm.cli import app
 from emm.errors import EMMError
-from emm.pipeline.experiments.relatedness import run_relatedness
-from emm.pipeline.experiments.relatedness_measure import level_key, measure_level
 from emm.pipeline.params import load_params
+from harness.experiments.relatedness import run_relatedness
+from harness.experiments.relatedness_measure import level_key, measure_level
 
 pytestmark = pytest.mark.slow
 ROWS = 20_000
@@ -26,22 +26,29 @@ WEIGHTS = [0.0, 0.9]
 
 @pytest.fixture(scope="module")
 def params_file(tmp_path_factory):
+    """emm's params file; the harness config (``harness_file``) sits beside it."""
     root = tmp_path_factory.mktemp("relatedness")
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump({
-        "benchmark": {"out": str(root / "results"), "workers": 2,
-                      "relatedness": {"shared_weights": WEIGHTS, "rows": ROWS, "max_epochs": 1, "lightgbm": False,
-                                      "recipes": {"paper": {"output": "tower"}}}},
         "tracking": {"store": str(root / "mlruns")},
         "fuse": {"output": "donor_residual", "blend_init": "stack"},
         "synth": {"vocab_sizes": [10, 50, 200]},
     }))
+    (root / "benchmark.yaml").write_text(yaml.safe_dump({
+        "benchmark": {"out": str(root / "results"), "workers": 2,
+                      "relatedness": {"shared_weights": WEIGHTS, "rows": ROWS, "max_epochs": 1, "lightgbm": False,
+                                      "recipes": {"paper": {"output": "tower"}}}}}))
     return path
 
 
 @pytest.fixture(scope="module")
-def sweep(params_file):
-    return run_relatedness(params_file, track=False)
+def harness_file(params_file):
+    return params_file.with_name("benchmark.yaml")
+
+
+@pytest.fixture(scope="module")
+def sweep(params_file, harness_file):
+    return run_relatedness(params_file, config=harness_file, track=False)
 
 
 def test_the_sweep_reports_every_level_under_the_oracle(sweep):
@@ -67,17 +74,18 @@ def test_the_sweep_reports_every_level_under_the_oracle(sweep):
     assert (sweep.out_dir / "relatedness.png").stat().st_size > 10_000
 
 
-def test_a_rerun_reuses_every_job_and_the_cli_prints_the_table(sweep, params_file):
+def test_a_rerun_reuses_every_job_and_the_cli_prints_the_table(sweep, params_file, harness_file):
     work = sweep.out_dir / "raw" / "relatedness"
     results = sorted(work.glob("*/seed-*/results/*.json"))
     before = {p: p.stat().st_mtime_ns for p in results}
-    out = CliRunner().invoke(app, ["relatedness", "--params", str(params_file), "--no-track"])
+    files = ["--params", str(params_file), "--config", str(harness_file)]
+    out = CliRunner().invoke(app, ["relatedness", *files, "--no-track"])
     assert out.exit_code == 0, out.output
     assert "Where fusion pays" in out.output and "EMM − best donor" in out.output
     assert {p: p.stat().st_mtime_ns for p in results} == before  # nothing was trained again
-    bad = CliRunner().invoke(app, ["relatedness", "--params", str(params_file), "--shared-weights", "0,x"])
+    bad = CliRunner().invoke(app, ["relatedness", *files, "--shared-weights", "0,x"])
     assert bad.exit_code == 2 and "--shared-weights" in bad.output
-    bad = CliRunner().invoke(app, ["relatedness", "--params", str(params_file), "--shared-weights", "0,1.5"])
+    bad = CliRunner().invoke(app, ["relatedness", *files, "--shared-weights", "0,1.5"])
     assert bad.exit_code == 2 and "shared_weights" in bad.output
 
 

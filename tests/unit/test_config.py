@@ -105,23 +105,9 @@ def test_pretrain_numeric_reaches_every_builtin_entry_without_its_own(tmp_path):
         load_params(path)
 
 
-@pytest.mark.parametrize("profiles, message", [
-    ({"a": {}, "b": {"jobs_from": "c"}}, r"profile 'b': jobs_from 'c' must name another profile"),
-    ({"a": {"jobs_from": "a"}}, r"profile 'a': jobs_from 'a' must name another profile"),
-    ({"a": {}, "b": {"jobs_from": "a"}, "c": {"jobs_from": "b"}}, r"profile 'c': jobs_from 'b'"),
-    ({"a": {"raw_rows": 100}, "b": {"jobs_from": "a"}}, r"raw_rows None differs from 'a''s 100"),
-])
-def test_a_shared_job_store_must_be_another_profiles_own_with_the_same_rows(tmp_path, profiles, message):
-    """Profiles that share a job store build the same task-set data in it, so they must agree on the rows."""
-    import yaml
-
+def test_a_params_file_with_the_harness_section_is_told_where_it_went(tmp_path):
+    """The benchmark's settings left params.yaml for harness/benchmark.yaml: an old file is refused by name."""
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"benchmark": {"profile": "a", "profiles": profiles}}))
-    with pytest.raises(EMMError, match=message):
+    path.write_text("benchmark:\n  workers: 2\n")
+    with pytest.raises(EMMError, match=r"`benchmark:` section moved to .*harness/benchmark.yaml.*--config"):
         load_params(path)
-
-
-def test_the_repo_distill_profile_runs_in_the_full_profiles_store():
-    bench = load_params("params.yaml").benchmark
-    assert bench.store("distill") == "full" and bench.store("full") == "full"
-    assert bench.profiles["distill"].seeds == bench.profiles["full"].seeds

@@ -11,12 +11,12 @@ from emm.errors import EMMError
 from emm.fusion.blend import fit_blend
 from emm.fusion.options import FuseOptions
 from emm.fusion.procedure import Distill, FineTune, Frozen, FusePlan, FuseRunner, Labels
-from emm.pipeline.experiments.runner import fuse_job_config
 from emm.pipeline.params import FuseConfig
 from emm.tracker import NullTracker
 from emm.train.distill import Distillation
 from emm.train.options import TrainConfig
 from emm.train.trainer import Trainer
+from harness.experiments.runner import fuse_job_config
 from tests.unit.test_akf import Pool, batch
 
 TRAIN = TrainConfig(max_epochs=2, batch_size=64, lr=1e-2, device="cpu", patience=2, seed=7)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from emm.errors import EMMError
-from emm.pipeline.experiments.jobs import Job, run_job
+from harness.experiments.jobs import Job, run_job
 
 
 def job(tmp_path, method: str) -> Job:

@@ -74,7 +74,7 @@ def test_distinct_names_pass_the_duplicate_check():
 
 def test_the_benchmark_pool_is_checked_like_the_pretrain_pool():
     """The benchmark builds its pool from pretrain.pool too: a bad name is the same EMMError, not pydantic's."""
-    from emm.pipeline.experiments.runner import parse_builtin
+    from harness.experiments.runner import parse_builtin
 
     with pytest.raises(EMMError, match=r"pretrain\.pool\.census-income\[1\].*'\.\./x'"):
         parse_builtin({"name": "../x", "task": "income", "arch": "mlp"}, "pretrain.pool.census-income[1]")

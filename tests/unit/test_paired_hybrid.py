@@ -11,7 +11,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from emm.pipeline.experiments import paired
+from harness.experiments import paired
 
 
 def _job(tmp: Path, kind: str, method: str, seed: int, tasks: list[str], scores: dict[str, np.ndarray],

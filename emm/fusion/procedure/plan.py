@@ -3,7 +3,7 @@
 Why a plan apart from its runner: the switches that change the procedure (``blend_init``, ``finetune_lr_scale``,
 ``distill``) are read once, in ``FusePlan.from_options``, into phases and a target; the runner
 (``emm.fusion.procedure.runner``) only iterates what the plan holds. The fuse stage, the benchmark's fused jobs
-and the probes in ``benchmarks/`` all execute a plan that way, so none of them can drift from the others by
+and the probes in ``harness/benchmarks/`` all execute a plan that way, so none of them can drift from the others by
 rebuilding the procedure by hand (a probe that did ignored distillation and the fine-tune phase).
 
 Why each phase and target is a small class: what differs between them (what a phase thaws, its learning-rate

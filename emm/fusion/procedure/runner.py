@@ -3,8 +3,8 @@
 ``FuseRunner(plan, decomposition, model_tasks, schema, ...)`` builds the plan's architecture (seeded by the plan's
 train seed), ``prepare`` fits the output head on held-out rows when the plan says so, and ``train`` runs the plan's
 phases in order, each a ``Trainer.fit`` that starts from the weights the previous phase kept, with the plan's
-target. The fuse stage, the benchmark's fused jobs (through the stage) and the probes in ``benchmarks/`` call it;
-what differs between them is only what they hand it: the rows, a work dir for checkpoints, a tracker.
+target. The fuse stage, the benchmark's fused jobs (through the stage) and the probes in ``harness/benchmarks/``
+call it; what differs between them is only what they hand it: the rows, a work dir for checkpoints, a tracker.
 
 Why the phases are chained into one fit: ``fused.json``, the tracker and early stopping see one training run whose
 epochs are numbered on across phases (a later phase logs its epochs after the earlier ones': steps 1..N), and a

@@ -6,8 +6,8 @@ this machine (``--url http://127.0.0.1:PORT``; loopback only). Requests are raw 
 test file (``dataframe_split`` JSON, as a user's pandas reads them), sent one after another on one
 keep-alive connection: the loop is bounded by ``--requests`` per size and by ``--max-seconds`` in all.
 
-    python -m benchmarks.serve_latency [--model-uri models:/emm-census-income@champion] [--params params.yaml]
-                                       [--url http://127.0.0.1:PORT] [--requests 200] [--max-seconds 120]
+    python -m harness.benchmarks.serve_latency [--model-uri models:/emm-census-income@champion] [--params params.yaml]
+                                               [--url http://127.0.0.1:PORT] [--requests 200] [--max-seconds 120]
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from benchmarks.train_throughput import load_average
 from emm.data.reader import resolve_file
 from emm.data.spec import resolve_dataset
 from emm.errors import EMMError
 from emm.pipeline.params import load_params
 from emm.tracking.processes import free_port, model_server_args, running_server
+
+from harness.benchmarks.train_throughput import load_average
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

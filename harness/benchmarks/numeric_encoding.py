@@ -8,7 +8,7 @@ periodic}``, in every pool model and in PLE; the fused model follows its pool). 
 
     emm benchmark census-income --profile numeric-minmax
     emm benchmark census-income --profile numeric-periodic
-    python -m benchmarks.numeric_encoding [--params params.yaml] [--dataset census-income]
+    python -m harness.benchmarks.numeric_encoding [--params params.yaml] [--dataset census-income]
 
 ``--arms A B`` pairs two other profiles the same way (B − A), e.g. ``--arms full numeric-quantile``: the
 ``full`` profile's pool, EMM, PLE and LightGBM run under today's default encoding (periodic), so its job
@@ -30,10 +30,11 @@ import numpy as np
 
 from emm.data.spec import resolve_dataset
 from emm.io import read_json
-from emm.pipeline.experiments import paired
-from emm.pipeline.params import load_params
 from emm.train.compare import paired_auc_cis
 from emm.train.metrics import auc
+
+from harness.experiments import paired
+from harness.params import load_harness_params
 
 ARMS = ("numeric-minmax", "numeric-periodic")  # the default pair: numeric.md
 MODELS = {"best donor": None, "donor stack": "donors:stack", "EMM": paired.EMM, "PLE": "baseline:ple",
@@ -54,11 +55,13 @@ def load_arm(cfg, dataset: str, profile: str, task_set: str, tasks: list[str]) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default=None)
+    ap.add_argument("--config", default=None, help="the harness config (default harness/benchmark.yaml): "
+                    "where the benchmark wrote its job stores")
     ap.add_argument("--dataset", default="census-income")
     ap.add_argument("--arms", nargs=2, default=list(ARMS), metavar=("A", "B"), help="profiles to pair: B − A")
     args = ap.parse_args()
     name_a, name_b = args.arms
-    cfg = load_params(args.params)
+    cfg = load_harness_params(args.params, args.config)
     tasks = list(cfg.ingest.tasks.get(args.dataset) or resolve_dataset(args.dataset, cfg.datasets).default_tasks)
     task_set = "+".join(tasks)
     arm_a, arm_b = (load_arm(cfg, args.dataset, a, task_set, tasks) for a in args.arms)
@@ -68,7 +71,8 @@ def main() -> None:
     lines = [f"# Numeric encoding, {args.dataset}: `{name_b}` vs `{name_a}`, every model alike", "",
              f"Seeds {seeds}; test AUC mean ± std over seeds; **{name_b} − {name_a}** is a paired bootstrap 95% CI "
              f"({paired.N_RESAMPLES} resamples of the same test rows, seed-matched). Written by "
-             f"`python -m benchmarks.numeric_encoding --arms {name_a} {name_b}` from those profiles' job stores.", ""]
+             f"`python -m harness.benchmarks.numeric_encoding --arms {name_a} {name_b}` from those profiles' job "
+             "stores.", ""]
     for i, task in enumerate(tasks):
         y = arm_a.y_test[:, i]
         keys = {name: (key or paired.best_key(arm_a, task, "pool:"), key or paired.best_key(arm_b, task, "pool:"))

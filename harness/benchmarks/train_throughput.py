@@ -19,7 +19,7 @@ are reported with their ratios:
 the peer's epoch split into its loader alone (per-row ``__getitem__`` + collate) and the rest.
 
     pip install --no-deps torch-rechub==0.9.0        # the optional `rechub` extra
-    python -m benchmarks.train_throughput [--data artifacts/census-income/data] [--rows N] [--rounds 3] [--threads N] [--profile]
+    python -m harness.benchmarks.train_throughput [--data artifacts/census-income/data] [--rows N] [--rounds 3] [--threads N] [--profile]
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ the medians are reported as rows/s, with ratios, and end to end (encoding includ
   both tasks is one row's work.
 Every side gets ``--threads`` threads. The ONNX-vs-torch max abs difference is over the same rows.
 
-    python -m benchmarks.score_speed [--dataset census-income] [--rows 50000] [--rounds 3] [--threads 2]
+    python -m harness.benchmarks.score_speed [--dataset census-income] [--rows 50000] [--rounds 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from emm.pipeline.params import load_params
 from emm.train.lightgbm_row import lightgbm_features, lightgbm_per_task
 from emm.train.predict import predict_proba
 
-from benchmarks.train_throughput import load_average
+from harness.benchmarks.train_throughput import load_average
 
 
 def raw_rows(cfg: Any, dataset: str, rows: int) -> pd.DataFrame:

@@ -1,5 +1,5 @@
 """Benchmark results -> Table I (md + csv), Table II (md), Figure 3 (md + png), per-task bar charts (the
-fusion-gate selection heat maps: ``emm.pipeline.experiments.selection``). Every number is a mean ± sample std over seeds; the paper's numbers sit in
+fusion-gate selection heat maps: ``harness.experiments.selection``). Every number is a mean ± sample std over seeds; the paper's numbers sit in
 adjacent columns; the header says how many rows the data had, so a sample is never mistaken for the dataset.
 """
 
@@ -16,9 +16,10 @@ import numpy as np
 
 from emm.data.schema import Schema
 from emm.fusion.options import ABLATIONS
-from emm.pipeline.experiments import paired, paper
-from emm.pipeline.experiments.plotting import pyplot
-from emm.pipeline.experiments.selection import write_selection
+
+from harness.experiments import paired, paper
+from harness.experiments.plotting import pyplot
+from harness.experiments.selection import write_selection
 
 DISPLAY = {"shared_bottom": "SharedBottom", "mmoe": "MMoE", "ple": "PLE", "aitm": "AITM", "adatt": "AdaTT",
            "lightgbm": "LightGBM (one per task)", **{a.name: a.label for a in ABLATIONS.values()}}

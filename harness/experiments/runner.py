@@ -22,14 +22,16 @@ from emm.errors import EMMError
 from emm.fusion.options import ABLATIONS
 from emm.models.external import parse_member
 from emm.models.single_task import ModelSpec
-from emm.pipeline.experiments.data import prepare_task_set, task_set_key
-from emm.pipeline.experiments.jobs import PRIORITY, Job, cached_result, describe, init_worker, run_job
-from emm.pipeline.experiments.recipes import write_recipes
-from emm.pipeline.experiments.report import write_reports
 from emm.pipeline.layout import stage_tracker
-from emm.pipeline.params import BASELINE_NAMES, BenchmarkProfile, FuseConfig, Params, load_params
+from emm.pipeline.params import FuseConfig
 from emm.pipeline.pool_specs import default_pool, with_numeric
 from emm.runtime import cpu_cores
+
+from harness.experiments.data import prepare_task_set, task_set_key
+from harness.experiments.jobs import PRIORITY, Job, cached_result, describe, init_worker, run_job
+from harness.experiments.recipes import write_recipes
+from harness.experiments.report import write_reports
+from harness.params import BASELINE_NAMES, BenchmarkProfile, HarnessParams, load_harness_params
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,13 @@ class BenchmarkRun:
     mlflow_run_id: str | None
 
 
-def output_dir(cfg: Params, dataset: str, profile: str) -> Path:
+def output_dir(cfg: HarnessParams, dataset: str, profile: str) -> Path:
     """results/<dataset>/ for the default profile (what the README shows), results/<dataset>/<profile>/ else."""
     base = cfg.benchmark.out / dataset
     return base if profile == cfg.benchmark.profile else base / profile
 
 
-def benchmark_pool(dataset: str, cfg: Params, schema: Schema) -> list[dict[str, Any]]:
+def benchmark_pool(dataset: str, cfg: HarnessParams, schema: Schema) -> list[dict[str, Any]]:
     """The configured pool for the tasks it covers, plus two default models for any task it does not
     (the 3- and 4-task runs add tasks the 2-task pool has no model for)."""
     configured = [s for s in cfg.pretrain.pool.get(dataset, []) if s["task"] in schema.task_names]
@@ -85,7 +87,7 @@ def fuse_job_config(fuse: FuseConfig) -> dict[str, Any]:
     return {k: v for k, v in dumped.items() if not (k in FUSE_ADDED_OFF and v == FUSE_ADDED_OFF[k])}
 
 
-def plan_jobs(dataset: str, cfg: Params, prof: BenchmarkProfile, data_dirs: dict[str, Path], main_set: str,
+def plan_jobs(dataset: str, cfg: HarnessParams, prof: BenchmarkProfile, data_dirs: dict[str, Path], main_set: str,
               work: Path) -> list[Job]:
     """Every job of the benchmark, with its dependencies."""
     def train_cfg(base, seed: int) -> dict[str, Any]:
@@ -211,11 +213,12 @@ def child_logger(tracker, main_set: str | None) -> Callable[[Job, dict[str, Any]
     return log_child
 
 
-def run_benchmark(dataset: str, params: Path | str | None = None, *, profile: str | None = None,
-                  workers: int | None = None, track: bool = True) -> BenchmarkRun:
-    """Table I, Table II and Figure 3 for ``dataset``: data, jobs, tables, plots, one MLflow parent run."""
+def run_benchmark(dataset: str, params: Path | str | None = None, *, config: Path | str | None = None,
+                  profile: str | None = None, workers: int | None = None, track: bool = True) -> BenchmarkRun:
+    """Table I, Table II and Figure 3 for ``dataset``: data, jobs, tables, plots, one MLflow parent run.
+    ``params``: emm's params file; ``config``: the harness's (default harness/benchmark.yaml)."""
     started = time.perf_counter()
-    cfg = load_params(params)
+    cfg = load_harness_params(params, config)
     profile = profile or cfg.benchmark.profile
     prof = cfg.benchmark.pick(profile)
     spec = resolve_dataset(dataset, cfg.datasets)

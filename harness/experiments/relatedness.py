@@ -23,11 +23,12 @@ from emm.data.schema import Schema
 from emm.data.synth import SYNTH_FILE, synthesize
 from emm.errors import EMMError
 from emm.io import read_json
-from emm.pipeline.experiments.relatedness_measure import Level, level_key, measure_level
-from emm.pipeline.experiments.relatedness_report import write_report
-from emm.pipeline.experiments.runner import child_logger, execute, plan_jobs
 from emm.pipeline.layout import stage_tracker
-from emm.pipeline.params import BenchmarkProfile, RelatednessConfig, load_params
+
+from harness.experiments.relatedness_measure import Level, level_key, measure_level
+from harness.experiments.relatedness_report import write_report
+from harness.experiments.runner import child_logger, execute, plan_jobs
+from harness.params import BenchmarkProfile, RelatednessConfig, load_harness_params
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,13 @@ def synth_level(cfg: SynthConfig, data_dir: Path) -> Path:
     return data_dir
 
 
-def run_relatedness(params: Path | str | None = None, *, shared_weights: list[float] | None = None,
-                    rows: int | None = None, seeds: list[int] | None = None, max_epochs: int | None = None,
-                    workers: int | None = None, track: bool = True) -> RelatednessRun:
-    """The sweep: one synthetic table, pool and fused model(s) per level; report in results/<synth.dataset>/."""
+def run_relatedness(params: Path | str | None = None, *, config: Path | str | None = None,
+                    shared_weights: list[float] | None = None, rows: int | None = None, seeds: list[int] | None = None,
+                    max_epochs: int | None = None, workers: int | None = None, track: bool = True) -> RelatednessRun:
+    """The sweep: one synthetic table, pool and fused model(s) per level; report in results/<synth.dataset>/.
+    ``params``: emm's params file; ``config``: the harness's (default harness/benchmark.yaml)."""
     started = time.perf_counter()
-    cfg = load_params(params)
+    cfg = load_harness_params(params, config)
     overrides = {k: v for k, v in {"shared_weights": shared_weights, "rows": rows, "seeds": seeds,
                                    "max_epochs": max_epochs}.items() if v is not None}
     try:

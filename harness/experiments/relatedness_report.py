@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from emm.data.options import SynthConfig
-from emm.pipeline.experiments import paired
-from emm.pipeline.experiments.plotting import pyplot
-from emm.pipeline.experiments.relatedness_measure import BARS, EMM_LABEL, Level
-from emm.pipeline.params import RelatednessConfig
+
+from harness.experiments import paired
+from harness.experiments.plotting import pyplot
+from harness.experiments.relatedness_measure import BARS, EMM_LABEL, Level
+from harness.params import RelatednessConfig
 
 PLOTTED_DIFFS = ("best donor", "donor ensemble")
 

@@ -2,7 +2,7 @@
 
 Same pool, same components, same seed and trainer; only ``fuse.fusion_gate`` changes. Needs the
 pipeline's artifacts (ingest, pretrain, decompose). Writes nothing outside a temporary folder.
-    python -m benchmarks.gate_modes [--dataset census-income] [--modes hard,scaled,ste]
+    python -m harness.benchmarks.gate_modes [--dataset census-income] [--modes hard,scaled,ste]
 """
 
 from __future__ import annotations

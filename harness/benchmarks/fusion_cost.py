@@ -19,9 +19,9 @@ the backward through the frozen layers, which autograd needs for the gradient w.
 whenever something trainable (the fresh embedding, a lower AKF level) feeds them.
 
 Needs ingest, pretrain and decompose:
-    python -m benchmarks.fusion_cost [--dataset census-income] [--params params.yaml] [--rounds 3]
-                                     [--profile] [--compile] [--skip-fits] [--max-epochs N] [--fits mmoe,...]
-                                     [--skip-rates]
+    python -m harness.benchmarks.fusion_cost [--dataset census-income] [--params params.yaml] [--rounds 3]
+                                             [--profile] [--compile] [--skip-fits] [--max-epochs N] [--fits mmoe,...]
+                                             [--skip-rates]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from emm.tracker import NullTracker
 from emm.train.options import TrainConfig
 from emm.train.trainer import Trainer
 
-from benchmarks.train_throughput import load_average
+from harness.benchmarks.train_throughput import load_average
 
 BASELINES = ("mmoe", "ple", "adatt")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from emm.pipeline.experiments.plotting import pyplot
+from harness.experiments.plotting import pyplot
 
 
 def selection_matrices(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> dict[int, np.ndarray]:

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from emm.pipeline.experiments.paired import CONFIDENCE, EMM, N_RESAMPLES, SEED, Scores, collect, seed_pairs
 from emm.train.compare import paired_auc_cis
+
+from harness.experiments.paired import CONFIDENCE, EMM, N_RESAMPLES, SEED, Scores, collect, seed_pairs
 
 
 def _by_seed(results: list[dict[str, Any]], task_set: str, kind: str, method: str | None = None) -> dict:

@@ -5,6 +5,7 @@
   processes and cached on disk, so an interrupted benchmark resumes where it stopped;
 - ``runner``: schedules the jobs over the seeds, decomposes each seed's pool, logs to MLflow;
 - ``report``: tables (markdown + CSV), plots, the fusion-gate selection heat maps;
-- ``paper``: the published numbers printed beside ours.
-The stage entry point is ``emm.pipeline.benchmark``. (Speed benchmarks are the scripts in ``benchmarks/``.)
+- ``paper``: the published numbers printed beside ours;
+- ``relatedness*``: the planted-relatedness sweep (``emm relatedness``) on the same jobs.
+The entry points are in ``stages``. (Speed benchmarks are the scripts in ``harness/benchmarks/``.)
 """

@@ -8,7 +8,7 @@ it) for one epoch with validation, through the same ``Trainer``:
   The peer is *not* run at 20M rows by default: at ~1 KB/row of transient peak it would not fit this
   24 GB machine; its measured bytes per row are printed and extrapolated, labelled as such.
 
-    python -m benchmarks.stream_memory --rows 20000000 [--peer-rows 2000000] [--threads 1] [--keep DIR]
+    python -m harness.benchmarks.stream_memory --rows 20000000 [--peer-rows 2000000] [--threads 1] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def child(mode: str, data: Path, threads: int, buffer_rows: int) -> dict:
 
 
 def run_child(mode: str, data: Path, threads: int, buffer_rows: int) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.stream_memory", "--child", mode, "--data", str(data),
+    cmd = [sys.executable, "-m", "harness.benchmarks.stream_memory", "--child", mode, "--data", str(data),
            "--threads", str(threads), "--buffer-rows", str(buffer_rows)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

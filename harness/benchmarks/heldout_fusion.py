@@ -14,8 +14,8 @@ rows, paired bootstrap 95% CIs (1,000 resamples of test rows, pooled over seeds)
     held-out EMM − EMM fitted on train rows (Table I's EMM)
     held-out EMM − best donor (by validation AUC)
 
-    python -m benchmarks.heldout_fusion [--params params.yaml] [--dataset census-income] [--seeds 2026,2027,2028]
-                                        [--threads 1]
+    python -m harness.benchmarks.heldout_fusion [--params params.yaml] [--config harness/benchmark.yaml]
+                                                [--dataset census-income] [--seeds 2026,2027,2028] [--threads 1]
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ from emm.fusion.fused import FusedModel
 from emm.fusion.options import FuseOptions
 from emm.fusion.procedure import FusePlan, FuseRunner
 from emm.pipeline.decompose import load_pool_plan
-from emm.pipeline.experiments.paired import best_key, collect
-from emm.pipeline.params import load_params
 from emm.train.compare import paired_auc_cis
 from emm.train.predict import predict_logits
 from emm.train.metrics import auc
 from emm.train.trainer import FitResult
 
-from benchmarks.train_throughput import load_average
+from harness.benchmarks.train_throughput import load_average
+from harness.experiments.paired import best_key, collect
+from harness.params import load_harness_params
 
 
 def halves(rows: SplitTensors, seed: int) -> tuple[SplitTensors, SplitTensors]:
@@ -71,12 +71,14 @@ def fuse_held_out(options: FuseOptions, decomposition: Plan, model_tasks: list[s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--config", default=None, help="the harness config (default harness/benchmark.yaml): "
+                    "where the benchmark wrote its job stores")
     ap.add_argument("--dataset", default="census-income")
     ap.add_argument("--seeds", default=None, help="comma-separated (default: the full profile's seeds)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_params(args.params)
+    cfg = load_harness_params(args.params, args.config)
     prof = cfg.benchmark.profiles["full"]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else prof.seeds
     tasks_key = "+".join(cfg.ingest.tasks.get(args.dataset) or [])

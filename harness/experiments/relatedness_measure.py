@@ -18,9 +18,10 @@ from emm.data.schema import Schema
 from emm.data.synth import SYNTH_FILE, true_probabilities
 from emm.errors import EMMError
 from emm.io import read_json
-from emm.pipeline.experiments import paired
 from emm.train.compare import paired_auc_cis
 from emm.train.metrics import auc
+
+from harness.experiments import paired
 
 EMM_LABEL = "EMM"
 BARS = ("best donor", "donor ensemble", "donor stack", "LightGBM")  # what each fused model is paired with
