@@ -185,6 +185,37 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in ``path`` ({} when empty); a syntax error is an EMMError naming ``what`` and the file."""
+    import yaml  # local: most callers of emm.io never read YAML
+
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EMMError(f"{what} {path} is not valid YAML: {exc}") from exc
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted path, value in ``a``, value in ``b``) of the first place two JSON values differ, or None.
+
+    Why one helper: every record EMM checks against what it was made from (pool.json's signatures, the
+    component store's plan and ``made_from``) names the first field that differs in its error.
+    """
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = first_difference(x, y, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    return None if a == b else (where or "the value", a, b)
+
+
 def read_json(path: Path) -> Any:
     path = Path(path)
     if not path.exists():

@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from emm.errors import EMMError
+from emm.io import read_yaml
 from emm.fusion.options import ABLATIONS, AblationName
 from emm.models.baselines.registry import BASELINES
 from emm.models.embedding import NumericOptions
@@ -159,10 +159,7 @@ def load_harness_config(path: Path | str | None = None) -> BenchmarkConfig:
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.exists():
         raise EMMError(f"harness config {path} does not exist (the default is {DEFAULT_CONFIG})")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise EMMError(f"harness config {path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "harness config")
     try:
         return HarnessFile.model_validate(raw).benchmark
     except ValidationError as exc:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from emm.errors import EMMError
 from emm.fusion.decompose import PLAN_FORMAT, Plan, as_inputs, plan_from_traces, trace_model
-from emm.io import atomic_dir
+from emm.io import atomic_dir, first_difference
 from emm.weights import _dedupe_state, load_module, save_module  # noqa: F401 (re-exported)
 
 PLAN_FILE = "plan.json"
@@ -227,21 +227,14 @@ def _check_same_plan(folder: Path, saved: dict[str, Any], now: dict[str, Any]) -
 
 
 def _first_difference(a: Any, b: Any, path: str = "plan") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}")
-            if found:
-                return found
+    """``emm.io.first_difference`` as the store's messages word it (a list of another length by its lengths)."""
+    found = first_difference(a, b, path)
+    if found is None:
         return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return f"{path} (length {len(a)} vs {len(b)})"
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = _first_difference(x, y, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    return None if a == b else f"{path} ({a!r} vs {b!r})"
+    where, x, y = found
+    if isinstance(x, list) and isinstance(y, list):
+        return f"{where} (length {len(x)} vs {len(y)})"
+    return f"{where} ({x!r} vs {y!r})"
 
 
 def _describe(layer: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ from torch import nn
 
 from emm.data.schema import Schema, check_fingerprint
 from emm.errors import EMMError
-from emm.io import digest, read_json, sha256_file
+from emm.io import digest, first_difference, read_json, sha256_file
 from emm.models.portable import build_portable
 from emm.models.single_task import ModelSpec, SingleTaskModel, build_model
 from emm.weights import load_module
@@ -210,23 +210,6 @@ def check_against_params(pool_file: Path, entries: list[PoolEntry], signatures: 
             raise EMMError(f"{pool_file}: member {e.name!r} was made from other settings than params.yaml and the "
                            f"data give now: {where} is {ours!r} in {POOL_FILE} but {theirs!r} in pretrain.pool "
                            f"(with pretrain.train and the ingested data); {RERUN}")
-
-
-def first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any] | None:
-    """(dotted path, value in ``a``, value in ``b``) of the first place two JSON values differ, or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            found = first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
-            if found:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = first_difference(x, y, f"{where}[{i}]")
-            if found:
-                return found
-        return None
-    return None if a == b else (where or "the value", a, b)
 
 
 def pool_digest(entries: list[PoolEntry]) -> str:

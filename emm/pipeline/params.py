@@ -16,12 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError
 
 from emm.data.options import IngestConfig, ScaleConfig, SynthConfig
 from emm.data.spec import DatasetSpec
 from emm.errors import EMMError
+from emm.io import read_yaml
 from emm.fusion.options import DecomposeConfig, FuseOptions
 from emm.models.embedding import NumericOptions
 from emm.options import Options
@@ -107,10 +107,7 @@ def load_params(path: Path | str | None = None) -> Params:
     path = Path(path)
     if not path.exists():
         raise EMMError(f"params file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise EMMError(f"params file {path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "params file")
     moved = next((k for k in raw if k in MOVED_SECTIONS), None) if isinstance(raw, dict) else None
     if moved:
         raise EMMError(f"params file {path}: its `{moved}:` section {MOVED_SECTIONS[moved]}")

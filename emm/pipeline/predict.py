@@ -270,7 +270,7 @@ def predict_file(scorer: Scorer, input_path: Path, output_path: Path,
             reasons = scorer.validate(text)  # the pyfunc's own check: both refuse the same rows
             good = reasons.eq("").to_numpy()
             if good.any():
-                scores = scorer.predict(text.loc[good])
+                scores = scorer.score_text(text.loc[good].reset_index(drop=True))
                 scores.insert(0, "row", seen + np.flatnonzero(good) + 1)
                 scores_out.write(scores)
             if not good.all():

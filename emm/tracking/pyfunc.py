@@ -218,6 +218,11 @@ class Scorer:
         reasons = self.validate(text)
         if reasons.ne("").any():
             raise EMMError(bad_rows_message(reasons))
+        return self.score_text(text)
+
+    def score_text(self, text: pd.DataFrame) -> pd.DataFrame:
+        """Score rows already in text form (``raw_text``) and found valid (``validate``): what ``predict``
+        does after its checks, for a caller (``emm predict``) that ran them itself and kept the bad rows."""
         encoded = self.encoder.transform(text, source="model input", first_line=None)
         tensors = frame_to_tensors(encoded, self.schema, with_labels=False)
         probs = predict_proba(self.model, tensors)
