@@ -49,22 +49,37 @@ def prefect_api(project):
             yield home
 
 
-def task_states(flow_run_id) -> dict[str, str]:
+FINAL = {"Completed", "Cached", "Failed", "Crashed", "Cancelled"}
+
+
+def task_states(flow_run_id, expect: tuple[str, ...], timeout: float = 60.0) -> dict[str, str]:
     """task -> state name (Completed, Cached, Failed, ...) in one flow run; the four pool-model task runs
-    ("pretrain-<model>") are folded into "pretrain" when they agree, else listed."""
+    ("pretrain-<model>") are folded into "pretrain" when they agree, else listed.
+
+    Why it waits: Prefect 3 reports task-run states to the API as events, sent in the background, so a
+    flow that has just returned may not have all its task runs (or their last state) readable yet; CI
+    once read the failed run before its ``fuse`` task run had arrived. It polls until every task in
+    ``expect`` is there and every task run is in a final state, then answers what it read."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    states: dict[str, str] = {}
-    for r in runs:
-        name = r.name if r.name.startswith("pretrain-") else r.name.rsplit("-", 1)[0]  # "<task>-<suffix>"
-        states[name] = r.state.name
-    pool = {v for k, v in states.items() if k.startswith("pretrain-")}
-    if len(pool) == 1 and sum(k.startswith("pretrain-") for k in states) == len(POOL):
-        states["pretrain"] = pool.pop()
-    return states
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        states: dict[str, str] = {}
+        for r in runs:
+            name = r.name if r.name.startswith("pretrain-") else r.name.rsplit("-", 1)[0]  # "<task>-<suffix>"
+            states[name] = r.state.name if r.state else "Pending"
+        pool = {v for k, v in states.items() if k.startswith("pretrain-")}
+        if len(pool) == 1 and sum(k.startswith("pretrain-") for k in states) == len(POOL):
+            states["pretrain"] = pool.pop()
+        settled = set(expect) <= set(states) and set(states.values()) <= FINAL
+        if settled or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 def registry_versions(store: Path) -> list:
@@ -112,7 +127,7 @@ def test_failed_stage_fails_flow_then_rerun_resumes_from_cache(project, prefect_
                            return_state=True)
     assert failed.is_failed()
     assert "qkv_dim must be a positive integer, got 0" in failed.message
-    states = task_states(failed.state_details.flow_run_id)
+    states = task_states(failed.state_details.flow_run_id, ("ingest", "fuse"))
     assert states["fuse"] == "Failed" and "evaluate-register" not in states and "promote" not in states
     assert not (artifacts / "fused").exists() and not (artifacts / "eval").exists()
     assert registry_versions(project / "mlruns") == []  # nothing half-registered
@@ -137,7 +152,8 @@ def test_failed_stage_fails_flow_then_rerun_resumes_from_cache(project, prefect_
     done = full_pipeline(dataset="census-income", params=str(params), promote=True, return_state=True)  # auto:
     # no gpu work pool on this API, so fusion runs in-process
     assert done.is_completed(), done.message
-    states = task_states(done.state_details.flow_run_id)
+    states = task_states(done.state_details.flow_run_id, ("ingest", "pool-run", "pretrain", "assemble-pool",
+                                                              "decompose", "fuse", "evaluate-register"))
     for cached in ("ingest", "pool-run", "pretrain", "assemble-pool", "decompose"):
         assert states[cached] == "Cached", states
     assert states["fuse"] == "Completed" and states["evaluate-register"] == "Completed", states
@@ -153,7 +169,7 @@ def test_failed_stage_fails_flow_then_rerun_resumes_from_cache(project, prefect_
     again = full_pipeline(dataset="census-income", params=str(params), promote=False, fuse_on="local",
                           return_state=True)
     assert again.is_completed(), again.message
-    states = task_states(again.state_details.flow_run_id)
+    states = task_states(again.state_details.flow_run_id, ("ingest", "decompose", "fuse"))
     assert states["decompose"] == "Completed" and states["ingest"] == "Cached" and states["fuse"] == "Cached", states
     assert (artifacts / "components" / "plan.json").is_file()
     assert [str(v.version) for v in registry_versions(project / "mlruns")] == ["1"]
