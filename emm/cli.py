@@ -113,14 +113,20 @@ def pretrain_cmd(
     console.print(pool_table(f"{dataset}: single-task pool", entries))
 
 
-def pool_table(title: str, entries: list) -> Table:
-    """Every pool member: where it came from, its task, size, epochs (0/0 = imported) and AUCs."""
+def pool_table(title: str, entries: list, labelled: dict[str, dict[str, int]] | None = None) -> Table:
+    """Every pool member: where it came from, its task, size, epochs (0/0 = imported) and AUCs; with
+    ``labelled`` (pool.json's ``labelled_rows``), the train/val rows labelled for its task, which it trained,
+    early-stopped and was scored on (a scarce task's members saw only those)."""
     table = Table(title=title)
-    for col in ("model", "source", "task", "params", "epochs", "val AUC", "test AUC", "encoding"):
+    columns = ["model", "source", "task", "params", "epochs", *(["labelled train/val"] if labelled else []),
+               "val AUC", "test AUC", "encoding"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("model", "source", "task", "encoding") else "right",
                          overflow="fold")
     for e in entries:
-        table.add_row(e.name, member_source(e), e.task, f"{e.params:,}", f"{e.best_epoch}/{e.epochs_run}",
+        rows = (labelled or {}).get(e.name)
+        counts = [f"{rows['train']:,}/{rows['val']:,}" if rows else "?"] if labelled else []
+        table.add_row(e.name, member_source(e), e.task, f"{e.params:,}", f"{e.best_epoch}/{e.epochs_run}", *counts,
                       f"{e.val_auc:.5f}", f"{e.test_auc:.5f}", e.origin.encoding if e.origin else "trained here")
     return table
 
@@ -143,10 +149,10 @@ def pool_list_cmd(
     params: ParamsOpt = None,
 ) -> None:
     """Every member of pool/: source (built-in, factory, MLflow), task, params, val/test AUC."""
-    from emm.pipeline.pretrain import pool_entries
+    from emm.pipeline.pretrain import pool_entries, pool_labelled_rows
 
     folder, entries = pool_entries(dataset, params)
-    console.print(pool_table(f"{dataset}: pool ({folder})", entries))
+    console.print(pool_table(f"{dataset}: pool ({folder})", entries, pool_labelled_rows(folder)))
 
 
 @app.command("decompose")
@@ -189,23 +195,24 @@ def evaluate_cmd(
     no_register: Annotated[bool, typer.Option("--no-register", help="do not register in MLflow")] = False,
     params: ParamsOpt = None,
 ) -> None:
-    """Test AUC and Gain per task vs the pool; metrics.json, plot; register as emm-<dataset> @challenger."""
-    from emm.pipeline.evaluate import evaluate_stage
+    """Per task: EMM − donor stack (paired 95% CI) first, then test AUC and Gain vs the pool; metrics.json, plot;
+    register as emm-<dataset> @challenger."""
+    from emm.pipeline.evaluate import evaluate_stage, summary_lines, summary_table
     from emm.tracking.store import registered_name
 
     summary = evaluate_stage(dataset, params, register=not no_register)
+    console.print(f"{dataset}: what fusion added over the donor stack (logistic regression on the pool's logits):")
+    for line in summary_lines(summary):
+        console.print(f"  {line}", markup=False, highlight=False)
+    columns, rows = summary_table(summary)
     table = Table(title=f"{dataset}: fused model vs its pool (test, {summary['rows_test']:,} rows)")
-    for col in ("task", "EMM AUC", "pool mean", "pool best", "Gain", "Gain %", "donor ensemble", "donor stack",
-                "EMM − best donor (by val), 95% CI"):
-        table.add_column(col, justify="left" if col == "task" else "right")
-    for task, r in summary["tasks"].items():
-        ci = r["ci"]["fused_minus_best_donor"]
-        table.add_row(task, f"{r['auc']:.5f}", f"{r['pool_mean_auc']:.5f}", f"{r['pool_best_auc']:.5f}",
-                      f"{r['gain']:+.5f}", f"{r['gain_pct']:+.3f}", f"{r['donor_ensemble_auc']:.5f}",
-                      f"{r['donor_stack_auc']:.5f}",
-                      f"{ci['diff']:+.5f} [{ci['low']:+.5f}, {ci['high']:+.5f}] vs {ci['donor']}")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("task", "verdict") else "right")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
-    console.print("CIs: paired bootstrap over the test rows (metrics.json `ci` also has EMM − ensemble and − stack)")
+    console.print("CIs: paired bootstrap over each task's labelled test rows (metrics.json `ci` also has EMM − "
+                  "ensemble)")
     if summary.get("registered_version"):
         how = "reused (same fused weights)" if summary.get("registered_reused") else "registered"
         console.print(f"{how} {registered_name(dataset)} version {summary['registered_version']} (alias challenger)")

@@ -38,7 +38,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from emm.pipeline.cache import stage_cache_key, stage_output_ready  # noqa: E402
 from emm.pipeline.decompose import decompose_stage  # noqa: E402
-from emm.pipeline.evaluate import evaluate_stage  # noqa: E402
+from emm.pipeline.evaluate import evaluate_stage, summary_lines, summary_table  # noqa: E402
 from emm.pipeline.export import export_stage  # noqa: E402
 from emm.pipeline.fuse import fuse_stage, fuse_summary  # noqa: E402
 from emm.pipeline.ingest import fetch_stage, ingest_stage, raw_dir  # noqa: E402
@@ -158,10 +158,11 @@ def promote_task(dataset: str, params: str) -> str:
 
 
 def auc_markdown(dataset: str, summary: dict) -> str:
-    lines = [f"# EMM on {dataset}", "", "| task | EMM test AUC | pool mean | pool best | Gain |", "|---|---|---|---|---|"]
-    for task_name, r in summary["tasks"].items():
-        lines.append(f"| {task_name} | {r['auc']:.5f} | {r['pool_mean_auc']:.5f} | {r['pool_best_auc']:.5f} | "
-                     f"{r['gain']:+.5f} |")
+    """evaluate's summary as `emm evaluate` prints it: what fusion added over the donor stack first."""
+    columns, rows = summary_table(summary)
+    lines = [f"# EMM on {dataset}", "", *(f"- {line}" for line in summary_lines(summary)), "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     if summary.get("registered_version"):
         lines += ["", f"Registered `{registered_name(dataset)}` version {summary['registered_version']} (alias `challenger`)."]
     return "\n".join(lines)

@@ -14,7 +14,9 @@ from typing import Annotated, Optional
 import typer
 
 ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", help="the harness's settings: profiles, seeds, results folder (default: harness/benchmark.yaml)")]
+    "--config", help="the harness's settings: profiles, seeds, results folder (default: harness/benchmark.yaml; "
+    "with --profile scarce: harness/scarce.yaml)")]
+SCARCE = "scarce"  # `emm benchmark DATASET --profile scarce`: the scarce-label grid, not a benchmark.yaml profile
 
 
 def numbers(text: Optional[str], kind: type, option: str) -> Optional[list]:
@@ -47,7 +49,24 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
     ) -> None:
         """Pool, every baseline, the ablations and EMM over seeds (+ LightGBM, + 3/4-task runs): tables and plots
-        in results/<dataset>/. Finished runs are reused, so an interrupted benchmark resumes."""
+        in results/<dataset>/. Finished runs are reused, so an interrupted benchmark resumes. `--profile scarce`:
+        the scarce-label benchmark (harness/scarce.yaml; with --quick its CI-sized variant), results/<dataset>/scarce/."""
+        if profile == SCARCE:
+            from emm.errors import EMMError
+            from harness.experiments.scarce_run import run_scarce
+
+            scarce = run_scarce(dataset, params, config=config, variant="quick" if quick else "full", workers=workers,
+                                track=not no_track)
+            if scarce.files:
+                console.print(scarce.files[0].read_text(), highlight=False, soft_wrap=True)
+            console.print(f"{len(scarce.records)} of {len(scarce.cells)} cells ({scarce.trained} measured now) in "
+                          f"{scarce.seconds / 60:.1f} min; wrote:")
+            for f in scarce.files:
+                console.print(f"  {f}")
+            if scarce.failed:
+                raise EMMError(f"{len(scarce.failed)} scarce cell(s) failed (the others are kept; run again to retry): "
+                               + "; ".join(f"{k}: {why}" for k, why in scarce.failed.items()))
+            return
         from harness.experiments.stages import benchmark_stage
 
         run = benchmark_stage(dataset, params, config=config, profile="quick" if quick else profile, workers=workers,

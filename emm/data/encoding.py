@@ -43,33 +43,43 @@ def where(source: str, line: int | None, column: str) -> str:
 
 def encode_labels(values: pd.Series, task: TaskSpec, *, source: str, first_line: Lines,
                   name: str | None = None) -> np.ndarray:
-    """0/1 labels; an empty, undeclared or (for threshold rules) non-numeric label is an error, never a silent 0.
+    """float32 labels: 1, 0, or NaN for a declared missing value (``TaskSpec.missing_values``).
 
-    Undeclared means: the task lists its ``negative_values`` and the value is in neither list (a typo or a
-    new category in the file would otherwise silently become a negative).
+    An empty (without ``missing_values`` declaring it), undeclared or (for threshold rules) non-numeric
+    label is an error, never a silent 0. Undeclared means: the task lists its ``negative_values`` and the
+    value is in none of the lists (a typo or a new category in the file would otherwise silently become a
+    negative). Why NaN: it is what tensors carry for "no label" (see ``emm.data.labels``); ingest turns it
+    into a Parquet null.
     """
-    empty = values.eq("").to_numpy()
+    missing = (values.isin(task.missing_values).to_numpy() if task.missing_values
+               else np.zeros(len(values), dtype=bool))
+    empty = values.eq("").to_numpy() & ~missing
     if empty.any():
         pos = int(np.argmax(empty))
-        raise EMMError(f"{where(source, _line(first_line, pos), task.column)}: the label is missing")
+        raise EMMError(f"{where(source, _line(first_line, pos), task.column)}: the label is missing (declare "
+                       f"missing_values: [\"\"] for the task if rows without a label are intended)")
     if task.positive_values is not None:
         positive = values.isin(task.positive_values).to_numpy()
         if task.negative_values is not None:
-            unknown = ~(positive | values.isin(task.negative_values).to_numpy())
+            unknown = ~(positive | values.isin(task.negative_values).to_numpy() | missing)
             if unknown.any():
                 pos = int(np.argmax(unknown))
                 of = f" of task {name!r}" if name else ""
+                extra = f" nor a missing value {task.missing_values}" if task.missing_values else ""
                 raise EMMError(f"{where(source, _line(first_line, pos), task.column)}: label {values.iloc[pos]!r}{of} "
                                f"is neither a positive value {task.positive_values} nor a declared negative value "
-                               f"{task.negative_values}; fix the file, or add the value to one of the two lists")
-        return positive.astype(np.int8)
-    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.isnan(numbers)
-    if bad.any():
-        pos = int(np.argmax(bad))
-        raise EMMError(f"{where(source, _line(first_line, pos), task.column)}: label {values.iloc[pos]!r} "
-                       f"is not a number")
-    return (numbers > task.threshold).astype(np.int8)
+                               f"{task.negative_values}{extra}; fix the file, or add the value to one of the lists")
+        labels = positive.astype(np.float32)
+    else:
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.isnan(numbers) & ~missing
+        if bad.any():
+            pos = int(np.argmax(bad))
+            raise EMMError(f"{where(source, _line(first_line, pos), task.column)}: label {values.iloc[pos]!r} "
+                           f"is not a number")
+        labels = (numbers > task.threshold).astype(np.float32)
+    labels[missing] = np.nan
+    return labels
 
 
 def parse_dense(values: pd.Series, column: str, *, source: str, first_line: Lines,

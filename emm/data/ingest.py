@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
 from emm.data.encoding import Encoder, Lines, encode_labels, parse_dense
+from emm.data.labels import keep_mask, unlabelled_message
 from emm.data.options import IngestConfig
 from emm.data.reader import Chunk, file_columns, iter_chunks, resolve_file
 from emm.data.schema import VOCAB_FILE, DenseFeature, RawFile, Schema, SparseFeature, TaskInfo, vocab_digest
@@ -88,30 +89,34 @@ def audit_leakage(frame: pd.DataFrame, labels: dict[str, np.ndarray], plan: Feat
     label rate, skipping ID-like ones (many categories, where that rate overfits by construction).
     Dense values are parsed exactly as the encoder parses them (``lines``, ``missing``), so a bad value
     gets the same file/line/column message here as anywhere else, never a traceback from the AUC.
+    Each task is audited on its labelled rows (NaN labels: ``TaskSpec.missing_values``).
     """
-    n = len(frame)
     dense: dict[str, np.ndarray] = {}
-    for task, y in labels.items():
+    for task, y_all in labels.items():
+        labelled = ~np.isnan(y_all)
+        y = y_all[labelled]
+        n = len(y)
         pos = int(y.sum())
         if min(pos, n - pos) < cfg.leakage_min_class_rows:
             continue
         for col in plan.dense:
             if col not in dense:
                 dense[col] = parse_dense(frame[col], col, source=str(source), first_line=lines, missing=missing)
-            auc = roc_auc_score(y, dense[col])
+            auc = roc_auc_score(y, dense[col][labelled])
             _refuse_if_leaky(max(auc, 1 - auc), col, task, cfg, source, n)
         for col in plan.sparse:
-            values = frame[col]
-            if values.nunique() > 0.05 * n:
+            values = frame[col].to_numpy()[labelled]
+            if pd.Series(values).nunique() > 0.05 * n:
                 continue
-            rate = pd.Series(y).groupby(values.to_numpy()).transform("mean").to_numpy()
+            rate = pd.Series(y).groupby(values).transform("mean").to_numpy()
             _refuse_if_leaky(roc_auc_score(y, rate), col, task, cfg, source, n)
 
 
 def _refuse_if_leaky(auc: float, col: str, task: str, cfg: IngestConfig, source: Path, n: int) -> None:
     if auc >= cfg.leakage_auc:
         raise EMMError(
-            f"{source}: feature {col!r} alone predicts task {task!r} with AUC {auc:.4f} on the first {n} rows; "
+            f"{source}: feature {col!r} alone predicts task {task!r} with AUC {auc:.4f} on the first {n} "
+            f"labelled rows; "
             f"it is almost certainly a label (or derived from one) left among the features. Remove it from "
             f"the declaration, or raise ingest.leakage_auc if this is intended."
         )
@@ -142,29 +147,63 @@ class _StratifiedCarver:
 
 
 class _SplitWriters:
-    """One Parquet writer per split, opened lazily, with row and positive counts."""
+    """One Parquet writer per split, opened lazily, with row, labelled-row and positive counts.
 
-    def __init__(self, folder: Path, task_names: list[str]) -> None:
+    Labels arrive as float32 (NaN = no label) and are written as nullable int8 columns, built explicitly so
+    that every chunk has the same Arrow schema whether or not it holds a null. ``label_fraction`` (train and
+    val only) drops labels by ``keep_mask`` on the row index within the split as written, so the kept rows
+    do not depend on chunking or on how the carve interleaves the splits.
+    """
+
+    def __init__(self, folder: Path, task_names: list[str], label_fraction: dict[str, float] | None = None,
+                 seed: int = 0) -> None:
         self.folder = folder
         self.task_names = task_names
+        self.label_fraction = dict(label_fraction or {})
+        self.seed = seed
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.rows: dict[str, int] = defaultdict(int)
         self.positives: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.labelled: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
-    def write(self, split: str, frame: pd.DataFrame) -> None:
-        if frame.empty:
+    def write(self, split: str, features: pd.DataFrame, labels: dict[str, np.ndarray]) -> None:
+        n = len(features)
+        if n == 0:
             return
-        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = pa.Table.from_pandas(features, preserve_index=False)
+        for t in self.task_names:
+            y = labels[t]
+            has = ~np.isnan(y)
+            if t in self.label_fraction and split in FRACTION_SPLITS:
+                has &= keep_mask(self.rows[split], n, self.label_fraction[t], seed=self.seed, task=t, split=split)
+            values = np.where(has, y, 0).astype(np.int8)
+            table = table.append_column(pa.field(t, pa.int8()), pa.array(values, mask=~has, type=pa.int8()))
+            self.labelled[split][t] += int(has.sum())
+            self.positives[split][t] += int(values[has].sum())
         if split not in self.writers:
             self.writers[split] = pq.ParquetWriter(self.folder / f"{split}.parquet", table.schema)
         self.writers[split].write_table(table)
-        self.rows[split] += len(frame)
-        for t in self.task_names:
-            self.positives[split][t] += int(frame[t].sum())
+        self.rows[split] += n
 
     def close(self) -> None:
         for w in self.writers.values():
             w.close()
+
+
+FRACTION_SPLITS = ("train", "val")  # label_fraction thins these; test keeps every label (scored on all of them)
+
+
+def effective_fractions(spec: DatasetSpec, tasks: list[str], label_fraction: dict[str, float]) -> dict[str, float]:
+    """``ingest.label_fraction`` checked against the tasks being built; fractions of 1 dropped (no effect).
+
+    Why refuse an unknown task: a typo would otherwise silently train on every label, and the scarce-task
+    result would be about the wrong setting.
+    """
+    unknown = [t for t in label_fraction if t not in tasks]
+    if unknown:
+        raise EMMError(f"ingest.label_fraction names task(s) {unknown} that dataset {spec.name!r} does not build "
+                       f"(its tasks here: {tasks}); fix the task name(s) in params.yaml")
+    return {t: float(f) for t, f in label_fraction.items() if f < 1}
 
 
 def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
@@ -181,6 +220,7 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
             raise EMMError(f"{path}: its columns differ from {paths['train'].name}'s: missing "
                            f"{[c for c in columns if c not in other]}, unexpected {[c for c in other if c not in columns]}")
     block = cfg.block_mb << 20
+    fractions = effective_fractions(spec, list(plan.tasks), cfg.label_fraction)
 
     encoder = Encoder(sparse=plan.sparse, dense=plan.dense,
                       bucketed=plan.dense if spec.dense_buckets else [], n_buckets=spec.dense_buckets)
@@ -198,7 +238,7 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
 
     raw_files: list[RawFile] = []
     with atomic_dir(out_dir) as tmp:
-        writers = _SplitWriters(tmp, list(plan.tasks))
+        writers = _SplitWriters(tmp, list(plan.tasks), fractions, cfg.seed)
         try:
             for key, path in paths.items():
                 rows = _write_file(spec, key, path, plan, encoder, writers, cfg, block)
@@ -212,22 +252,27 @@ def ingest(spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: IngestConfig,
                            f"for the declared carve")
         _check_both_classes(spec, plan, writers)
         encoder.save_vocabulary(tmp / VOCAB_FILE)
-        schema = _build_schema(spec, plan, encoder, writers, raw_files, cfg)
+        schema = _build_schema(spec, plan, encoder, writers, raw_files, cfg, fractions)
         schema.save(tmp)
     log.info("ingested %s in %.1fs: %s", spec.name, time.perf_counter() - started, dict(schema.rows))
     return schema
 
 
 def _check_both_classes(spec: DatasetSpec, plan: FeaturePlan, writers: _SplitWriters) -> None:
-    """Refuse a task that has only one class in some split.
+    """Refuse a task that has no labelled row, or only one class among its labelled rows, in some split.
 
     Why here: such a split has no defined AUC, so training (early stopping on val AUC), model selection and
     evaluation would fail or silently skip the task much later, after hours of work on data that was
     unusable from the start.
     """
     for name, task in plan.tasks.items():
+        labelled = {s: writers.labelled[s][name] for s in SPLITS}
+        for split in SPLITS:
+            if labelled[split] == 0:
+                raise EMMError(f"dataset {spec.name!r}: " + unlabelled_message(
+                    name, split, f"{writers.rows[split]} rows, labelled per split {labelled}", 0, 0))
         counts = {"positive": {s: writers.positives[s][name] for s in SPLITS},
-                  "negative": {s: writers.rows[s] - writers.positives[s][name] for s in SPLITS}}
+                  "negative": {s: labelled[s] - writers.positives[s][name] for s in SPLITS}}
         for kind, per_split in counts.items():
             missing = [s for s in SPLITS if per_split[s] == 0]
             if not missing:
@@ -237,9 +282,11 @@ def _check_both_classes(spec: DatasetSpec, plan: FeaturePlan, writers: _SplitWri
             hint = ""
             if spec.carve and set(missing) & set(spec.carve.into) and spec.carve.stratify != name:
                 hint = f", carve stratified by this task (carve.stratify: {name})"
+            if any(labelled[s] < writers.rows[s] for s in missing):
+                hint += ", a larger ingest.label_fraction for it"
             raise EMMError(
                 f"dataset {spec.name!r}: task {name!r} has no {kind} rows in split(s) {missing} "
-                f"(rows: {[writers.rows[s] for s in missing]}; label = 1 where {rule}), so its AUC is undefined "
+                f"(labelled rows: {[labelled[s] for s in missing]}; label = 1 where {rule}), so its AUC is undefined "
                 f"there and training would fail later. Check the task's positive_values/threshold in the "
                 f"declaration, or give it more rows (larger raw files{hint}), or leave the task out "
                 f"(ingest.tasks in params.yaml)."
@@ -260,21 +307,24 @@ def _write_file(spec: DatasetSpec, key: str, path: Path, plan: FeaturePlan, enco
         encoded = encoder.transform(chunk.frame, source=str(path), first_line=chunk.lines,
                                     missing=spec.dense_missing)
         labels = _labels(chunk, plan, path)
-        for name, y in labels.items():
-            encoded[name] = y
         rows += len(encoded)
         if carver is None:
-            writers.write(key, encoded)
+            writers.write(key, encoded, labels)
             continue
-        strata = labels[carve.stratify] if carve.stratify else np.zeros(len(encoded), dtype=np.int8)
+        if carve.stratify:  # rows without the stratifying task's label form a stratum of their own
+            y = labels[carve.stratify]
+            strata = np.where(np.isnan(y), -1, y).astype(np.int8)
+        else:
+            strata = np.zeros(len(encoded), dtype=np.int8)
         mask = carver.assign(strata)
-        writers.write(carve.into[0], encoded[mask])
-        writers.write(carve.into[1], encoded[~mask])
+        for split, rows_of in ((carve.into[0], mask), (carve.into[1], ~mask)):
+            writers.write(split, encoded[rows_of].reset_index(drop=True),
+                          {name: y[rows_of] for name, y in labels.items()})
     return rows
 
 
 def _build_schema(spec: DatasetSpec, plan: FeaturePlan, encoder: Encoder, writers: _SplitWriters,
-                  raw_files: list[RawFile], cfg: IngestConfig) -> Schema:
+                  raw_files: list[RawFile], cfg: IngestConfig, fractions: dict[str, float]) -> Schema:
     offset = 0
     sparse = []
     sources = {encoder.bucket_name(c): c for c in encoder.bucketed}
@@ -289,10 +339,11 @@ def _build_schema(spec: DatasetSpec, plan: FeaturePlan, encoder: Encoder, writer
     tasks = []
     for name, t in plan.tasks.items():
         pos = {s: writers.positives[s][name] for s in SPLITS}
+        labelled = {s: writers.labelled[s][name] for s in SPLITS}
         tasks.append(TaskInfo(
             name=name, column=t.column,
             rule=t.model_dump(exclude={"description"}, exclude_none=True),
-            positives=pos, positive_rate={s: pos[s] / writers.rows[s] for s in SPLITS},
+            positives=pos, positive_rate={s: pos[s] / labelled[s] for s in SPLITS}, labelled=labelled,
         ))
     data_hash = hashlib.sha256("".join(sorted(f.sha256 for f in raw_files)).encode()).hexdigest()[:16]
     return Schema(
@@ -309,6 +360,7 @@ def _build_schema(spec: DatasetSpec, plan: FeaturePlan, encoder: Encoder, writer
                      + (" (the paper's protocol: it label-encodes on train+test)" if "test" in spec.fit_on else "")),
             "carve": spec.carve.model_dump() if spec.carve else None,
             "seed": cfg.seed,
+            "label_fraction": fractions,
         },
         provenance=provenance(digest(cfg), data_hash),
     )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from emm.options import Options
+
+
+LabelFraction = Annotated[float, Field(gt=0, le=1)]
 
 
 class IngestConfig(Options):
@@ -21,6 +24,11 @@ class IngestConfig(Options):
         default=0.999, description="refuse a feature whose values alone reach this AUC on a task (a leaked label)"
     )
     leakage_min_class_rows: int = Field(default=50, description="run the leakage audit only with this many rows per class")
+    label_fraction: dict[str, LabelFraction] = Field(
+        default_factory=dict, description="task -> share of train and val rows that keep its label (0 < f <= 1; "
+        "the others get none: the scarce-task setting). Test keeps every label. The kept rows are a per-row hash "
+        "of (seed, task, split, row), so smaller fractions keep subsets of larger ones (emm.data.labels)"
+    )
 
 
 class ScaleConfig(Options):
@@ -67,3 +75,6 @@ class SynthConfig(Options):
     signal: float = Field(default=1.0, gt=0, description="std of each task's logit from features; higher = easier")
     shared_weight: float = Field(default=0.7, ge=0, le=1, description="share of conversion's signal from the "
                                  "shared latent (the rest from its own features)")
+    label_fraction: dict[str, LabelFraction] = Field(
+        default_factory=dict, description="task (click/conversion) -> share of train and val rows that keep its "
+        "label, as ingest.label_fraction; test keeps every label")

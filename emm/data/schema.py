@@ -47,8 +47,12 @@ class TaskInfo(_Frozen):
     name: str
     column: str
     rule: dict[str, Any]
-    positives: dict[str, int]
-    positive_rate: dict[str, float]
+    positives: dict[str, int] = Field(description="labelled positive rows per split")
+    positive_rate: dict[str, float] = Field(description="positives / labelled rows per split")
+    labelled: dict[str, int] | None = Field(
+        default=None, description="rows carrying this task's label per split (None: every row; schemas written "
+        "before labels could be missing)"
+    )
 
 
 class RawFile(_Frozen):
@@ -85,13 +89,29 @@ class Schema(_Frozen):
     def total_vocab(self) -> int:
         return sum(f.vocab_size for f in self.sparse)
 
+    def task(self, name: str) -> TaskInfo:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise EMMError(f"dataset {self.dataset!r} has no task {name!r} (its tasks: {self.task_names})")
+
+    def labelled_rows(self, task: str, split: str) -> int:
+        """Rows of ``split`` that carry ``task``'s label (all rows where the schema records no count)."""
+        info = self.task(task)
+        if split not in self.rows:
+            raise EMMError(f"dataset {self.dataset!r} has no split {split!r} (its splits: {sorted(self.rows)})")
+        if info.labelled is None:
+            return self.rows[split]
+        return info.labelled.get(split, 0)
+
     def fingerprint(self) -> str:
         """Hash of everything a trained model depends on: features and their order, tasks, and the encoding.
 
         The encoding part matters as much as the names: a model's embedding row ``k`` means "the k-th
         vocabulary value" and its dense inputs mean "(x - min) / (max - min)", so a re-ingest whose
         vocabulary contents or min/max ranges moved feeds the same model different numbers for the same raw
-        rows, even when every name and size is unchanged.
+        rows, even when every name and size is unchanged. A ``label_fraction`` counts too: a model trained
+        with most labels of a task held back is another model than one trained on all of them.
         """
         core = {
             "sparse": [(f.name, f.vocab_size, f.values_sha256) for f in self.sparse],
@@ -99,6 +119,9 @@ class Schema(_Frozen):
             "tasks": self.task_names,
             "bucket_edges": {f.name: f.edges for f in self.sparse if f.bucket_of is not None},
         }
+        fractions = self.encoding.get("label_fraction")
+        if fractions:  # only when set, so every schema from before label fractions keeps its fingerprint
+            core["label_fraction"] = {k: fractions[k] for k in sorted(fractions)}
         return hashlib.sha256(json.dumps(core).encode()).hexdigest()[:16]
 
     def save(self, folder: Path) -> None:

@@ -36,6 +36,11 @@ class TaskSpec(BaseModel):
         "ingest (without this list every value that is not positive counts as 0)"
     )
     threshold: float | None = Field(default=None, description="label = 1 where float(value) > threshold")
+    missing_values: list[str] | None = Field(
+        default=None, description="raw values meaning 'no label for this task on this row' (e.g. [\"\"]); compared "
+        "after the reader strips whitespace. Such rows keep their features and every other task's label; this "
+        "task's losses and metrics skip them. Without this list an empty label is an error"
+    )
     description: str = ""
 
     @model_validator(mode="after")
@@ -50,6 +55,12 @@ class TaskSpec(BaseModel):
             if both:
                 raise ValueError(f"task on column {self.column!r}: value(s) declared both positive and negative: "
                                  f"{both}")
+        if self.missing_values is not None:
+            self.missing_values = [v.strip() for v in self.missing_values]
+            taken = sorted(set(self.missing_values) & (set(self.positive_values or ()) | set(self.negative_values or ())))
+            if taken:
+                raise ValueError(f"task on column {self.column!r}: value(s) {taken} declared both missing and "
+                                 f"positive/negative")
         return self
 
 

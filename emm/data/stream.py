@@ -14,6 +14,9 @@ overlap them, never the whole file.
   model takes. Training order per epoch: the row-group pieces in a seeded random order, then rows
   shuffled within a buffer of ``buffer_rows`` (the classic bounded shuffle; what keeps memory flat).
 - ``open_split``: picks one of the two for the pipeline stages, from ``params.yaml`` ``scale``.
+
+Missing labels (Parquet nulls) come out as NaN, as in ``load_split``; ``ParquetStream.labelled(task)``
+streams only the rows that carry ``task``'s label (a single-task model on scarce labels).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -97,8 +101,8 @@ def table_to_arrays(table: pa.Table, schema: Schema, tasks: list[str]) -> tuple[
     for j, f in enumerate(schema.dense):
         dense[:, j] = table.column(f.name).to_numpy()
     labels = np.empty((n, len(tasks)), np.float32)
-    for j, t in enumerate(tasks):
-        labels[:, j] = table.column(t).to_numpy()
+    for j, t in enumerate(tasks):  # a null (no label) -> NaN
+        labels[:, j] = table.column(t).cast(pa.float32()).to_numpy()
     return sparse, dense, labels
 
 
@@ -128,7 +132,11 @@ class ParquetStream:
     Memory: at most ``buffer_rows`` + one row group of decoded rows (plus a row group's Arrow table while
     it is read), whatever the file size.
 
-    ``len()`` is this rank's row count (known from the Parquet footer, nothing is read to get it).
+    ``len()`` is this rank's row count (known from the Parquet footer, nothing is read to get it). With
+    ``labelled_only`` (a task name) only the rows carrying that task's label are streamed, and ``len()``
+    counts those (from the row groups' null counts where the footer has them, else by reading that one
+    column once). The shard is still cut on the file's rows, so ranks may hold different labelled counts:
+    ``pad_to`` evens them out as before.
     """
 
     path: Path
@@ -137,26 +145,43 @@ class ParquetStream:
     rank: int = 0
     world: int = 1
     buffer_rows: int = 262_144
+    labelled_only: str | None = None
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         self.tasks = list(self.tasks or self.schema.task_names)
+        if self.labelled_only is not None and self.labelled_only not in self.schema.task_names:
+            raise EMMError(f"{self.path}: task {self.labelled_only!r} is not in the data "
+                           f"(it has {self.schema.task_names})")
         pf = pq.ParquetFile(self.path)
         _check_columns(self.path, pf.schema_arrow, self.columns, self.path.parent)
         self.total_rows = pf.metadata.num_rows
         self.start, self.stop = shard_range(self.total_rows, self.rank, self.world)
         self.pieces = shard_pieces(pf.metadata, self.start, self.stop)
+        self.rows = self.stop - self.start
+        if self.labelled_only is not None:
+            self.rows = sum(self._labelled_in(pf, piece) for piece in self.pieces)
+
+    def _labelled_in(self, pf: pq.ParquetFile, piece: Piece) -> int:
+        group = pf.metadata.row_group(piece.group)
+        if piece.lo == 0 and piece.hi == group.num_rows:
+            col = group.column(pf.schema_arrow.get_field_index(self.labelled_only))
+            if col.statistics is not None and col.statistics.has_null_count:
+                return piece.rows - col.statistics.null_count
+        column = pf.read_row_group(piece.group, columns=[self.labelled_only]).column(0).slice(piece.lo, piece.rows)
+        return piece.rows - column.null_count
 
     @property
     def columns(self) -> list[str]:
-        return _columns(self.schema, self.tasks)
+        extra = [self.labelled_only] if self.labelled_only and self.labelled_only not in self.tasks else []
+        return _columns(self.schema, self.tasks) + extra
 
     @property
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return self.rows
 
     def select_tasks(self, names: list[str]) -> "ParquetStream":
         missing = [n for n in names if n not in self.schema.task_names]
@@ -164,8 +189,14 @@ class ParquetStream:
             raise EMMError(f"{self.path}: task(s) {missing} are not in the data (it has {self.schema.task_names})")
         return replace(self, tasks=list(names))
 
+    def labelled(self, task: str) -> "ParquetStream":
+        """The same stream restricted to the rows that carry ``task``'s label (every task column kept)."""
+        return replace(self, labelled_only=task)
+
     def _read(self, pf: pq.ParquetFile, piece: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table = pf.read_row_group(piece.group, columns=self.columns).slice(piece.lo, piece.rows)
+        if self.labelled_only is not None:
+            table = table.filter(pc.is_valid(table.column(self.labelled_only)))
         return table_to_arrays(table, self.schema, self.tasks)
 
     def head(self, n: int) -> SplitTensors:
@@ -175,7 +206,9 @@ class ParquetStream:
         for piece in self.pieces:
             if left <= 0:
                 break
-            arrays = self._read(pf, Piece(piece.group, piece.lo, min(piece.hi, piece.lo + left)))
+            if self.labelled_only is None:  # read no more of the group than needed
+                piece = Piece(piece.group, piece.lo, min(piece.hi, piece.lo + left))
+            arrays = tuple(a[:left] for a in self._read(pf, piece))
             out.append(arrays)
             left -= len(arrays[0])
         if not out:
@@ -216,8 +249,8 @@ class ParquetStream:
             for s in range(0, full, batch_size):
                 idx = perm[s:s + batch_size]
                 yield _tensors(tuple(a[idx] for a in merged), self.tasks)
-            if spare is None and pad:
-                spare = tuple(a[perm[:pad]] for a in merged)
+            if spare is None and pad and len(perm):
+                spare = _repeat_to(tuple(a[perm[:pad]] for a in merged), pad)
             rest = tuple(a[perm[full:]] for a in merged)  # fewer than a batch: carried into the next buffer
             del merged
             pool, pooled = [rest], len(rest[0])
@@ -236,7 +269,19 @@ class ParquetStream:
             for s in range(0, len(arrays[0]), batch_size):
                 yield _tensors(tuple(a[s:s + batch_size] for a in arrays), self.tasks)
         if pad and self.pieces:
-            yield self.head(pad)
+            probe = self.head(pad)
+            if len(probe):
+                yield _tensors(_repeat_to((probe.sparse.numpy(), probe.dense.numpy(), probe.labels.numpy()), pad),
+                               self.tasks)
+
+
+def _repeat_to(arrays: tuple[np.ndarray, ...], n: int) -> tuple[np.ndarray, ...]:
+    """Exactly ``n`` rows, cycling through the given ones (a labelled-only shard may hold fewer than a pad)."""
+    have = len(arrays[0])
+    if have == n or have == 0:
+        return arrays
+    idx = np.arange(n) % have
+    return tuple(a[idx] for a in arrays)
 
 
 def should_stream(schema: Schema, scale: ScaleConfig | None) -> bool:

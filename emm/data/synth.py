@@ -25,6 +25,10 @@ above chance (through S). ``synth.json`` also records each task's oracle AUC (th
 scores, on the calibration sample): the ceiling any model can reach.
 
 Memory: rows are generated and written ``row_group_rows`` at a time (one Parquet row group each).
+
+``label_fraction`` (task -> share) holds back labels in train and val exactly as ``ingest.label_fraction``
+does (``emm.data.labels.keep_mask`` on the row index within the split; nulls in Parquet). The rows and their
+full labels are generated unchanged, so ``true_probabilities`` still returns every label.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from sklearn.metrics import roc_auc_score
 
 from emm.data.options import SynthConfig
 from emm.data.encoding import Encoder
+from emm.data.labels import keep_mask, unlabelled_message
 from emm.data.schema import VOCAB_FILE, DenseFeature, Schema, SparseFeature, TaskInfo
 from emm.data.spec import SPLITS, resolve_dataset
 from emm.errors import EMMError
@@ -222,7 +227,12 @@ def synthesize(cfg: SynthConfig, out_dir: Path) -> Schema:
     except ValueError as exc:
         raise EMMError(str(exc)) from exc
     tasks = ["click", "conversion"]
+    unknown = [t for t in cfg.label_fraction if t not in tasks]
+    if unknown:
+        raise EMMError(f"synth.label_fraction names task(s) {unknown}; the synthetic tasks are {tasks}")
+    fractions = {t: float(f) for t, f in cfg.label_fraction.items() if f < 1}
     positives = {s: {t: 0 for t in tasks} for s in SPLITS}
+    labelled = {s: {t: 0 for t in tasks} for s in SPLITS}
     arrow_schema = pa.schema([(c, pa.int32()) for c in gen.sparse] + [(c, pa.float32()) for c in gen.dense]
                              + [(t, pa.int8()) for t in tasks])
     with atomic_dir(Path(out_dir)) as tmp:
@@ -231,16 +241,29 @@ def synthesize(cfg: SynthConfig, out_dir: Path) -> Schema:
                 for chunk, start in enumerate(range(0, counts[split], cfg.row_group_rows)):
                     n = min(cfg.row_group_rows, counts[split] - start)
                     cols, _ = gen.rows(np.random.default_rng([cfg.seed, 2, split_index, chunk]), n)
-                    writer.write_table(pa.table(cols, schema=arrow_schema), row_group_size=n)
+                    arrays = {c: pa.array(v) for c, v in cols.items()}
                     for t in tasks:
-                        positives[split][t] += int(cols[t].sum())
+                        has = np.ones(n, dtype=bool)
+                        if t in fractions and split != "test":
+                            has = keep_mask(start, n, fractions[t], seed=cfg.seed, task=t, split=split)
+                        arrays[t] = pa.array(cols[t], mask=~has, type=pa.int8())
+                        labelled[split][t] += int(has.sum())
+                        positives[split][t] += int(cols[t][has].sum())
+                    writer.write_table(pa.table(arrays, schema=arrow_schema), row_group_size=n)
             log.info("synth: %s %d rows", split, counts[split])
         encoder = Encoder(sparse=gen.sparse, dense=gen.dense)
         encoder.vocab = {c: [f"{c}_{k:06d}" for k in range(1, v + 1)] for c, v in zip(gen.sparse, gen.vocab)}
         encoder.save_vocabulary(tmp / VOCAB_FILE)
-        schema = _schema(cfg, gen, counts, positives, tasks)
+        for t in fractions:  # without a fraction the table is as before (tiny test tables included)
+            for split in SPLITS:
+                problem = unlabelled_message(t, split, f"synth.label_fraction {fractions[t]}, {counts[split]} rows",
+                                             labelled[split][t], positives[split][t])
+                if problem:
+                    raise EMMError(f"emm synth: {problem}")
+        schema = _schema(cfg, gen, counts, positives, labelled, tasks, fractions)
         schema.save(tmp)
-        write_json(tmp / SYNTH_FILE, {**gen.record(), "rows": counts, "positives": positives,
+        write_json(tmp / SYNTH_FILE, {**gen.record(), "rows": counts, "positives": positives, "labelled": labelled,
+                                      "label_fraction": fractions,
                                       "seconds": round(time.perf_counter() - started, 1)})
     log.info("synth: %d rows in %.1fs -> %s", cfg.rows, time.perf_counter() - started, out_dir)
     return schema
@@ -268,20 +291,21 @@ def true_probabilities(cfg: SynthConfig, split: str) -> tuple[dict[str, np.ndarr
 
 
 def _schema(cfg: SynthConfig, gen: Generator, counts: dict[str, int], positives: dict[str, dict[str, int]],
-            tasks: list[str]) -> Schema:
+            labelled: dict[str, dict[str, int]], tasks: list[str], fractions: dict[str, float]) -> Schema:
     sparse, offset = [], 0
     for name, v in zip(gen.sparse, gen.vocab):
         sparse.append(SparseFeature(name=name, vocab_size=v + 1, offset=offset))
         offset += v + 1
     task_infos = [TaskInfo(name=t, column=t, rule={"column": t, "threshold": 0.5},
                            positives={s: positives[s][t] for s in SPLITS},
-                           positive_rate={s: positives[s][t] / counts[s] for s in SPLITS}) for t in tasks]
+                           positive_rate={s: positives[s][t] / max(labelled[s][t], 1) for s in SPLITS},
+                           labelled={s: labelled[s][t] for s in SPLITS}) for t in tasks]
     return Schema(
         dataset=cfg.dataset, sparse=sparse, dense=[DenseFeature(name=c, min=0.0, max=1.0) for c in gen.dense],
         tasks=task_infos, rows=counts, raw_files=[],
         encoding={"sparse": "synthetic category ids 1..V (index 0 reserved for unseen, never generated)",
                   "dense": "synthetic values on a grid in [0, 1] (already scaled)",
                   "note": f"emm synth: {LAYOUT} layout, planted task relations; see {SYNTH_FILE}",
-                  "seed": cfg.seed},
+                  "seed": cfg.seed, "label_fraction": fractions},
         provenance=provenance(digest(cfg)),
     )

@@ -12,6 +12,15 @@ fitted on validation logits: a logistic-regression stack) and ``r_t`` is the AKF
 whose last layer starts at zero. So at step 0 the fused model *is* the blend, and training can only
 add to it what the cross-task AKF levels find. The recipe that puts these modules in a fused model (and
 fits the stack) is ``emm.fusion.recipes.output.DonorResidualOutput``.
+
+``output="cross_residual"`` (``CrossResidualOutput``) lets every donor's logit enter every task's blend:
+the cross-task stack. Why: when one task has scarce labels, its own donor learned little, while a rich
+task's donor may rank its rows far better (a click model scoring conversions); a blend over its own
+donors alone can never reach that. Its stack is L2-regularised with the strength chosen by CV
+(``fit_cross_stack``), because a scarce task fits several collinear logits on few labelled rows.
+
+Labels may be missing (NaN): every stack is fitted on the task's *labelled* held-out rows only
+(``labelled_rows``), and a task with none, or with a single class among them, is refused by name.
 """
 
 from __future__ import annotations
@@ -21,8 +30,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
 from torch import Tensor, nn
 
+from emm.data.labels import require_labelled
 from emm.errors import EMMError
 from emm.fusion.decompose import Plan
 from emm.train import compare
@@ -59,29 +71,38 @@ class DonorPaths(nn.Module):
 
 
 class DonorBlend(nn.Module):
-    """Per task, an affine map of that task's donor logits: ``sum_i w_ti * logit_i + b_t``.
+    """Per task, an affine map of donor logits: ``sum_i w_ti * logit_i + b_t``.
 
-    Stored as a dense ``[T, n_models]`` weight with a fixed mask (a task only blends its own donors), so
-    the state dict is plain tensors. Starts as the mean of each task's donors.
+    Stored as a dense ``[T, n_models]`` weight with a fixed mask, so the state dict is plain tensors
+    (``weight``, ``bias``, and the ``mask`` buffer). By default a task blends only its own donors; with
+    ``cross=True`` the mask is full and every donor may enter every task's blend (the cross-task stack of
+    ``output="cross_residual"``: a task with scarce labels draws on a rich task's donor that predicts it).
+    Either way it starts as the mean of each task's own donors (other tasks' weights zero), so the mean
+    start is the same model with or without ``cross``.
     """
 
-    def __init__(self, model_tasks: Sequence[str], task_names: Sequence[str]) -> None:
+    def __init__(self, model_tasks: Sequence[str], task_names: Sequence[str], *, cross: bool = False) -> None:
         super().__init__()
-        mask = torch.tensor([[float(m == t) for m in model_tasks] for t in task_names])
-        if (mask.sum(1) == 0).any():
-            missing = [t for t, row in zip(task_names, mask) if row.sum() == 0]
+        own = torch.tensor([[float(m == t) for m in model_tasks] for t in task_names])
+        if (own.sum(1) == 0).any():
+            missing = [t for t, row in zip(task_names, own) if row.sum() == 0]
             raise EMMError(f"task(s) {missing} have no donor in the pool; add a model for each task")
-        self.register_buffer("mask", mask)
-        self.weight = nn.Parameter(mask / mask.sum(1, keepdim=True))
+        self.cross = cross
+        self.register_buffer("mask", torch.ones_like(own) if cross else own)
+        self.weight = nn.Parameter(own / own.sum(1, keepdim=True))
         self.bias = nn.Parameter(torch.zeros(len(task_names)))
 
     def forward(self, donor_logits: Tensor) -> Tensor:
         return donor_logits @ (self.weight * self.mask).T + self.bias
 
+    def members(self, t: int) -> list[int]:
+        """The donors (pool indices, in pool order) that may enter task ``t``'s blend."""
+        return torch.nonzero(self.mask[t]).flatten().tolist()
+
     @torch.no_grad()
     def set_task(self, t: int, weights: np.ndarray, bias: float) -> None:
-        """Set task ``t``'s weights over its own donors (in pool order) and its bias."""
-        members = torch.nonzero(self.mask[t]).flatten()
+        """Set task ``t``'s weights over its blend's donors (``members(t)``, in pool order) and its bias."""
+        members = self.members(t)
         if len(weights) != len(members):
             raise EMMError(f"blend for task {t}: {len(weights)} weights for {len(members)} donors")
         self.weight[t].zero_()
@@ -114,26 +135,83 @@ class DonorEnsemble(nn.Module):
         return self.mean(self.donors(sparse, dense))
 
 
-def fit_stack(donor_logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+def labelled_rows(labels: np.ndarray, task: str) -> np.ndarray:
+    """The mask of ``task``'s labelled rows (NaN = no label) among the held-out rows a stack is fitted on, refusing
+    what no stack can be fitted on (no labelled row, or labelled rows of a single class) in the wording every stage
+    uses (``emm.data.labels.require_labelled``)."""
+    return require_labelled(np.asarray(labels, dtype=np.float64).ravel(), task, "val",
+                            "the validation split: the fused model's donor stack is fitted on its labelled rows")
+
+
+def fit_stack(donor_logits: np.ndarray, labels: np.ndarray, *, task: str = "this task") -> tuple[np.ndarray, float]:
     """One task's donor stack (``emm.train.compare.fit_stack``, the one the report's donor-stack row uses),
-    as the (weights, bias) the blend takes. Fitted on validation rows, which the donors never trained on."""
-    labels = np.asarray(labels).ravel()
-    if labels.min() == labels.max():
-        raise EMMError("cannot fit the donor stack: the validation split has a single class for this task")
-    model = compare.fit_stack(donor_logits, labels)
+    as the (weights, bias) the blend takes. Fitted on validation rows, which the donors never trained on, and
+    only on those labelled for the task (``labels`` NaN = no label): ``labelled_rows`` refuses a task with none."""
+    mask = labelled_rows(labels, task)
+    model = compare.fit_stack(np.asarray(donor_logits)[mask], np.asarray(labels, dtype=np.float64).ravel()[mask])
     return model.coef_.ravel(), float(model.intercept_[0])
+
+
+CROSS_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # the L2 strengths (sklearn's C, on standardised logits) tried
+CROSS_FOLDS = 5
+CROSS_FIXED_C = 1.0  # used when the task's minority class has too few rows for stratified CV
+
+
+def fit_cross_stack(donor_logits: np.ndarray, labels: np.ndarray, *, task: str = "this task",
+                    folds: int = CROSS_FOLDS) -> tuple[np.ndarray, float, dict[str, float]]:
+    """One task's cross-task stack: a logistic regression on *every* donor's logit, fitted on the task's labelled
+    held-out rows, as the (weights, bias) the blend takes over all donors, plus a record (``C``, ``cv``).
+
+    Why regularised, and why its strength is chosen by CV: with every donor in the blend a scarce task fits
+    several collinear inputs on a few hundred labelled rows; an unregularised fit (``fit_stack``) trusts
+    noise. ``LogisticRegressionCV`` picks the L2 strength by stratified-fold AUC on those rows; with fewer
+    than ``2 * folds`` rows in the minority class no fold split is meaningful, so a fixed ``CROSS_FIXED_C`` is
+    used. The logits are standardised first (one C means the same for every donor whatever its scale) and the
+    coefficients mapped back, so the blend stays ``sum_i w_i * logit_i + b`` on raw logits.
+
+    Why the fitted direction's scale and offset are refitted (a one-variable logistic regression on the same
+    rows): the AUC-chosen C may shrink the weights far below the scale of a logit, leaving the blend ranking
+    well but predicting near the base rate; the fused model starts from this blend, and its training loss is a
+    log loss. Ranking (and so AUC) is the CV fit's."""
+    mask = labelled_rows(labels, task)
+    x = np.asarray(donor_logits, dtype=np.float64).reshape(len(mask), -1)[mask]
+    y = np.asarray(labels, dtype=np.float64).ravel()[mask].astype(int)
+    mu, sd = x.mean(0), x.std(0)
+    sd = np.where(sd > 1e-12, sd, 1.0)  # a constant donor: its weight is absorbed into the bias anyway
+    z = (x - mu) / sd
+    minority = int(min(y.sum(), len(y) - y.sum()))
+    cv = minority >= 2 * folds
+    if cv:
+        model = LogisticRegressionCV(Cs=list(CROSS_CS), l1_ratios=(0.0,), scoring="roc_auc", max_iter=1000,
+                                     cv=StratifiedKFold(folds, shuffle=True, random_state=0),
+                                     use_legacy_attributes=False).fit(z, y)
+        c = float(np.ravel(model.C_)[0])
+    else:
+        c = CROSS_FIXED_C
+        model = LogisticRegression(C=c, max_iter=1000).fit(z, y)
+    direction = model.coef_.ravel() / sd  # raw-logit weights of the CV fit, up to scale
+    score = (x - mu) @ direction
+    spread = float(score.std())
+    if spread > 1e-12:  # the score at unit spread, so the calibration's own (default, light) L2 means little
+        calibrate = LogisticRegression(max_iter=1000).fit(score[:, None] / spread, y)
+        scale, offset = float(calibrate.coef_[0, 0]) / spread, float(calibrate.intercept_[0])
+    else:  # every weight shrunk to zero: the base rate
+        scale, offset = 0.0, float(model.intercept_[0])
+    weights = scale * direction
+    return weights, offset - float(weights @ mu), {"C": c, "cv": cv}
 
 
 def fit_blend(model: nn.Module, sparse: Tensor, dense: Tensor, labels: Tensor, *,
               batch_size: int = 65536) -> dict[str, dict[str, float]]:
-    """Set a donor-residual fused model's blend to the donor stack fitted on these (validation) rows.
+    """Set a donor-residual (or cross-residual) fused model's blend to the stack fitted on these (validation) rows.
 
     The fit is the output head's ``prepare`` (``emm.fusion.recipes.output.DonorResidualOutput``), reached
     through ``FusedModel.prepare``; this name is kept for its callers. ``labels`` is ``[N, T]`` in the model's
-    task order. Returns the fitted weights per task, named by donor, for the record.
+    task order (NaN = no label: each task is fitted on its labelled rows). Returns the fitted weights per task,
+    named by donor, for the record.
     """
     prepare = getattr(model, "prepare", None)
     fitted = prepare(sparse, dense, labels, batch_size=batch_size) if callable(prepare) else None
     if fitted is None:
-        raise EMMError("fit_blend needs a fused model built with output='donor_residual'")
+        raise EMMError("fit_blend needs a fused model built with output='donor_residual' or 'cross_residual'")
     return fitted

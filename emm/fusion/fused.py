@@ -12,8 +12,9 @@ Recipes (``emm.fusion.recipes``): the model is wired from parts, each looked up 
                    which replaces plan level 0 when that level is the pool's embeddings) or ``reuse`` (the
                    pool's own level-0 components, fused by AKF level 0 like any other level).
     ``fusion_gate``, ``attention``  how each ``AKFLevel`` mixes in the selected task (``emm.fusion.akf``).
-    ``output``     the output head: ``tower`` (the paper) or ``donor_residual`` (the donors' blend plus the
-                   towers as a residual that starts at zero, ``emm.fusion.blend``).
+    ``output``     the output head: ``tower`` (the paper), ``donor_residual`` (the donors' blend plus the
+                   towers as a residual that starts at zero, ``emm.fusion.blend``) or ``cross_residual`` (the
+                   same with every donor allowed in every task's blend: the cross-task stack).
 
 Ablations (``cfg.ablation``, paper Table II)
     ``full``        trained components, frozen; MTM on (EMM).
@@ -126,13 +127,14 @@ class FusedModel(nn.Module):
         return self.output_head.logits(self, out, sparse, dense)
 
     def donor_logits(self, sparse: Tensor, dense: Tensor) -> Tensor:
-        """``[B, n_models]``: every donor's own logit (``output="donor_residual"`` only)."""
+        """``[B, n_models]``: every donor's own logit (``output="donor_residual"`` or ``"cross_residual"`` only)."""
         return self.output_head.donor_logits(self, sparse, dense)
 
     def prepare(self, sparse: Tensor, dense: Tensor, labels: Tensor, *,
                 batch_size: int = 65536) -> dict[str, dict[str, float]] | None:
-        """Fit what the output head fits on held-out (validation) rows before training (``donor_residual``: the
-        blend, as the donor stack); ``labels`` ``[N, T]`` in ``task_names`` order. Returns the record for
+        """Fit what the output head fits on held-out (validation) rows before training (``donor_residual``,
+        ``cross_residual``: the blend, as the donor stack); ``labels`` ``[N, T]`` in ``task_names`` order, NaN where
+        a row has no label for a task (each task is fitted on its labelled rows). Returns the record for
         ``fused.json``, or None when the head has nothing to fit (``tower``)."""
         return self.output_head.prepare(self, sparse, dense, labels, batch_size=batch_size)
 
@@ -229,6 +231,18 @@ class FusedModel(nn.Module):
         T = len(self.task_names)
         sel = gates["selected"].cpu()
         return torch.stack([torch.bincount(sel[t], minlength=T).float() / sel.shape[1] for t in range(T)])
+
+    def fusion_probabilities(self, level: int = -1) -> Tensor:
+        """[T, T]: row t = task t's fusion-gate softmax ``F_t(g)`` at ``level`` (an index into ``self.levels``),
+        averaged over the last forward's rows. Entry ``[t, u]`` is how much task t's gate draws on task u's
+        components (under ``fusion_gate="scaled"`` the selected task enters MTM scaled by it); ``[t, t]`` is
+        what the gate keeps on the task itself. Why public: a scarce task should learn to read a rich task's
+        components, and this is where that shows (``gate_report`` gives the MTM attention beside it)."""
+        gates = self.levels[level].last_gates
+        if gates is None or gates["fusion"] is None:
+            raise EMMError("no fusion gate recorded: run a forward first, with an ablation that uses MTM "
+                           "(full or +mtm)")
+        return gates["fusion"].float().mean(dim=1).cpu()
 
 
 def build_fused(plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], cfg: AKFOptions,

@@ -106,7 +106,8 @@ class AKFOptions(Options):
     output: OutputName = Field(
         default="tower", description="tower = the paper (a fresh tower per task on the last level); "
         "donor_residual = each task's frozen donors whole, blended, plus the AKF towers as a residual that "
-        "starts at zero (emm/fusion/blend.py)")
+        "starts at zero (emm/fusion/blend.py); cross_residual = the same, but every donor's logit may enter every "
+        "task's blend (the cross-task stack, for a task with scarce labels)")
 
 
 class FuseOptions(AKFOptions):
@@ -115,8 +116,8 @@ class FuseOptions(AKFOptions):
     plan's phases and target; the pipeline's ``fuse`` section of params.yaml is this class."""
 
     blend_init: Literal["mean", "stack"] = Field(
-        default="stack", description="output donor_residual only: the donors' blend starts as their mean, or as "
-        "a logistic regression fitted on their validation logits (the donor stack)")
+        default="stack", description="output donor_residual/cross_residual only: the donors' blend starts as "
+        "their mean, or as a logistic regression fitted on their labelled validation logits (the donor stack)")
     finetune_lr_scale: float | None = Field(
         default=None, gt=0, le=1, description="after the first early stop (the gates have converged), unfreeze "
         "the pool's components and donors and train on at lr x this, early-stopped again with the first phase's "

@@ -10,6 +10,12 @@ several times larger than that of a difference measured on shared rows (``emm.tr
 best donor in ``ci`` is chosen by *validation* AUC, so choosing it does not peek at the test rows it
 is then compared on (``pool_best_auc``, kept as it was, is the best by test AUC).
 
+Every number of a task is computed on that task's labelled rows (``task_masks``: a label may be missing):
+its AUCs, the ensemble and every CI on its labelled test rows (test keeps all its labels), the stack
+fitted on its labelled validation rows. The summary leads with what fusion added over the donor stack
+(``fused_minus_stack``, its CI and a plain verdict, ``emm.pipeline.register``), since a large Gain over
+the pool mean says little about fusion when the free stack of the same donors gets most of it.
+
 Every donor AUC reported is scored here, on the rows the fused model is scored on (``donor_scores``),
 never read from pool.json: a stored number describes whatever the file says, a scored one the model that
 was loaded. The pool is loaded through its checks (``emm.models.pool.load_pool``; against the params'
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from emm.data.labels import require_labelled
 from emm.data.schema import Schema
 from emm.data.tensors import SplitTensors, load_split
 from emm.errors import EMMError
@@ -36,13 +43,35 @@ from emm.models.pool import PoolEntry, load_pool, pool_digest
 from emm.pipeline.decompose import plan_order, stage_pool_signatures
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import TrackingConfig, load_params
-from emm.pipeline.register import register_fused
+from emm.pipeline.register import GAIN, LOSS, NO_GAIN, STACK_KEY, fused_minus_stack, register_fused
 from emm.train.compare import ensemble_logits, paired_auc_cis, stack
-from emm.train.metrics import auc, mean_auc, task_metrics
+from emm.train.metrics import auc, check_scores, logloss, mean_auc
 from emm.train.predict import predict_logits, predict_proba
 
 log = logging.getLogger(__name__)
 CI_RESAMPLES, CI_CONFIDENCE, CI_SEED = 1000, 0.95, 0  # one fixed seed: rerunning evaluate gives the same CIs
+
+
+def task_masks(schema: Schema, val: SplitTensors, test: SplitTensors) -> dict[str, dict[str, np.ndarray]]:
+    """{task: {"val": mask, "test": mask}}: the rows labelled for each task, on which every number of that
+    task is computed (test: all its labels; val: the rows its donor stack is fitted on). An EMMError names
+    the task and split when they hold no label or one class only (no AUC, no stack, no CI there)."""
+    return {task: {"val": require_labelled(val.labels[:, i], task, "val", "evaluate: the donor stack's fit"),
+                   "test": require_labelled(test.labels[:, i], task, "test", "evaluate")}
+            for i, task in enumerate(schema.task_names)}
+
+
+def fused_metrics(probs: np.ndarray, test: SplitTensors, masks: dict[str, dict[str, np.ndarray]], *,
+                  what: str) -> dict[str, dict[str, float]]:
+    """{task: {auc, logloss, labelled}} of the fused model on each task's labelled test rows. Every row's
+    score is checked finite first, labelled or not: a model broken on some rows is broken."""
+    check_scores(probs, what=what)
+    out = {}
+    for i, task in enumerate(test.task_names):
+        m = masks[task]["test"]
+        y, p = test.labels[:, i].numpy()[m], probs[m, i]
+        out[task] = {"auc": auc(y, p, what=what, task=task), "logloss": logloss(y, p), "labelled": int(m.sum())}
+    return out
 
 
 def compare_with_pool(test: dict[str, dict[str, float]], donors_by_task: dict[str, dict[str, Any]]
@@ -55,13 +84,16 @@ def compare_with_pool(test: dict[str, dict[str, float]], donors_by_task: dict[st
         out[task] = {"auc": m["auc"], "logloss": m["logloss"], "pool": donors, "pool_mean_auc": mean,
                      "pool_best_auc": best, "gain": m["auc"] - mean, "gain_pct": 100 * (m["auc"] - mean) / mean,
                      "vs_best_donor": m["auc"] - best}
+        if "labelled" in m:
+            out[task]["labelled_test_rows"] = m["labelled"]
     return out
 
 
 def donor_scores(pool: list[tuple[PoolEntry, nn.Module]], schema: Schema, val: SplitTensors,
-                 test: SplitTensors) -> dict[str, dict[str, Any]]:
+                 test: SplitTensors, masks: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
     """{task: {names, val_auc, test_auc, val_logits [n_val, k], test_logits [n_test, k], test_probs}}, every
-    AUC scored here on these rows.
+    AUC scored here on these rows, and the logits and probabilities kept of the task's labelled rows only
+    (``masks``): everything downstream of a task (stack, ensemble, CIs) sees the same rows.
 
     Logits, not probabilities, feed the ensemble and the stack (float32 sigmoids of confident rows are
     all 1.0); a single donor is scored through ``sigmoid(logit)`` in float32, the way every AUC in
@@ -74,10 +106,11 @@ def donor_scores(pool: list[tuple[PoolEntry, nn.Module]], schema: Schema, val: S
         i = schema.task_names.index(entry.task)
         what = f"pool model {entry.name!r}"
         for split, data in (("val", val), ("test", test)):
-            logits = predict_logits(model, data)[:, 0]
-            probs = torch.sigmoid(torch.from_numpy(logits)).numpy()
-            row[f"{split}_logits"].append(logits)
-            row[f"{split}_auc"].append(auc(data.labels[:, i].numpy(), probs, what=what, task=entry.task))
+            logits = check_scores(predict_logits(model, data)[:, 0], what=what, task=entry.task)
+            m = masks[entry.task][split]
+            probs = torch.sigmoid(torch.from_numpy(logits[m])).numpy()
+            row[f"{split}_logits"].append(logits[m])
+            row[f"{split}_auc"].append(auc(data.labels[:, i].numpy()[m], probs, what=what, task=entry.task))
         row["names"].append(entry.name)
     for row in out.values():
         row["val_logits"], row["test_logits"] = np.column_stack(row["val_logits"]), np.column_stack(row["test_logits"])
@@ -86,24 +119,59 @@ def donor_scores(pool: list[tuple[PoolEntry, nn.Module]], schema: Schema, val: S
 
 
 def donor_baselines(per_task: dict[str, dict[str, Any]], donors: dict[str, dict[str, Any]], fused_probs: np.ndarray,
-                    schema: Schema, val: SplitTensors, test: SplitTensors) -> None:
+                    schema: Schema, val: SplitTensors, test: SplitTensors,
+                    masks: dict[str, dict[str, np.ndarray]]) -> None:
     """Add ``donor_ensemble_auc``, ``donor_stack_auc``, ``best_donor_by_val`` and the paired CIs
-    ``ci`` (fused − best donor by validation AUC, − donor ensemble, − donor stack) to ``per_task``."""
+    ``ci`` (fused − best donor by validation AUC, − donor ensemble, − donor stack) to ``per_task``, each
+    task on its labelled rows (``masks``; ``donor_scores`` kept the donors' logits of the same rows): the
+    stack fitted on its labelled validation rows, everything else on its labelled test rows."""
     for i, task in enumerate(schema.task_names):
-        row, d = per_task[task], donors[task]
-        y_test, y_val = test.labels[:, i].numpy(), val.labels[:, i].numpy()
+        row, d, m = per_task[task], donors[task], masks[task]
+        y_test, y_val = test.labels[:, i].numpy()[m["test"]], val.labels[:, i].numpy()[m["val"]]
         best = int(np.argmax(d["val_auc"]))
         ens = ensemble_logits(d["test_logits"])
         stacked = stack(d["val_logits"], y_val, d["test_logits"])
         row.update(donor_ensemble_auc=auc(y_test, ens), donor_stack_auc=auc(y_test, stacked),
-                   best_donor_by_val=d["names"][best])
-        fused = fused_probs[:, i]
+                   best_donor_by_val=d["names"][best], labelled_val_rows=int(m["val"].sum()))
+        fused = fused_probs[m["test"], i]
         ci = paired_auc_cis(y_test, {"fused_minus_best_donor": [(fused, d["test_probs"][:, best])],
                                      "fused_minus_donor_ensemble": [(fused, ens)],
                                      "fused_minus_donor_stack": [(fused, stacked)]},
                             n_resamples=CI_RESAMPLES, confidence=CI_CONFIDENCE, seed=CI_SEED)
         ci["fused_minus_best_donor"].update(donor=d["names"][best], chosen_by="val_auc")
         row["ci"] = ci
+
+
+VERDICT_TEXT = {GAIN: "a gain (the CI lies above 0)", NO_GAIN: "no measurable gain (the CI contains 0)",
+                LOSS: "worse than the donor stack (the CI lies below 0)"}
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The headline, one sentence per task: what fusion added over the donor stack, its paired CI, and
+    plainly whether that is a gain. What a user reads first, before any AUC or Gain over the pool mean."""
+    out = []
+    for task, h in summary[STACK_KEY].items():
+        rows = f" on {h['labelled_test_rows']:,} labelled test rows" if h.get("labelled_test_rows") else ""
+        out.append(f"{task}: EMM − donor stack {h['diff']:+.5f}, {h['confidence']:.0%} CI "
+                   f"[{h['low']:+.5f}, {h['high']:+.5f}]{rows}: {VERDICT_TEXT[h['verdict']]}")
+    return out
+
+
+def summary_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows) of `emm evaluate`'s table: fused − donor stack and its verdict lead; the AUCs, the
+    other CIs and the Gain over the pool mean (the paper's number) follow."""
+    columns = ["task", "EMM − donor stack, 95% CI", "verdict", "EMM AUC", "donor stack", "donor ensemble",
+               "EMM − best donor (by val), 95% CI", "pool mean", "pool best", "Gain vs pool mean", "Gain %",
+               "labelled test rows"]
+    rows = []
+    for task, r in summary["tasks"].items():
+        h, best = summary[STACK_KEY][task], r["ci"]["fused_minus_best_donor"]
+        rows.append([task, f"{h['diff']:+.5f} [{h['low']:+.5f}, {h['high']:+.5f}]", h["verdict"], f"{r['auc']:.5f}",
+                     f"{r['donor_stack_auc']:.5f}", f"{r['donor_ensemble_auc']:.5f}",
+                     f"{best['diff']:+.5f} [{best['low']:+.5f}, {best['high']:+.5f}] vs {best['donor']}",
+                     f"{r['pool_mean_auc']:.5f}", f"{r['pool_best_auc']:.5f}", f"{r['gain']:+.5f}",
+                     f"{r['gain_pct']:+.3f}", f"{r.get('labelled_test_rows', summary['rows_test']):,}"])
+    return columns, rows
 
 
 def plot_auc(per_task: dict[str, dict[str, Any]], path: Path) -> None:
@@ -160,13 +228,14 @@ def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_
     model, meta = load_fused(fused_dir, schema)
     check_fused_pool(meta, fused_dir, pool)
     test, val = load_split(data_dir, "test", schema), load_split(data_dir, "val", schema)
+    masks = task_masks(schema, val, test)
     probs = predict_proba(model, test)
-    metrics = task_metrics(test.labels.numpy(), probs, schema.task_names, what=f"fused model in {fused_dir}")
-    donors = donor_scores(pool, schema, val, test)
+    metrics = fused_metrics(probs, test, masks, what=f"fused model in {fused_dir}")
+    donors = donor_scores(pool, schema, val, test, masks)
     per_task = compare_with_pool(metrics, donors)
-    donor_baselines(per_task, donors, probs, schema, val, test)
-    summary = {"dataset": dataset, "rows_test": len(test), "mean_test_auc": mean_auc(metrics), "tasks": per_task,
-               "mlflow_run_id": meta.get("mlflow_run_id")}
+    donor_baselines(per_task, donors, probs, schema, val, test, masks)
+    summary = {"dataset": dataset, STACK_KEY: fused_minus_stack(per_task), "rows_test": len(test),
+               "mean_test_auc": mean_auc(metrics), "tasks": per_task, "mlflow_run_id": meta.get("mlflow_run_id")}
     with atomic_dir(out_dir) as tmp:
         (tmp / "plots").mkdir()
         write_json(tmp / "metrics.json", summary)

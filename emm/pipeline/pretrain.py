@@ -11,6 +11,10 @@ same inputs (``Trainer(made_from=...)``, max_epochs aside), so a changed setting
 continuing old work. ``--only NAME`` retrains some members and takes the others' results as they are,
 from their work folders or the current ``pool/``, when their signatures still match.
 
+A member trains, early-stops and is scored on the rows labelled for its task (``task_rows``; a scarce
+task's label may be missing on most rows): its AUCs are those of its task's labelled rows, and the counts
+it saw go into its ``entry.json``, its run's params and pool.json (``labelled_rows``).
+
 Before ``pool/`` is written its members are screened (``screen_members``): one no better than chance is
 warned about, and ``pretrain.min_val_auc`` refuses those below it.
 
@@ -40,7 +44,7 @@ from emm.models.pool import POOL_FILE, PoolEntry, check_entry, check_weights, re
 from emm.models.single_task import ModelSpec, build_model
 from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import PretrainConfig, load_params
-from emm.pipeline.pool_import import import_member, import_signature
+from emm.pipeline.pool_import import import_member, import_signature, task_rows
 from emm.pipeline.pool_specs import pool_specs
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
@@ -92,13 +96,17 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
         inside(work, work_dir).mkdir(parents=True, exist_ok=True)
 
     rank, world = ctx.shard
-    train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world).select_tasks([spec.task])
-                        for s in ("train", "val", "test"))
+    what = f"pool model {spec.name!r}"
+    train, val, test = (task_rows(open_split(data_dir, s, schema, scale, rank=rank, world=world), spec.task, s,
+                                  schema, what) for s in ("train", "val", "test"))
+    # rows over all ranks (each holds its shard) that the member trains, early-stops and is scored on
+    labelled = {s: sum(ddp.all_gather_ints(len(d))) for s, d in (("train", train), ("val", val), ("test", test))}
     with _SEEDED_BUILD:  # seed + build as one step: concurrent pool tasks (Prefect threads) share torch's RNG
         torch.manual_seed(cfg.train.seed)  # initial weights follow the configured seed, not the RNG's history
         model = build_model(spec, schema)
     n_params = sum(p.numel() for p in model.parameters())
-    tracker.log_params({"task": spec.task, "params": n_params, **spec.model_dump(), **cfg.train.model_dump()})
+    tracker.log_params({"task": spec.task, "params": n_params, **spec.model_dump(), **cfg.train.model_dump(),
+                        **{f"labelled_rows_{s}": n for s, n in labelled.items()}})
     trainer = Trainer(model, cfg.train, checkpoint_dir=work / "checkpoint", fingerprint=schema.fingerprint(),
                       made_from={"spec": signature["spec"]}, tracker=tracker, progress=progress, desc=spec.name)
     result = trainer.fit(train, val, resume=resume)
@@ -114,9 +122,9 @@ def train_pool_model(spec: ModelSpec, data_dir: Path, work_dir: Path, cfg: Pretr
     if ctx.is_main:
         save_module(model, work / "weights.safetensors")
         register_member(entry, tracker, work / "weights.safetensors", data_dir, schema)
-        write_json(entry_file, {"signature": signature, "entry": entry.model_dump(mode="json")})
-    log.info("%s: test AUC %.5f (val %.5f), %d epochs, %.0fs", spec.name, test_m["auc"], val_m["auc"],
-             result.epochs_run, result.seconds)
+        write_json(entry_file, {"signature": signature, "entry": entry.model_dump(mode="json"), "labelled": labelled})
+    log.info("%s: test AUC %.5f (val %.5f), %d epochs, %.0fs; trained on %d labelled %s rows", spec.name,
+             test_m["auc"], val_m["auc"], result.epochs_run, result.seconds, labelled["train"], spec.task)
     return entry
 
 
@@ -196,12 +204,15 @@ def screen_members(entries: list[PoolEntry], cfg: PretrainConfig, out_dir: Path)
 
 
 def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: PretrainConfig, *,
-                  sources: dict[str, Path] | None = None, members: list[Member] | None = None) -> Path:
+                  sources: dict[str, Path] | None = None, members: list[Member] | None = None,
+                  schema: Schema | None = None) -> Path:
     """Write ``pool/`` atomically from the finished work folders (``sources``: other weight files by
     member name, e.g. the current ``pool/``'s, read before it is replaced) with each member's signature
     (``members``: the params entries, needed for imported members; built-in ones sign with their spec) and
     the sha256 of the weights file it was given, taken as soon as that file is written: every load checks
-    it (``emm.models.pool.check_weights``), so a file later overwritten or swapped is refused, not loaded."""
+    it (``emm.models.pool.check_weights``), so a file later overwritten or swapped is refused, not loaded.
+    With ``schema``, pool.json also records per member the rows labelled for its task in each split
+    (``labelled_rows``): what it trained, early-stopped and was scored on."""
     sources = sources or {}
     by_name = {m.name: m for m in members or []}
     recorded: list[PoolEntry] = []
@@ -218,6 +229,8 @@ def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: 
             "models": [e.model_dump(mode="json") for e in recorded],
             "signatures": {e.name: member_key(by_name.get(e.name, e.spec), cfg, e.schema_fingerprint)
                            for e in entries},
+            **({"labelled_rows": {e.name: {s: schema.labelled_rows(e.task, s) for s in schema.rows}
+                                  for e in entries}} if schema is not None else {}),
             "provenance": provenance(digest(cfg))})
     return out_dir
 
@@ -257,7 +270,7 @@ def pretrain(dataset: str, data_dir: Path, out_dir: Path, work_dir: Path, cfg: P
     screen_members(entries, cfg, out_dir)
     if ddp.current().is_main:
         assemble_pool(entries, work_dir, out_dir, cfg, sources={n: path for n, (_, path) in kept.items()},
-                      members=specs)
+                      members=specs, schema=schema)
     return entries
 
 
@@ -321,6 +334,12 @@ def pool_entries(dataset: str, params: Path | str | None = None) -> tuple[Path, 
     return folder, read_pool(folder)
 
 
+def pool_labelled_rows(folder: Path) -> dict[str, dict[str, int]]:
+    """Member name -> rows labelled for its task per split, as pool.json records them (empty for a pool
+    written before labels could be missing)."""
+    return read_json(Path(folder) / POOL_FILE).get("labelled_rows") or {}
+
+
 def open_pool_run(dataset: str, params: Path | str | None = None, *, models: list[str] | None = None) -> str | None:
     """Start the MLflow parent run ``pool`` the per-model runs nest under (by id: they train in other threads)."""
     from emm.tracking.runs import start_detached_run  # local: an untracked pretrain never imports mlflow
@@ -362,9 +381,10 @@ def assemble_pool_stage(dataset: str, params: Path | str | None = None, entries:
         raise EMMError(f"pool model(s) {missing} have not been trained; run pretraining for them first")
     ordered = [by_name[n] for n in order]
     screen_members(ordered, cfg.pretrain, stage_dir(cfg, dataset, "pool"))
-    members = pool_specs(dataset, cfg.pretrain, Schema.load(stage_dir(cfg, dataset, "data")))
+    schema = Schema.load(stage_dir(cfg, dataset, "data"))
+    members = pool_specs(dataset, cfg.pretrain, schema)
     assemble_pool(ordered, stage_dir(cfg, dataset, "pool-work"), stage_dir(cfg, dataset, "pool"), cfg.pretrain,
-                  members=members)
+                  members=members, schema=schema)
     if parent_run_id:
         close_pool_run(parent_run_id, params, failed=False, metrics={f"test_auc_{e.name}": e.test_auc for e in ordered})
     return [e.model_dump(mode="json") for e in ordered]

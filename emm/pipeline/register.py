@@ -25,11 +25,60 @@ from emm.tracking.store import registered_name
 
 log = logging.getLogger(__name__)
 FUSED_MODEL_BUILDER = BUILDERS[1]
+STACK_CI = "fused_minus_donor_stack"  # the paired CI (evaluate's ``ci``) the headline is read from
+STACK_KEY = "fused_minus_stack"  # the headline: in metrics.json, and the prefix of its run metrics and version tags
+GAIN, NO_GAIN, LOSS = "gain", "no measurable gain", "loss"
+
+
+def stack_verdict(low: float, high: float) -> str:
+    """What a CI of fused − donor stack says: ``gain`` only when it lies above 0, ``loss`` below 0, and
+    ``no measurable gain`` when it contains 0 (whatever the point estimate: its sign is noise then)."""
+    if low > 0:
+        return GAIN
+    if high < 0:
+        return LOSS
+    return NO_GAIN
+
+
+def fused_minus_stack(per_task: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task, what fusion added over the donor stack (a logistic regression on the donors' logits, fitted
+    on validation rows): the paired CI ``fused_minus_donor_stack`` and its verdict.
+
+    Why this leads the summary: the stack is what a pool gives for free, so it is the bar fusion must clear;
+    the Gain over the pool *mean* is the paper's number but counts the plain ensembling of several donors as
+    fusion's doing, which makes it large whether or not fusion added anything."""
+    out = {}
+    for task, row in per_task.items():
+        ci = row["ci"][STACK_CI]
+        out[task] = {"diff": ci["diff"], "low": ci["low"], "high": ci["high"], "confidence": ci["confidence"],
+                     "verdict": stack_verdict(ci["low"], ci["high"]), "fused_auc": ci["auc_a"],
+                     "donor_stack_auc": ci["auc_b"], "labelled_test_rows": row.get("labelled_test_rows")}
+    return out
+
+
+def stack_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The headline as run metrics: ``fused_minus_stack_<task>`` and its ``_ci_low`` / ``_ci_high``."""
+    out = {}
+    for task, h in summary[STACK_KEY].items():
+        out.update({f"{STACK_KEY}_{task}": h["diff"], f"{STACK_KEY}_{task}_ci_low": h["low"],
+                    f"{STACK_KEY}_{task}_ci_high": h["high"]})
+    return out
+
+
+def stack_tags(summary: dict[str, Any]) -> dict[str, str]:
+    """The headline as tags (of the registered version, and of the run): the metrics above formatted as the
+    other score tags are (``test_auc_<task>``: 6 decimals), and ``fused_minus_stack_<task>_verdict``."""
+    tags = {key: f"{value:.6f}" for key, value in stack_metrics(summary).items()}
+    tags.update({f"{STACK_KEY}_{task}_verdict": h["verdict"] for task, h in summary[STACK_KEY].items()})
+    return tags
 
 
 def register_fused(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, summary: dict[str, Any],
                    tracking: TrackingConfig) -> str:
     """Log the pyfunc into the fuse run, register a new version of emm-<dataset>, alias it challenger.
+
+    The version and the run are tagged with what fusion added over the donor stack (``stack_tags``), the
+    first thing to read about a fused model.
 
     A version already registered from the same fused weights (its ``fused_sha256`` tag) is reused instead:
     ``challenger`` moves to it and ``summary`` says so (``registered_reused``), so that rerunning
@@ -41,8 +90,9 @@ def register_fused(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path
     # one registration of <name> at a time, from the check for these weights until the new version is tagged
     with registry.registration_lock(name, tracking.store), \
             reopen_run(dataset, tracking.store, meta.get("mlflow_run_id"), "fused-evaluate") as tracker:
-        tracker.log_metrics({"eval_mean_test_auc": summary["mean_test_auc"],
+        tracker.log_metrics({**stack_metrics(summary), "eval_mean_test_auc": summary["mean_test_auc"],
                              **{f"gain_{t}": r["gain"] for t, r in summary["tasks"].items()}})
+        tracker.set_tags(stack_tags(summary))
         tracker.log_artifact(Path(eval_dir) / "metrics.json", "eval")
         tracker.log_artifact(Path(eval_dir) / "plots" / "auc.png", "eval")
         existing = registry.version_with_tag(name, registry.DIGEST_TAG, fused_sha256)
@@ -57,6 +107,7 @@ def register_fused(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path
                                     outputs=meta["tasks"], weights=weights, data_dir=data_dir, registered_name=name)
         assert version is not None  # a registered_name always yields a version
         registry.tag_version(name, version, {
+            **stack_tags(summary),
             registry.SCORE_TAG: f"{summary['mean_test_auc']:.6f}",
             **{f"test_auc_{t}": f"{r['auc']:.6f}" for t, r in summary["tasks"].items()},
             registry.DIGEST_TAG: fused_sha256,

@@ -55,6 +55,11 @@ class MlflowTracker:
         for key, value in _finite(metrics).items():
             self._client.log_metric(self._run_id, key, value, step=step)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Tag the run (strings shown in the runs table: e.g. evaluate's verdict over the donor stack)."""
+        for key, value in tags.items():
+            self._client.set_tag(self._run_id, key, str(value))
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self._run_id, str(path), artifact_path=artifact_path)
 

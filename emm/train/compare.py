@@ -12,6 +12,11 @@ resample is equivalent to integer weights (how often each row was drawn), and th
 only needs, per distinct score, the weight of positives and of negatives there. Those sums are one
 sparse matrix product per score array (the sort is done once, up front); ties get half credit exactly
 as in the Mann-Whitney statistic, so the result equals ``roc_auc_score`` on the resampled rows.
+
+Why labels are checked for 0/1 (``binary_labels``): a missing label is NaN in EMM's tensors, and
+``astype(bool)`` makes NaN a positive, so an unsliced task would be scored, resampled or stacked on
+invented positives without a word. Every public function here that takes labels refuses them; the caller
+slices each task to its labelled rows first (its scores on the same rows).
 """
 
 from __future__ import annotations
@@ -25,8 +30,32 @@ import scipy.sparse as sp
 from scipy.stats import bootstrap
 from sklearn.linear_model import LogisticRegression
 
+from emm.errors import EMMError
+
 
 Pair = tuple[np.ndarray, np.ndarray]  # (score_a, score_b) on the same rows
+SLICE_HINT = "slice to the task's labelled rows first (labels and scores alike)"
+
+
+def binary_labels(labels: np.ndarray, what: str = "labels") -> np.ndarray:
+    """``labels`` as a bool array, or an EMMError when one is missing (NaN) or is not 0/1.
+
+    ``what`` names the caller in the message (``"paired AUC CI"``, ``"donor stack"``)."""
+    arr = np.asarray(labels)
+    if arr.dtype == bool:
+        return arr
+    try:
+        values = arr.astype(np.float64)
+    except (TypeError, ValueError) as exc:  # pandas' <NA> in an object array, strings
+        raise EMMError(f"{what}: the labels are not all numbers 0/1 (a missing label?); {SLICE_HINT}") from exc
+    missing = int(np.isnan(values).sum())
+    if missing:
+        raise EMMError(f"{what}: {missing} of {values.size} labels are missing (NaN); {SLICE_HINT}")
+    odd = ~np.isin(values, (0.0, 1.0))
+    if odd.any():
+        raise EMMError(f"{what}: labels must be 0/1, got {np.unique(values[odd])[:5].tolist()} "
+                       f"({int(odd.sum())} of {values.size}); pass a task's binary labels")
+    return values.astype(bool)
 
 
 @dataclass(frozen=True)
@@ -44,7 +73,8 @@ class WeightedAUC:
 
     @classmethod
     def prepare(cls, labels: np.ndarray, score: np.ndarray) -> "WeightedAUC":
-        labels = np.asarray(labels).astype(bool)
+        """``labels`` 0/1 (no missing label: see ``binary_labels``), ``score`` of the same rows."""
+        labels = binary_labels(labels, "weighted AUC")
         score = np.asarray(score, dtype=np.float64)
         if score.shape != labels.shape or score.ndim != 1:
             raise ValueError(f"score {score.shape} and labels {labels.shape} must be the same 1-D shape")
@@ -110,8 +140,9 @@ def paired_auc_cis(labels: np.ndarray, comparisons: Mapping[str, Sequence[Pair]]
 
     Returns ``{name: {diff, low, high, n_resamples, confidence, auc_a, auc_b}}`` where ``diff`` is the
     statistic on the full test set and ``auc_a``/``auc_b`` the mean AUCs it is the difference of.
+    ``labels`` are 0/1 with none missing (an EMMError otherwise): slice a task to its labelled rows first.
     """
-    labels = np.asarray(labels).astype(bool).ravel()
+    labels = binary_labels(labels, "paired AUC CI").ravel()
     n = len(labels)
     if labels.all() or not labels.any():
         raise ValueError("paired AUC CI: the labels hold one class only, so no AUC is defined")
@@ -170,15 +201,23 @@ def ensemble_logits(donor_logits: np.ndarray) -> np.ndarray:
     return np.asarray(donor_logits, dtype=np.float64).reshape(len(donor_logits), -1).mean(axis=1)
 
 
-def fit_stack(val_logits: np.ndarray, val_labels: np.ndarray) -> LogisticRegression:
+def fit_stack(val_logits: np.ndarray, val_labels: np.ndarray, *, C: float | None = None) -> LogisticRegression:
     """Logistic regression on the donors' *validation* logits: a learned weighting of the donors that
-    never sees test rows. The default L2 strength is negligible at thousands of validation rows; it
-    only keeps collinear donors (they nearly always are) from getting huge opposite weights."""
+    never sees test rows. The default L2 strength (``C`` None: scikit-learn's 1.0) is negligible at thousands
+    of validation rows; it only keeps collinear donors (they nearly always are) from getting huge opposite
+    weights. A smaller ``C`` regularises harder: for many inputs on few labelled rows (a cross-task stack of
+    a scarce task). ``val_labels`` are 0/1 with none missing: the task's labelled validation rows."""
     x = np.asarray(val_logits, dtype=np.float64).reshape(len(val_logits), -1)
-    return LogisticRegression(max_iter=1000).fit(x, np.asarray(val_labels).astype(int).ravel())
+    y = binary_labels(val_labels, "donor stack").astype(int).ravel()
+    if len(y) != len(x):
+        raise EMMError(f"donor stack: {len(x)} rows of logits for {len(y)} labels; give both for the same rows")
+    if C is not None and not C > 0:
+        raise EMMError(f"donor stack: C must be > 0 (the inverse L2 strength), got {C}")
+    return LogisticRegression(max_iter=1000, **({} if C is None else {"C": float(C)})).fit(x, y)
 
 
-def stack(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
+def stack(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, *,
+          C: float | None = None) -> np.ndarray:
     """Test scores (the stack's logit) of ``fit_stack`` applied to the donors' test logits."""
-    model = fit_stack(val_logits, val_labels)
+    model = fit_stack(val_logits, val_labels, C=C)
     return model.decision_function(np.asarray(test_logits, dtype=np.float64).reshape(len(test_logits), -1))

@@ -6,6 +6,12 @@ One loss, the trainer's own, with the targets replaced batch by batch; the teach
 batch, so it works alike for in-memory splits, streamed Parquet and DDP shards, and nothing extra is
 stored. Only training batches are touched: validation (early stopping) and test still score against
 the labels, so a teacher can never make a model look better than it is.
+
+A missing label (NaN) stays missing in the target: NaN mixed with the teacher is NaN, and the trainer's
+loss leaves NaN targets out. So the teacher only softens the labels that exist; it never stands in for
+an absent one. Training on the teacher alone where a label is missing would be pseudo-labelling, a
+different method whose gain (or harm: the teacher's errors become targets) should be measured on its own,
+and it would make the loss of a scarce task depend mostly on rows nobody labelled.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ class Distillation:
 
     @torch.no_grad()
     def targets(self, sparse: Tensor, dense: Tensor, labels: Tensor) -> Tensor:
-        """``(1 - weight) * labels + weight * sigmoid(teacher logits)``, the teacher in eval mode."""
+        """``(1 - weight) * labels + weight * sigmoid(teacher logits)``, the teacher in eval mode; a NaN
+        (missing) label gives a NaN target, which the trainer's loss masks (see the module docstring)."""
         with eval_mode(self.teacher):
             soft = torch.sigmoid(self.teacher(sparse, dense))
         if soft.shape != labels.shape:

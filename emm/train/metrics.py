@@ -2,7 +2,13 @@
 
 Scores are checked finite first: a model returning NaN on some rows (broken weights, an outside model that
 overflows on rows its import checks did not see) is refused with the model and the row count named,
-rather than left to scikit-learn's "Input contains NaN" traceback.
+rather than left to scikit-learn's "Input contains NaN" traceback. Every row is checked, labelled or not:
+a model that breaks on some rows is broken whichever of them happen to carry a label.
+
+A NaN label is a missing one (the row has no label for that task): each metric is taken on the task's
+labelled rows only, and says how many there were (``labelled``). With no labelled row the logloss is
+NaN; with fewer than two classes among them the AUC is NaN (undefined, not 0.5), as it is for a split
+of one class.
 """
 
 from __future__ import annotations
@@ -27,27 +33,45 @@ def check_scores(y_score: np.ndarray, *, what: str = "the model", task: str | No
     return y_score
 
 
+def _labelled(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (labels, scores) of the rows whose label is not NaN (a missing label)."""
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score)
+    if y_true.dtype.kind != "f":  # integer/bool labels cannot be missing
+        return y_true, y_score
+    keep = ~np.isnan(y_true)
+    return y_true[keep], y_score[keep]
+
+
 def auc(y_true: np.ndarray, y_score: np.ndarray, *, what: str = "the model", task: str | None = None) -> float:
-    """ROC AUC; NaN when a split has only one class (AUC is undefined there, not 0.5). ``what`` and ``task``
-    name the scores in the error ``check_scores`` raises."""
+    """ROC AUC on the labelled rows (NaN labels left out); NaN when they hold fewer than two classes (AUC
+    is undefined there, not 0.5). ``what`` and ``task`` name the scores in the error ``check_scores`` raises."""
     y_score = check_scores(y_score, what=what, task=task)
-    y_true = np.asarray(y_true)
-    if y_true.min() == y_true.max():
+    y_true, y_score = _labelled(y_true, y_score)
+    if len(y_true) == 0 or y_true.min() == y_true.max():
         return math.nan
     return float(roc_auc_score(y_true, y_score))
 
 
 def logloss(y_true: np.ndarray, y_prob: np.ndarray) -> float:
-    return float(log_loss(np.asarray(y_true), np.clip(np.asarray(y_prob, dtype=np.float64), 1e-7, 1 - 1e-7),
-                          labels=[0, 1]))
+    """Log loss on the labelled rows (NaN labels left out); NaN when there is none."""
+    y_true, y_prob = _labelled(y_true, y_prob)
+    if len(y_true) == 0:
+        return math.nan
+    return float(log_loss(y_true, np.clip(np.asarray(y_prob, dtype=np.float64), 1e-7, 1 - 1e-7), labels=[0, 1]))
 
 
 def task_metrics(labels: np.ndarray, probs: np.ndarray, task_names: list[str], *,
                  what: str = "the model") -> dict[str, dict[str, float]]:
-    """{task: {"auc": .., "logloss": ..}} for [N, T] labels and probabilities of the model ``what`` names."""
-    return {name: {"auc": auc(labels[:, i], probs[:, i], what=what, task=name),
-                   "logloss": logloss(labels[:, i], probs[:, i])}
-            for i, name in enumerate(task_names)}
+    """{task: {"auc": .., "logloss": .., "labelled": rows}} for [N, T] labels (NaN: missing) and
+    probabilities of the model ``what`` names; each task on its labelled rows."""
+    labels = np.asarray(labels)
+    out = {}
+    for i, name in enumerate(task_names):
+        y = labels[:, i]
+        labelled = int(len(y) - np.isnan(y).sum()) if y.dtype.kind == "f" else len(y)
+        out[name] = {"auc": auc(y, probs[:, i], what=what, task=name), "logloss": logloss(y, probs[:, i]),
+                     "labelled": labelled}
+    return out
 
 
 def mean_auc(metrics: dict[str, dict[str, float]]) -> float:

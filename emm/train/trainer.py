@@ -5,6 +5,10 @@ Design choices, and why:
   no dict per sample: this is what makes two CPU cores enough (see harness/benchmarks/train_throughput.py).
 - Multi-task from day one: the model returns ``[B, T]`` logits, the loss is the sum of the T binary
   cross-entropies, early stopping watches the mean validation AUC over tasks.
+- Labels may be missing (NaN, per row and task): each task's cross-entropy is the mean over the batch's rows
+  labelled for it (a task with none contributes 0, and no gradient), summed over tasks (``masked_bce``).
+  With every label present this is the mean over the ``B x T`` entries times ``T``, the loss it always was.
+  The reported training loss is the mean per labelled entry; validation metrics use labelled rows only.
 - Exact resume: the shuffle of epoch ``e`` comes from a generator seeded with ``seed + e``, and the
   checkpoint written after every epoch holds the model, the optimizer, torch's RNG state (dropout) and
   the early-stopping state. Killing after epoch k and resuming gives the same weights bit for bit.
@@ -38,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from emm.data.stream import ParquetStream
@@ -114,7 +119,6 @@ class Trainer:
         if not params:
             raise EMMError(f"{desc}: the model has no trainable parameters")
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.loss_fn = nn.BCEWithLogitsLoss()
         self._net: nn.Module = self.model  # what the training step calls: the model, or DDP around it
         self._pad_to = 0  # rows every rank yields per epoch (fit sets it: the largest shard)
 
@@ -219,7 +223,8 @@ class Trainer:
     def train_epoch(self, data: Data, epoch: int) -> float:
         """One training epoch as ``fit`` runs it (the shuffle seeded by ``epoch``, a step per batch), without
         validation, checkpoint or logging: ``fit``'s own loop, and the public handle for timing the training
-        step (harness/benchmarks/). Trains the model; returns the mean training loss per row."""
+        step (harness/benchmarks/). Trains the model; returns the mean training loss per labelled label
+        (NaN when no training row carries any label)."""
         self.model.train()
         self._net.train()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -231,11 +236,7 @@ class Trainer:
             logits = self._net(batch.sparse, batch.dense)
             targets = (batch.labels if self.distill is None
                        else self.distill.targets(batch.sparse, batch.dense, batch.labels))
-            loss = self.loss_fn(logits, targets) * batch.labels.shape[1]  # sum over tasks
-            # distributed: every rank sees the global batch loss, so a NaN on any rank stops all of them
-            # (float64: a row count past 2**24 is still exact)
-            batch_sum = ddp.all_reduce_sum(torch.stack([loss.detach().double() * len(batch),
-                                                        loss.new_tensor(len(batch), dtype=torch.float64)]), self.dist)
+            loss, batch_sum = masked_bce(logits, targets, torch.isnan(batch.labels), self.dist)
             if not torch.isfinite(batch_sum[0]):
                 loss = batch_sum[0] / batch_sum[1]
                 where = f"epoch {epoch}, step {step}"
@@ -250,7 +251,7 @@ class Trainer:
             seen += batch_sum[1]
             if self.progress and step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-        return float(total) / float(seen)
+        return float(total) / float(seen) if float(seen) > 0 else math.nan
 
     def profile_epoch(self, data: Data, steps: int, *, epoch: int = 1, top: int = 12) -> str:
         """torch.profiler's operator table (self CPU time, ``top`` rows) over ``steps`` batches of the training
@@ -339,6 +340,31 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["torch_rng"])
         return payload["state"], payload["best_model"]
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, missing: torch.Tensor,
+               dist: ddp.DistContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, float64 [sum of the labelled entries' BCE, labelled entries] of the global batch).
+
+    ``missing`` ([B, T] bool) marks the entries without a label; their targets (NaN) are replaced by 0 before
+    the cross-entropy and their terms by 0 after it (``where``, so not even a NaN gradient leaks from them).
+    Task ``t``'s term is its labelled rows' BCE sum over their count in the *global* batch: distributed, the
+    per-task sums and counts are all-reduced, and each rank's sum is scaled by ``world / count`` so that
+    DDP's gradient average is the global per-task mean however the labelled rows fall across ranks. A NaN
+    on any rank shows in every rank's first returned sum, so all ranks stop together.
+    """
+    dist = dist or ddp.current()
+    labelled = ~missing
+    per_entry = F.binary_cross_entropy_with_logits(logits, torch.where(labelled, targets, torch.zeros_like(targets)),
+                                                   reduction="none")
+    per_task = torch.where(labelled, per_entry, torch.zeros_like(per_entry)).sum(dim=0)  # [T]
+    counts = labelled.sum(dim=0, dtype=torch.float64)                                    # exact past 2**24
+    stats = ddp.all_reduce_sum(torch.cat([per_task.detach().double(), counts]), dist)
+    tasks = per_task.shape[0]
+    world = dist.world_size if dist.active else 1
+    scale = (world / stats[tasks:].clamp(min=1.0)).to(per_task.dtype)  # a task with no labelled row: sum 0
+    loss = (per_task * scale).sum()
+    return loss, torch.stack([stats[:tasks].sum(), stats[tasks:].sum()])
 
 
 def made_from_record(cfg: TrainConfig, fingerprint: str | None = None,

@@ -62,19 +62,19 @@ def tempered_head():
 
 
 def test_registries_hold_todays_values_in_order():
-    assert list(OUTPUTS) == ["tower", "donor_residual"]
+    assert list(OUTPUTS) == ["tower", "donor_residual", "cross_residual"]
     assert list(ENTRIES) == ["retrain", "reuse"]
     assert list(FUSION_GATES) == ["hard", "scaled", "ste"]
     assert list(ATTENTIONS) == ["task_query", "self_score"]
     schema = AKFOptions.model_json_schema()["properties"]
     assert schema["fusion_gate"]["enum"] == ["hard", "scaled", "ste"] and schema["fusion_gate"]["default"] == "scaled"
-    assert schema["output"]["enum"] == ["tower", "donor_residual"]
+    assert schema["output"]["enum"] == ["tower", "donor_residual", "cross_residual"]
 
 
 def test_options_accept_exactly_the_registry_keys():
     with pytest.raises(pydantic.ValidationError, match="Input should be 'hard', 'scaled' or 'ste'"):
         AKFOptions(fusion_gate="soft")
-    with pytest.raises(pydantic.ValidationError, match="Input should be 'tower' or 'donor_residual'"):
+    with pytest.raises(pydantic.ValidationError, match="Input should be 'tower', 'donor_residual' or 'cross_residual'"):
         AKFOptions(output=1)
     assert AKFOptions(attention="self_score").model_dump(mode="json")["attention"] == "self_score"
 

@@ -82,8 +82,10 @@ class FuseRunner:
 
     def prepare(self, rows: Callable[[], SplitTensors]) -> dict[str, dict[str, float]] | None:
         """Fit the output head on held-out rows (the donor stack) when the plan prepares; ``rows`` is called only
-        then. Deterministic: every DDP rank given the same rows fits the same head. Returns the record for
-        ``fused.json`` (None: nothing fitted)."""
+        then. A row may lack a task's label (NaN): each task is fitted on its labelled rows only (training, by
+        contrast, uses every row, each task's loss masked to its labels: the rich task's rows carry the signal).
+        Deterministic: every DDP rank given the same rows fits the same head. Returns the record for ``fused.json``
+        (None: nothing fitted)."""
         if not self.plan.prepare:
             return None
         held_out = rows()

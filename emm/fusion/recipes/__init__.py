@@ -1,6 +1,7 @@
 """Fusion recipes: the parts a fused model is wired from, one registry per ``AKFOptions`` option.
 
-- ``output``: ``OutputHead`` (``tower``, ``donor_residual``), the fused model's logits on top of its towers.
+- ``output``: ``OutputHead`` (``tower``, ``donor_residual``, ``cross_residual``), the fused model's logits on top
+  of its towers.
 - ``embedding``: ``Level0Entry`` (``retrain``, ``reuse``), what the first AKF level receives.
 - ``fusion_gate``: ``FusionGate`` (``hard``, ``scaled``, ``ste``), how ``AKFLevel`` mixes in the selected task.
 - ``attention``: ``Attention`` (``task_query``, ``self_score``), how ``MultiTaskMerge`` forms its queries.
@@ -15,11 +16,12 @@ from emm.fusion.recipes.attention import ATTENTIONS, Attention, SelfScore, TaskQ
 from emm.fusion.recipes.base import Recipe, Registry
 from emm.fusion.recipes.entry import ENTRIES, Level0Entry, RetrainEmbedding, ReuseEmbedding
 from emm.fusion.recipes.gate import FUSION_GATES, FusionGate, HardGate, ScaledGate, StraightThroughGate
-from emm.fusion.recipes.output import OUTPUTS, DonorResidualOutput, OutputHead, TowerOutput
+from emm.fusion.recipes.output import OUTPUTS, CrossResidualOutput, DonorResidualOutput, OutputHead, TowerOutput
 
 __all__ = [
     "ATTENTIONS",
     "Attention",
+    "CrossResidualOutput",
     "DonorResidualOutput",
     "ENTRIES",
     "FUSION_GATES",

@@ -4,6 +4,9 @@
 ``donor_residual``: each task's frozen donors kept whole (``emm.fusion.blend``: why, and the modules), their
     per-task blend, plus the towers as a residual whose last layer starts at zero, so at step 0 the fused
     model *is* the blend. Its ``prepare`` fits the blend as the donor stack on validation rows.
+``cross_residual``: as ``donor_residual``, but every donor's logit may enter every task's blend (the cross-task
+    stack, L2-regularised with its strength chosen by CV), so a task with scarce labels can lean on a rich task's
+    donor that predicts it. Both heads fit each task on its labelled held-out rows only (NaN = no label).
 
 A head builds the modules it needs (registered on the model under the names it returns: the state-dict names)
 and is handed the model back to run them. The model is ``emm.fusion.fused.FusedModel``, typed ``Any`` here
@@ -15,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from emm.errors import EMMError
-from emm.fusion.blend import DonorBlend, DonorPaths, fit_stack
+from emm.fusion.blend import DonorBlend, DonorPaths, fit_cross_stack, fit_stack
 from emm.fusion.decompose import Plan
 from emm.fusion.recipes.base import Recipe, Registry
 
@@ -48,7 +52,7 @@ class OutputHead(Recipe):
     def donor_logits(self, model: Any, sparse: Tensor, dense: Tensor) -> Tensor:
         """``[B, n_models]``: every donor's own logit, for a head that keeps the donors."""
         raise EMMError(f"this fused model keeps no donors (output={self.name!r}); build it with "
-                       "output='donor_residual'")
+                       "output='donor_residual' or 'cross_residual'")
 
     def pool_modules(self, model: Any) -> list[nn.Module]:
         """Pool-derived modules of the head that a fine-tune phase thaws (``FusedModel.unfreeze_pool``)."""
@@ -76,10 +80,11 @@ class DonorResidualOutput(OutputHead):
 
     prepares: ClassVar[bool] = True
     scores_at_start: ClassVar[bool] = True
+    cross: ClassVar[bool] = False  # may every donor enter every task's blend (``DonorBlend(cross=...)``)?
 
     def build(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str],
               towers: nn.ModuleList) -> dict[str, nn.Module]:
-        modules = {"donors": DonorPaths(plan), "blend": DonorBlend(model_tasks, task_names)}
+        modules = {"donors": DonorPaths(plan), "blend": DonorBlend(model_tasks, task_names, cross=self.cross)}
         for tower in towers:  # the residual starts at zero: at step 0 the model is the donors' blend
             nn.init.zeros_(tower.net[-1].weight)
             nn.init.zeros_(tower.net[-1].bias)
@@ -97,16 +102,39 @@ class DonorResidualOutput(OutputHead):
     @torch.no_grad()
     def prepare(self, model: Any, sparse: Tensor, dense: Tensor, labels: Tensor, *,
                 batch_size: int = 65536) -> dict[str, dict[str, float]]:
-        """The blend set to the donor stack fitted on these (validation) rows; ``labels`` ``[N, T]`` in the
-        model's task order. Returns the fitted weights per task, named by donor. Deterministic, so every DDP
-        rank given the same rows fits the same blend."""
+        """The blend set to the stack fitted on these (validation) rows; ``labels`` ``[N, T]`` in the model's task
+        order, NaN where a row has no label for a task: each task is fitted on its labelled rows only, and a task
+        with none (or a single class) is refused by name. Returns per task the fitted weights named by donor, the
+        bias and ``labelled_rows``. Deterministic, so every DDP rank given the same rows fits the same blend."""
         blend, donors = model.blend, model.donors
         logits = torch.cat([donors(sparse[i:i + batch_size], dense[i:i + batch_size])
                             for i in range(0, len(sparse), batch_size)]).cpu().numpy()
+        labels_np = labels.detach().cpu().double().numpy().reshape(len(logits), -1)
         fitted = {}
         for t, task in enumerate(model.task_names):
-            members = torch.nonzero(blend.mask[t]).flatten().tolist()
-            weights, bias = fit_stack(logits[:, members], labels[:, t].cpu().numpy())
+            members = blend.members(t)
+            y = labels_np[:, t]
+            weights, bias, extra = self.fit_task(logits[:, members], y, task)
             blend.set_task(t, weights, bias)
-            fitted[task] = {**{model.model_names[i]: float(w) for i, w in zip(members, weights)}, "bias": bias}
+            fitted[task] = {**{model.model_names[i]: float(w) for i, w in zip(members, weights)}, "bias": bias,
+                            "labelled_rows": int((~np.isnan(y)).sum()), **extra}
         return fitted
+
+    def fit_task(self, logits: np.ndarray, labels: np.ndarray, task: str) -> tuple[np.ndarray, float, dict[str, Any]]:
+        """One task's stack on its blend's donor logits ``[N, members]`` (labels NaN = no label): weights, bias and
+        anything else worth recording."""
+        weights, bias = fit_stack(logits, labels, task=task)
+        return weights, bias, {}
+
+
+@OUTPUTS.register("cross_residual")
+class CrossResidualOutput(DonorResidualOutput):
+    """``donor_residual`` with a full blend mask: every donor may enter every task's blend (``DonorBlend(cross=True)``;
+    the state-dict names are the same). ``prepare`` fits each task's blend as the cross-task stack
+    (``emm.fusion.blend.fit_cross_stack``: L2 strength by CV on the task's labelled held-out rows), recording the
+    chosen ``C`` and whether CV chose it."""
+
+    cross: ClassVar[bool] = True
+
+    def fit_task(self, logits: np.ndarray, labels: np.ndarray, task: str) -> tuple[np.ndarray, float, dict[str, Any]]:
+        return fit_cross_stack(logits, labels, task=task)
