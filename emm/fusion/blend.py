@@ -16,8 +16,12 @@ fits the stack) is ``emm.fusion.recipes.output.DonorResidualOutput``.
 ``output="cross_residual"`` (``CrossResidualOutput``) lets every donor's logit enter every task's blend:
 the cross-task stack. Why: when one task has scarce labels, its own donor learned little, while a rich
 task's donor may rank its rows far better (a click model scoring conversions); a blend over its own
-donors alone can never reach that. Its stack is L2-regularised with the strength chosen by CV
-(``fit_cross_stack``), because a scarce task fits several collinear logits on few labelled rows.
+donors alone can never reach that. Its stack is the same fit as the own-task one (``fit_stack``:
+scikit-learn's logistic regression, its default light L2, on raw logits). Why not an L2 strength chosen by
+cross-validation: a scarce task has a few dozen labelled positives in validation, a few per fold, so the
+fold AUCs pick the strength by noise; a strong one then weights every donor by its marginal correlation,
+noise donors included, and on the scarce benchmark that ranked test rows worse than the plain fit on every
+seed (README, "When fusion pays").
 
 Labels may be missing (NaN): every stack is fitted on the task's *labelled* held-out rows only
 (``labelled_rows``), and a task with none, or with a single class among them, is refused by name.
@@ -30,8 +34,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.model_selection import StratifiedKFold
 from torch import Tensor, nn
 
 from emm.data.labels import require_labelled
@@ -150,55 +152,6 @@ def fit_stack(donor_logits: np.ndarray, labels: np.ndarray, *, task: str = "this
     mask = labelled_rows(labels, task)
     model = compare.fit_stack(np.asarray(donor_logits)[mask], np.asarray(labels, dtype=np.float64).ravel()[mask])
     return model.coef_.ravel(), float(model.intercept_[0])
-
-
-CROSS_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # the L2 strengths (sklearn's C, on standardised logits) tried
-CROSS_FOLDS = 5
-CROSS_FIXED_C = 1.0  # used when the task's minority class has too few rows for stratified CV
-
-
-def fit_cross_stack(donor_logits: np.ndarray, labels: np.ndarray, *, task: str = "this task",
-                    folds: int = CROSS_FOLDS) -> tuple[np.ndarray, float, dict[str, float]]:
-    """One task's cross-task stack: a logistic regression on *every* donor's logit, fitted on the task's labelled
-    held-out rows, as the (weights, bias) the blend takes over all donors, plus a record (``C``, ``cv``).
-
-    Why regularised, and why its strength is chosen by CV: with every donor in the blend a scarce task fits
-    several collinear inputs on a few hundred labelled rows; an unregularised fit (``fit_stack``) trusts
-    noise. ``LogisticRegressionCV`` picks the L2 strength by stratified-fold AUC on those rows; with fewer
-    than ``2 * folds`` rows in the minority class no fold split is meaningful, so a fixed ``CROSS_FIXED_C`` is
-    used. The logits are standardised first (one C means the same for every donor whatever its scale) and the
-    coefficients mapped back, so the blend stays ``sum_i w_i * logit_i + b`` on raw logits.
-
-    Why the fitted direction's scale and offset are refitted (a one-variable logistic regression on the same
-    rows): the AUC-chosen C may shrink the weights far below the scale of a logit, leaving the blend ranking
-    well but predicting near the base rate; the fused model starts from this blend, and its training loss is a
-    log loss. Ranking (and so AUC) is the CV fit's."""
-    mask = labelled_rows(labels, task)
-    x = np.asarray(donor_logits, dtype=np.float64).reshape(len(mask), -1)[mask]
-    y = np.asarray(labels, dtype=np.float64).ravel()[mask].astype(int)
-    mu, sd = x.mean(0), x.std(0)
-    sd = np.where(sd > 1e-12, sd, 1.0)  # a constant donor: its weight is absorbed into the bias anyway
-    z = (x - mu) / sd
-    minority = int(min(y.sum(), len(y) - y.sum()))
-    cv = minority >= 2 * folds
-    if cv:
-        model = LogisticRegressionCV(Cs=list(CROSS_CS), l1_ratios=(0.0,), scoring="roc_auc", max_iter=1000,
-                                     cv=StratifiedKFold(folds, shuffle=True, random_state=0),
-                                     use_legacy_attributes=False).fit(z, y)
-        c = float(np.ravel(model.C_)[0])
-    else:
-        c = CROSS_FIXED_C
-        model = LogisticRegression(C=c, max_iter=1000).fit(z, y)
-    direction = model.coef_.ravel() / sd  # raw-logit weights of the CV fit, up to scale
-    score = (x - mu) @ direction
-    spread = float(score.std())
-    if spread > 1e-12:  # the score at unit spread, so the calibration's own (default, light) L2 means little
-        calibrate = LogisticRegression(max_iter=1000).fit(score[:, None] / spread, y)
-        scale, offset = float(calibrate.coef_[0, 0]) / spread, float(calibrate.intercept_[0])
-    else:  # every weight shrunk to zero: the base rate
-        scale, offset = 0.0, float(model.intercept_[0])
-    weights = scale * direction
-    return weights, offset - float(weights @ mu), {"C": c, "cv": cv}
 
 
 def fit_blend(model: nn.Module, sparse: Tensor, dense: Tensor, labels: Tensor, *,

@@ -138,6 +138,14 @@ class FusedModel(nn.Module):
         ``fused.json``, or None when the head has nothing to fit (``tower``)."""
         return self.output_head.prepare(self, sparse, dense, labels, batch_size=batch_size)
 
+    def start_state(self) -> dict[str, Tensor]:
+        """A copy of what makes the step-0 model (``donor_residual``/``cross_residual``: the blend)."""
+        return self.output_head.start_state(self)
+
+    def restore_start(self, task: str, state: dict[str, Tensor]) -> None:
+        """Put one task back to its step-0 output (``state`` from ``start_state``), the others untouched."""
+        self.output_head.restore_start(self, self.task_names.index(task), state)
+
     # -- helpers --------------------------------------------------------------------------------
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

@@ -126,6 +126,11 @@ class FuseOptions(AKFOptions):
         default=0.0, ge=0, lt=1, description="knowledge distillation from the pool's donor ensemble (the mean of "
         "each task's donor logits): the training targets are (1 - distill) x label + distill x the ensemble's "
         "probability (emm/train/distill.py); 0 = the labels alone (the paper)")
+    keep_start_per_task: bool = Field(
+        default=True, description="output donor_residual/cross_residual, one training phase: after early "
+        "stopping, a task whose validation AUC was no better at the kept epoch than at step 0 (its donors' blend) "
+        "goes back to that blend, its residual switched off (emm/fusion/procedure/runner.py); false = every task "
+        "takes the kept epoch")
     train: TrainConfig = TrainConfig()
 
     @property

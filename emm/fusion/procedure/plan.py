@@ -111,6 +111,9 @@ class FusePlan:
     """The architecture to build, the ordered training phases, the target, and the train settings they share.
 
     ``prepare``: fit the output head's held-out part (the donor stack) on held-out rows before training.
+    ``keep_start_per_task``: after training, a task whose validation AUC was no better at the kept epoch than at
+    step 0 returns to its step-0 output (``FuseRunner``); only for a head whose step 0 is a model (the donors'
+    blend) and a single frozen phase (a fine-tune moves the donors, so step 0 could not be restored per task).
     """
 
     architecture: AKFOptions
@@ -118,6 +121,7 @@ class FusePlan:
     phases: tuple[Phase, ...] = field(default_factory=lambda: (Frozen(),))
     target: Target = field(default_factory=Labels)
     prepare: bool = False
+    keep_start_per_task: bool = False
 
     def __post_init__(self) -> None:
         if not self.phases:
@@ -133,4 +137,6 @@ class FusePlan:
         return cls(architecture=options.akf, train=options.train,
                    phases=(Frozen(score_start=head.scores_at_start), *finetune),
                    target=Distill(options.distill) if options.distill > 0 else Labels(),
-                   prepare=options.blend_init == "stack" and head.prepares)
+                   prepare=options.blend_init == "stack" and head.prepares,
+                   keep_start_per_task=(options.keep_start_per_task and head.scores_at_start
+                                        and options.finetune_lr_scale is None))

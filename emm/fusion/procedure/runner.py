@@ -18,6 +18,7 @@ previous phase was made from plus its own name, so each resumes only its own unf
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class FuseFit:
 
     fit: FitResult
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kept_start: list[str] = field(default_factory=list)  # tasks put back to their step-0 output (``keep_start``)
 
     def record(self, phase: str) -> dict[str, Any] | None:
         """The named phase's record for ``fused.json`` (None: the plan had no such phase, or it ran first)."""
@@ -96,6 +98,7 @@ class FuseRunner:
     def train(self, train: Data, val: Data, *, resume: bool = False) -> FuseFit:
         """Every phase of the plan in order, early-stopped on ``val``; the model ends with the best weights kept."""
         distill = self.plan.target.distillation(self._teacher)
+        start = self.model.start_state() if self.plan.keep_start_per_task else None
         fit: FitResult | None = None
         trainer: Trainer | None = None
         records: dict[str, dict[str, Any]] = {}
@@ -115,7 +118,8 @@ class FuseRunner:
             fit = chain(fit, this, phase)
         assert fit is not None  # FusePlan refuses an empty phase list
         self.trainer = trainer
-        return FuseFit(fit, records)
+        kept = keep_start(self.model, fit, start) if start is not None else []
+        return FuseFit(fit, records, kept)
 
     def evaluate(self, data: Data) -> dict[str, dict[str, float]]:
         """Per-task AUC/logloss of the trained model on a split (the Trainer's ``evaluate``)."""
@@ -125,6 +129,32 @@ class FuseRunner:
 
     def _checkpoint(self, phase: Phase) -> Path | None:
         return self.work_dir / phase.checkpoint if self.work_dir is not None else None
+
+
+def tasks_better_at_start(fit: FitResult, tasks: Sequence[str]) -> list[str]:
+    """The tasks whose validation AUC at step 0 (history epoch 0) is at least their AUC at the kept epoch.
+
+    Why per task: early stopping keeps the epoch with the best *mean* validation AUC, so a task whose residual
+    only fitted noise (a task with scarce labels: a few hundred labelled rows, its donors in-sample on the rest)
+    can be made worse by an epoch the other tasks gained from. For such a task the step-0 model, its donors'
+    blend, is the better of the two candidates on the same validation rows. A task whose AUC is NaN at either
+    (no two classes among its labelled rows) is left as trained."""
+    rows = {row["epoch"]: row for row in fit.history}
+    if fit.best_epoch == 0 or 0 not in rows or fit.best_epoch not in rows:
+        return []
+    at_start, kept = rows[0], rows[fit.best_epoch]
+    return [t for t in tasks if at_start.get(f"val_auc_{t}", math.nan) >= kept.get(f"val_auc_{t}", math.nan)]
+
+
+def keep_start(model: FusedModel, fit: FitResult, state: dict[str, torch.Tensor]) -> list[str]:
+    """Put back to step 0 every task ``tasks_better_at_start`` names; returns them (for ``fused.json``)."""
+    tasks = tasks_better_at_start(fit, model.task_names)
+    for task in tasks:
+        model.restore_start(task, state)
+    if tasks:
+        log.info("task(s) %s: validation AUC no better at epoch %d than at step 0, so they keep their donors' "
+                 "blend (residual off)", tasks, fit.best_epoch)
+    return tasks
 
 
 def phase_record(phase: Phase, before: FitResult, after: FitResult, lr: float,

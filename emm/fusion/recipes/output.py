@@ -5,7 +5,7 @@
     per-task blend, plus the towers as a residual whose last layer starts at zero, so at step 0 the fused
     model *is* the blend. Its ``prepare`` fits the blend as the donor stack on validation rows.
 ``cross_residual``: as ``donor_residual``, but every donor's logit may enter every task's blend (the cross-task
-    stack, L2-regularised with its strength chosen by CV), so a task with scarce labels can lean on a rich task's
+    stack), so a task with scarce labels can lean on a rich task's
     donor that predicts it. Both heads fit each task on its labelled held-out rows only (NaN = no label).
 
 A head builds the modules it needs (registered on the model under the names it returns: the state-dict names)
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from emm.errors import EMMError
-from emm.fusion.blend import DonorBlend, DonorPaths, fit_cross_stack, fit_stack
+from emm.fusion.blend import DonorBlend, DonorPaths, fit_stack
 from emm.fusion.decompose import Plan
 from emm.fusion.recipes.base import Recipe, Registry
 
@@ -64,6 +64,14 @@ class OutputHead(Recipe):
         the head has nothing to fit."""
         return None
 
+    def start_state(self, model: Any) -> dict[str, Tensor]:
+        """What ``restore_start`` needs to put a task back to its step-0 output (a head whose step 0 is a model)."""
+        raise EMMError(f"output {self.name!r} has no step-0 model to go back to")
+
+    def restore_start(self, model: Any, task: int, state: dict[str, Tensor]) -> None:
+        """Make task ``task``'s output what it was at step 0 (``state`` from ``start_state``); other tasks untouched."""
+        raise EMMError(f"output {self.name!r} has no step-0 model to go back to")
+
 
 OUTPUTS: Registry[OutputHead] = Registry("output", OutputHead)
 
@@ -99,6 +107,21 @@ class DonorResidualOutput(OutputHead):
     def pool_modules(self, model: Any) -> list[nn.Module]:
         return [model.donors]
 
+    def start_state(self, model: Any) -> dict[str, Tensor]:
+        """The blend's weights and bias (the donors are frozen, so with them they are the whole step-0 model)."""
+        return {"weight": model.blend.weight.detach().clone(), "bias": model.blend.bias.detach().clone()}
+
+    @torch.no_grad()
+    def restore_start(self, model: Any, task: int, state: dict[str, Tensor]) -> None:
+        """Task ``task`` back to its step-0 output exactly: its blend row restored and its tower's last layer zeroed
+        (the residual is then 0 whatever the shared AKF levels compute). Other tasks' rows and towers are their own
+        parameters, so they keep what training gave them."""
+        model.blend.weight[task].copy_(state["weight"][task])
+        model.blend.bias[task].copy_(state["bias"][task])
+        last = model.towers[task].net[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+
     @torch.no_grad()
     def prepare(self, model: Any, sparse: Tensor, dense: Tensor, labels: Tensor, *,
                 batch_size: int = 65536) -> dict[str, dict[str, float]]:
@@ -130,11 +153,7 @@ class DonorResidualOutput(OutputHead):
 @OUTPUTS.register("cross_residual")
 class CrossResidualOutput(DonorResidualOutput):
     """``donor_residual`` with a full blend mask: every donor may enter every task's blend (``DonorBlend(cross=True)``;
-    the state-dict names are the same). ``prepare`` fits each task's blend as the cross-task stack
-    (``emm.fusion.blend.fit_cross_stack``: L2 strength by CV on the task's labelled held-out rows), recording the
-    chosen ``C`` and whether CV chose it."""
+    the state-dict names are the same). ``prepare`` fits each task's blend as the cross-task stack: the donor
+    stack's own fit (``fit_stack``) over every donor's logit, on the task's labelled held-out rows."""
 
     cross: ClassVar[bool] = True
-
-    def fit_task(self, logits: np.ndarray, labels: np.ndarray, task: str) -> tuple[np.ndarray, float, dict[str, Any]]:
-        return fit_cross_stack(logits, labels, task=task)
