@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ def repo_copy(tmp_path, census_small_raw) -> Path:
     for spec in params["pretrain"]["pool"]["census-income"]:
         spec["hidden"] = [16, 8, 4]
     params["tracking"]["log_models"] = False
+    params["ingest"]["label_fraction"] = {"income": 0.5}  # partial labels through `dvc repro` (issue 24)
     (dst / "params.yaml").write_text(yaml.safe_dump(params))
     return dst
 
@@ -32,6 +34,7 @@ def test_repro_runs_once_then_nothing(repo_copy):
         assert f"Running stage '{stage}'" in first.stdout
     assert (repo_copy / "artifacts/census-income/data/train.parquet").exists()
     assert (repo_copy / "artifacts/census-income/components/plan.json").exists()
+    assert_income_half_labelled(repo_copy / "artifacts/census-income")
     second = dvc(["repro"], repo_copy)
     assert second.returncode == 0, second.stderr
     assert "Running stage" not in second.stdout
@@ -48,3 +51,18 @@ def test_repro_runs_once_then_nothing(repo_copy):
     assert third.returncode == 0, third.stderr
     assert "Running stage 'pretrain'" in third.stdout and "Running stage 'decompose'" in third.stdout
     assert "Running stage 'ingest'" not in third.stdout
+
+
+def assert_income_half_labelled(art: Path) -> None:
+    """The run took ``ingest.label_fraction``: income labels on about half the train/val rows, the income
+    members recorded that they trained on those rows only, and evaluate fitted the donor stack on the labelled
+    val rows."""
+    schema = json.loads((art / "data" / "schema.json").read_text())
+    income = next(t for t in schema["tasks"] if t["name"] == "income")
+    assert 0.4 * schema["rows"]["train"] < income["labelled"]["train"] < 0.6 * schema["rows"]["train"]
+    assert income["labelled"]["test"] == schema["rows"]["test"]
+    pool = json.loads((art / "pool" / "pool.json").read_text())
+    members = [m["name"] for m in pool["models"] if m["task"] == "income"]
+    assert members and all(pool["labelled_rows"][n]["train"] == income["labelled"]["train"] for n in members)
+    metrics = json.loads((art / "eval" / "metrics.json").read_text())
+    assert metrics["tasks"]["income"]["labelled_val_rows"] == income["labelled"]["val"] < schema["rows"]["val"]

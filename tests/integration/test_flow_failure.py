@@ -5,6 +5,7 @@ the cached stages; a deleted output folder is recomputed even though its cache r
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,12 +16,16 @@ import yaml
 from tests.conftest import REPO
 
 POOL = ["income-mlp", "income-dcn", "marital-mlp", "marital-resmlp"]
+HALF_INCOME = {"income": 0.5}
 
 
-def write_profile(project: Path, **fuse: object) -> Path:
-    """params/tiny.yaml with every path absolute inside ``project`` (the flow runs in pytest's cwd)."""
+def write_profile(project: Path, label_fraction: dict[str, float] | None = None, **fuse: object) -> Path:
+    """params/tiny.yaml with every path absolute inside ``project`` (the flow runs in pytest's cwd), and
+    ``ingest.label_fraction`` when given."""
     params = yaml.safe_load((REPO / "params" / "tiny.yaml").read_text())
     params["paths"] = {"raw_root": str(project / "data"), "artifacts": str(project / "artifacts")}
+    if label_fraction:
+        params["ingest"]["label_fraction"] = label_fraction
     params["tracking"]["store"] = str(project / "mlruns")
     params["fuse"].update(fuse)
     path = project / "params.yaml"
@@ -82,6 +87,17 @@ def task_states(flow_run_id, expect: tuple[str, ...], timeout: float = 60.0) -> 
         time.sleep(0.5)
 
 
+def assert_income_members_trained_on_half(artifacts: Path) -> None:
+    """The flow's ingest took ``label_fraction``; each income member recorded training on those rows only."""
+    schema = json.loads((artifacts / "data" / "schema.json").read_text())
+    income = next(t for t in schema["tasks"] if t["name"] == "income")
+    assert 0.4 * schema["rows"]["train"] < income["labelled"]["train"] < 0.6 * schema["rows"]["train"]
+    for name in POOL:
+        record = json.loads((artifacts / "pool-work" / name / "entry.json").read_text())["labelled"]
+        expected = income["labelled"]["train"] if name.startswith("income") else schema["rows"]["train"]
+        assert record["train"] == expected, name
+
+
 def registry_versions(store: Path) -> list:
     uri = f"sqlite:///{store / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -122,7 +138,9 @@ def test_failed_stage_fails_flow_then_rerun_resumes_from_cache(project, prefect_
     from emm.tracking.runs import child_runs
 
     artifacts = project / "artifacts" / "census-income"
-    params = write_profile(project, qkv_dim=0)  # valid YAML and schema, refused when the fused model is built
+    # valid YAML and schema, refused when the fused model is built; half the income labels (issue 24: partial
+    # labels through the flow)
+    params = write_profile(project, HALF_INCOME, qkv_dim=0)
     failed = full_pipeline(dataset="census-income", params=str(params), promote=True, fuse_on="local",
                            return_state=True)
     assert failed.is_failed()
@@ -144,11 +162,12 @@ def test_failed_stage_fails_flow_then_rerun_resumes_from_cache(project, prefect_
     assert {c["status"] for c in children} == {"FINISHED"}
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert set(client.get_run(parent_id).data.metrics) == {f"test_auc_{n}" for n in POOL}
+    assert_income_members_trained_on_half(artifacts)
     stamps = {p: p.stat().st_mtime_ns for p in [artifacts / "data" / "schema.json", artifacts / "pool" / "pool.json",
                                                 *(artifacts / "pool-work" / n / "entry.json" for n in POOL)]}
 
     # fixed param: ingest, pretraining and decompose are cache hits; fuse, evaluate and promote run
-    write_profile(project, qkv_dim=None)
+    write_profile(project, HALF_INCOME, qkv_dim=None)
     done = full_pipeline(dataset="census-income", params=str(params), promote=True, return_state=True)  # auto:
     # no gpu work pool on this API, so fusion runs in-process
     assert done.is_completed(), done.message
@@ -163,6 +182,10 @@ def test_failed_stage_fails_flow_then_rerun_resumes_from_cache(project, prefect_
     assert float(versions[0].tags["mean_test_auc"]) > 0.5 and "test_auc_income" in versions[0].tags
     summary = done.result()
     assert summary["registered_version"] == "1" and set(summary["tasks"]) == {"income", "marital"}
+    schema = json.loads((artifacts / "data" / "schema.json").read_text())
+    income = next(t for t in schema["tasks"] if t["name"] == "income")
+    # evaluate fitted the income donor stack on the labelled val rows only
+    assert summary["tasks"]["income"]["labelled_val_rows"] == income["labelled"]["val"] < schema["rows"]["val"]
 
     # a deleted output folder is recomputed although its cache record is still there
     shutil.rmtree(artifacts / "components")
