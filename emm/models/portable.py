@@ -36,7 +36,7 @@ from torch import Tensor, fx, nn
 from torch.fx.experimental.meta_tracer import MetaTracer
 
 from emm.errors import EMMError
-from emm.models.tracing import ThreadSafeTracing
+from emm.models.tracing import ThreadSafeTracing, reproduces
 
 GRAPH_FORMAT = "emm.graph/1"
 # where a graph's functions may come from: torch and the standard library's operators, nothing else
@@ -340,7 +340,7 @@ def make_portable(module: nn.Module, examples: Sequence[Sequence[Tensor]], *, na
             tensor.copy_(_get_path(module, key))  # the trace ran on a copy: the paths are the module's own
         for batch in examples:
             want, got = module(*batch), portable(*batch)
-            if not (isinstance(got, Tensor) and got.shape == want.shape and torch.equal(got, want)):
+            if not reproduces(got, want):
                 raise EMMError(
                     f"pool model {name!r}: its traced graph does not reproduce the model on a batch of {len(batch[0])} "
                     "rows (a Python branch on the batch size or on tensor values was frozen at trace time?); make "

@@ -17,7 +17,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 _TRACE_LOCK = threading.RLock()  # re-entrant: a tracer may trace again from inside its own trace
 
@@ -48,3 +49,18 @@ class ThreadSafeTracing:
         if not self.on_tracing_thread():
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)  # type: ignore[misc]
+
+
+REPRODUCE_RTOL, REPRODUCE_ATOL = 1e-5, 1e-6
+
+
+def reproduces(got: Any, want: Tensor) -> bool:
+    """Whether a traced graph's output ``got`` is the model's own ``want``: same shape, values equal to float32
+    rounding.
+
+    Why not bit-equality: the graph runs the same operations, but a multithreaded kernel may sum in another order
+    from one call to the next, so a correct trace can differ from the model in the last bits (CI once refused a
+    DCN pool member that way). What the check is for, a Python branch frozen at trace time, changes values by far
+    more than rounding."""
+    return (isinstance(got, Tensor) and got.shape == want.shape
+            and bool(torch.allclose(got, want, rtol=REPRODUCE_RTOL, atol=REPRODUCE_ATOL)))

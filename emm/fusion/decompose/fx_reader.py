@@ -41,7 +41,7 @@ from torch import Tensor, fx, nn
 
 from emm.fusion.decompose.layers import LAYER_TYPES, Untraceable, has_params, hparams, is_norm, no_cut_reason
 from emm.fusion.decompose.records import LayerSignature, Shape, TracedLayer, strip_batch
-from emm.models.tracing import ThreadSafeTracing
+from emm.models.tracing import ThreadSafeTracing, reproduces
 
 
 class _Tracer(ThreadSafeTracing, fx.Tracer):
@@ -131,7 +131,7 @@ class FxProgram:
         except Exception as exc:
             reason = f"it fails on the example batch: {type(exc).__name__}: {exc}"
             raise Untraceable("the traced graph", reason) from exc
-        if not (isinstance(out, Tensor) and out.shape == expected.shape and torch.equal(out, expected)):
+        if not reproduces(out, expected):
             reason = "it does not reproduce the model's output (state frozen at trace time)"
             raise Untraceable("the traced graph", reason)
         return cls(gm, recorder.shapes, inputs, opaque)
