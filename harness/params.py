@@ -25,8 +25,17 @@ from emm.pipeline.params import Params, load_params
 
 DEFAULT_CONFIG = Path(__file__).with_name("benchmark.yaml")
 BASELINE_NAMES = tuple(BASELINES)
+
+
+def known_baselines(cls: type, names: list[str]) -> list[str]:
+    """The one check of a baseline list (every config that names baselines uses it as a field validator)."""
+    unknown = [n for n in names if n not in BASELINE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; known: {list(BASELINE_NAMES)}")
+    return names
+
 __all__ = ["BASELINE_NAMES", "DEFAULT_CONFIG", "BenchmarkConfig", "BenchmarkProfile", "HarnessParams",
-           "RelatednessConfig", "load_harness_params"]
+           "RelatednessConfig", "known_baselines", "load_harness_params"]
 
 
 class BenchmarkProfile(Options):
@@ -64,13 +73,7 @@ class BenchmarkProfile(Options):
         "runs in: its finished pools, fused models and baselines are reused wherever a job's inputs are the "
         "same (the job signatures decide), so a profile of extra recipes trains only what is new")
 
-    @field_validator("baselines", "task_set_methods")
-    @classmethod
-    def _known_baselines(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in BASELINE_NAMES]
-        if unknown:
-            raise ValueError(f"unknown baseline(s) {unknown}; known: {list(BASELINE_NAMES)}")
-        return names
+    _known_baselines = field_validator("baselines", "task_set_methods")(known_baselines)
 
 
 class RelatednessConfig(Options):

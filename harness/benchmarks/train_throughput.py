@@ -46,7 +46,7 @@ from emm.data.tensors import SplitTensors, load_split, offsets
 from emm.errors import EMMError
 from emm.models.baselines.mmoe import build_mmoe
 from emm.train.options import TrainConfig
-from emm.train.trainer import Trainer
+from emm.train.trainer import Trainer, masked_bce
 
 N_EXPERTS, EXPERT_HIDDEN, TOWER, EMBED_DIM = 12, [16], [8], 8
 
@@ -138,14 +138,14 @@ def loader_epoch(model: nn.Module, loader: Any, schema: Schema, cfg: TrainConfig
     shift = torch.as_tensor(offsets(schema))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                            weight_decay=cfg.weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
     model.train()
     rows = 0
     started = time.perf_counter()
     for x, y in loader:
         sparse = torch.stack([x[n] for n in names_sparse], dim=1).long() + shift
         dense = torch.stack([x[n] for n in names_dense], dim=1).float()
-        loss = loss_fn(model(sparse, dense), y.float()) * y.shape[1]
+        targets = y.float()
+        loss, _ = masked_bce(model(sparse, dense), targets, torch.isnan(targets))  # the loss EMM's trainer pays
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

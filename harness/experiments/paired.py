@@ -234,3 +234,23 @@ def csv_rows(rows: list[PairedRow], display: Mapping[str, str]) -> list[dict[str
              "against": _name(r.against, display), "diff": f"{r.diff:.6f}", "ci_low": f"{r.low:.6f}",
              "ci_high": f"{r.high:.6f}", "diff_seed_std": f"{r.seed_std:.6f}", "n_resamples": r.n_resamples}
             for r in rows if not math.isnan(r.diff)]
+
+
+def mean_text(values: list[float], digits: int = 5) -> str:
+    """An AUC over seeds as the tables print it: the mean, ± the seed standard deviation when there are
+    several seeds, an em dash when the model did not run. One formatter for every report's tables."""
+    if not values:
+        return "—"
+    spread = f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.{digits}f}{spread}"
+
+
+def diff_text(diffs: list[Any], subject: str, against: str, digits: int = 5) -> str:
+    """``subject − against`` with its paired 95% CI and a verdict word (**above** when the CI is above 0,
+    below when it is below, ≈ when it covers 0), from any record with ``subject, against, diff, low,
+    high``; an em dash when the pair was not compared."""
+    d = next((d for d in diffs if d.subject == subject and d.against == against), None)
+    if d is None:
+        return "—"
+    word = "**above**" if d.low > 0 else "below" if d.high < 0 else "≈"
+    return f"{d.diff:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}] {word}"

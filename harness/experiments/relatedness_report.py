@@ -23,20 +23,6 @@ from harness.params import RelatednessConfig
 PLOTTED_DIFFS = ("best donor", "donor ensemble")
 
 
-def _mean(values: list[float]) -> str:
-    if not values:
-        return "—"
-    return f"{np.mean(values):.5f}" + (f" ± {np.std(values, ddof=1):.5f}" if len(values) > 1 else "")
-
-
-def _diff(level: Level, subject: str, against: str) -> str:
-    d = next((d for d in level.diffs if d.subject == subject and d.against == against), None)
-    if d is None:
-        return "—"
-    word = "**above**" if d.low > 0 else "below" if d.high < 0 else "≈"
-    return f"{d.diff:+.5f} [{d.low:+.5f}, {d.high:+.5f}] {word}"
-
-
 def write_report(levels: list[Level], rc: RelatednessConfig, synth: SynthConfig, out_dir: Path, seconds: float,
                  train_seconds: float) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,13 +49,13 @@ def write_report(levels: list[Level], rc: RelatednessConfig, synth: SynthConfig,
                   "|---:|---:|---:|---:|" + "---:|" * len(models)]
         for lv in rows:
             lines.append(f"| {lv.shared_weight:.2f} | {lv.relation_auc:.4f} | {lv.positives:,} | {lv.oracle:.5f} | "
-                         + " | ".join(_mean(lv.aucs.get(m, [])) for m in models) + " |")
+                         + " | ".join(paired.mean_text(lv.aucs.get(m, [])) for m in models) + " |")
         lines += ["", "| w | " + " | ".join(f"{s} − {b}" for s in subjects for b in BARS)
                   + " | " + " | ".join(f"{s} best epoch" for s in subjects) + " |",
                   "|---:|" + "---:|" * (len(subjects) * len(BARS) + len(subjects))]
         for lv in rows:
             epochs = [", ".join(str(e) for e in lv.best_epochs.get(s, [])) or "—" for s in subjects]
-            lines.append(f"| {lv.shared_weight:.2f} | " + " | ".join(_diff(lv, s, b) for s in subjects for b in BARS)
+            lines.append(f"| {lv.shared_weight:.2f} | " + " | ".join(paired.diff_text(lv.diffs, s, b) for s in subjects for b in BARS)
                          + " | " + " | ".join(epochs) + " |")
         lines.append("")
     md = out_dir / "relatedness.md"

@@ -26,7 +26,7 @@ from emm.errors import EMMError
 from emm.io import digest, read_yaml
 from emm.options import Options
 
-from harness.params import BASELINE_NAMES, HarnessParams
+from harness.params import HarnessParams, known_baselines
 
 DEFAULT_SCARCE_CONFIG = Path(__file__).resolve().parents[1] / "scarce.yaml"
 SYNTH_SCARCE, SYNTH_RICH = "conversion", "click"
@@ -91,13 +91,7 @@ class ScarceProfile(Options):
     synth: SynthGrid = Field(default_factory=SynthGrid)
     census: CensusGrid = Field(default_factory=CensusGrid)
 
-    @field_validator("baselines")
-    @classmethod
-    def _known(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in BASELINE_NAMES]
-        if unknown:
-            raise ValueError(f"unknown baseline(s) {unknown}; known: {list(BASELINE_NAMES)}")
-        return names
+    _known = field_validator("baselines")(known_baselines)
 
 
 class ScarceConfig(Options):

@@ -102,20 +102,6 @@ def build_groups(prof: ScarceProfile, cells: list[Cell], records: list[dict[str,
     return groups, models
 
 
-def _auc(values: list[float]) -> str:
-    if not values:
-        return "—"
-    return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
-
-
-def _ci(g: Group, subject: str, against: str) -> str:
-    d = next((d for d in g.diffs if d.subject == subject and d.against == against), None)
-    if d is None:
-        return "—"
-    word = "**above**" if d.low > 0 else "below" if d.high < 0 else "≈"
-    return f"{d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}] {word}"
-
-
 def markdown(dataset: str, variant: str, prof: ScarceProfile, groups: list[Group], models: list[str],
              seconds: float, failed: dict[str, str]) -> str:
     subjects = [m for m in (EMM, *(recipe_label(n) for n in sorted(prof.recipes))) if m in models]
@@ -142,7 +128,7 @@ def markdown(dataset: str, variant: str, prof: ScarceProfile, groups: list[Group
     for g in groups:
         lines.append(f"| {g.group}{' ★' if g.headline else ''} | {len(g.seeds)} | {g.counts['train_labelled']:,} "
                      f"({g.counts['train_positives']:,}) | {g.counts['test_positives']:,} | "
-                     + " | ".join(_auc(g.aucs.get(m, [])) for m in models) + " |")
+                     + " | ".join(paired.mean_text(g.aucs.get(m, []), 4) for m in models) + " |")
     lines.append("")
     for g in groups:
         lines += [f"## {g.group}{' ★' if g.headline else ''}", "",
@@ -153,8 +139,8 @@ def markdown(dataset: str, variant: str, prof: ScarceProfile, groups: list[Group
                   "| row | test AUC | " + " | ".join(f"{s} − row [95% CI]" for s in subjects) + " |",
                   "|---|---:|" + "---:|" * len(subjects)]
         for m in models:
-            lines.append(f"| {m} | {_auc(g.aucs.get(m, []))} | "
-                         + " | ".join("" if m == s else _ci(g, s, m) for s in subjects) + " |")
+            lines.append(f"| {m} | {paired.mean_text(g.aucs.get(m, []), 4)} | "
+                         + " | ".join("" if m == s else paired.diff_text(g.diffs, s, m, 4) for s in subjects) + " |")
         lines.append("")
     rank = [*TIMED.values(), *(f"fuse ({n})" for n in sorted(prof.recipes))]  # the fuse columns first
     stages = sorted(dict.fromkeys(k for g in groups for k in g.seconds),
