@@ -23,7 +23,7 @@ from emm.runtime import set_quiet_env, setup_logging
 
 app = typer.Typer(
     help="EMM: fuse trained single-task models into one multi-task model.\n\n"
-    "Stages: fetch-data -> ingest -> pretrain -> decompose -> fuse -> evaluate -> promote.",
+    "Stages: fetch-data -> ingest -> pretrain -> decompose -> fuse -> evaluate -> promote; compress (@fast).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -113,29 +113,34 @@ def pretrain_cmd(
     console.print(pool_table(f"{dataset}: single-task pool", entries))
 
 
-def pool_table(title: str, entries: list, labelled: dict[str, dict[str, int]] | None = None) -> Table:
+def pool_table(title: str, entries: list, labelled: dict[str, dict[str, int]] | None = None,
+               costs: dict | None = None) -> Table:
     """Every pool member: where it came from, its task, size, epochs (0/0 = imported) and AUCs; with
     ``labelled`` (pool.json's ``labelled_rows``), the train/val rows labelled for its task, which it trained,
-    early-stopped and was scored on (a scarce task's members saw only those)."""
+    early-stopped and was scored on (a scarce task's members saw only those); with ``costs``
+    (``emm.pipeline.costs.pool_costs``), its FLOPs per row."""
     table = Table(title=title)
-    columns = ["model", "source", "task", "params", "epochs", *(["labelled train/val"] if labelled else []),
-               "val AUC", "test AUC", "encoding"]
+    columns = ["model", "source", "task", "params", *(["FLOPs/row"] if costs is not None else []), "epochs",
+               *(["labelled train/val"] if labelled else []), "val AUC", "test AUC", "encoding"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("model", "source", "task", "encoding") else "right",
                          overflow="fold")
     for e in entries:
         rows = (labelled or {}).get(e.name)
         counts = [f"{rows['train']:,}/{rows['val']:,}" if rows else "?"] if labelled else []
-        table.add_row(e.name, member_source(e), e.task, f"{e.params:,}", f"{e.best_epoch}/{e.epochs_run}", *counts,
-                      f"{e.val_auc:.5f}", f"{e.test_auc:.5f}", e.origin.encoding if e.origin else "trained here")
+        flops = [f"{costs[e.name].flops_per_row:,}" if e.name in costs else "?"] if costs is not None else []
+        table.add_row(e.name, member_source(e), e.task, f"{e.params:,}", *flops, f"{e.best_epoch}/{e.epochs_run}",
+                      *counts, f"{e.val_auc:.5f}", f"{e.test_auc:.5f}",
+                      e.origin.encoding if e.origin else "trained here")
     return table
 
 
 def member_source(entry) -> str:  # noqa: ANN001 - a PoolEntry (imported lazily with the stage)
-    """``builtin mlp``, ``factory pkg.mod:build``, ``mlflow models:/NAME/3``."""
+    """``builtin mlp``, ``factory pkg.mod:build``, ``mlflow models:/NAME/3``, ``file models/income.txt``."""
     if entry.origin is None:
         return f"builtin {entry.spec.arch}"
-    return f"{entry.source} {entry.origin.factory or entry.origin.resolved_uri or entry.origin.uri}"
+    origin = entry.origin
+    return f"{entry.source} {origin.factory or origin.resolved_uri or origin.uri or origin.weights_file}"
 
 
 pool_app = typer.Typer(help="The model pool: what can be fused.", no_args_is_help=True)
@@ -148,11 +153,21 @@ def pool_list_cmd(
     dataset: Annotated[str, typer.Argument(help="a dataset with a pool (emm pretrain)")],
     params: ParamsOpt = None,
 ) -> None:
-    """Every member of pool/: source (built-in, factory, MLflow), task, params, val/test AUC."""
+    """Every member of pool/: source (built-in, factory, MLflow), task, params, FLOPs per row, val/test AUC; and
+    what the fused model costs to score, as trained and as saved (pruned)."""
+    from emm.pipeline.costs import pool_costs, saved_fused_cost
     from emm.pipeline.pretrain import pool_entries, pool_labelled_rows
 
     folder, entries = pool_entries(dataset, params)
-    console.print(pool_table(f"{dataset}: pool ({folder})", entries, pool_labelled_rows(folder)))
+    console.print(pool_table(f"{dataset}: pool ({folder})", entries, pool_labelled_rows(folder),
+                             pool_costs(dataset, params)))
+    fused = saved_fused_cost(dataset, params)
+    if fused is not None:
+        saved, trained = fused["saved"], fused["unpruned"]
+        console.print(f"fused model: {saved['flops_per_row']:,} FLOPs per row, {saved['parameters']:,} parameters "
+                      f"(as trained: {trained['flops_per_row']:,} FLOPs per row, {trained['parameters']:,} "
+                      f"parameters; pruned: {', '.join((fused['pruned'] or {}).get('why', {})) or 'nothing'})",
+                      highlight=False)
 
 
 @app.command("decompose")
@@ -197,7 +212,7 @@ def evaluate_cmd(
 ) -> None:
     """Per task: EMM − donor stack (paired 95% CI) first, then test AUC and Gain vs the pool; metrics.json, plot;
     register as emm-<dataset> @challenger."""
-    from emm.pipeline.evaluate import evaluate_stage, summary_lines, summary_table
+    from emm.pipeline.evaluate import cost_line, evaluate_stage, summary_lines, summary_table
     from emm.tracking.store import registered_name
 
     summary = evaluate_stage(dataset, params, register=not no_register)
@@ -211,6 +226,7 @@ def evaluate_cmd(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    console.print(cost_line(summary), markup=False, highlight=False)
     console.print("CIs: paired bootstrap over each task's labelled test rows (metrics.json `ci` also has EMM − "
                   "ensemble)")
     if summary.get("registered_version"):
@@ -293,6 +309,25 @@ def export_cmd(
         console.print(f"logged to version {report.version} (run {report.run_id}) under export/")
     elif report.note:
         console.print(f"[yellow]{report.note}[/]", highlight=False)
+
+
+@app.command("compress")
+@user_errors
+def compress_cmd(
+    dataset: Annotated[str, typer.Argument(help="a dataset with a fused model (emm fuse; emm evaluate registers it)")],
+    no_register: Annotated[bool, typer.Option("--no-register", help="do not register in MLflow")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Distil the fused model into one small multi-task network (params.yaml compress: a FLOPs budget); compare
+    it with the fused model on the test rows (paired 95% CIs); write compact/ (weights, ONNX, compact.json);
+    register it as emm-<dataset> @fast only when within compress.max_auc_loss of the fused model on every task.
+
+    Exit code 0 also when it is not within the bound (it is then not registered, and says why)."""
+    from emm.pipeline.compress import compress_stage, summary_lines
+
+    record = compress_stage(dataset, params, register=not no_register, progress=sys.stderr.isatty())
+    for line in summary_lines(record):
+        console.print(f"  {line}", markup=False, highlight=False)
 
 
 def _is_main_rank() -> bool:

@@ -37,6 +37,8 @@ from prefect.futures import wait  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from emm.pipeline.cache import stage_cache_key, stage_output_ready  # noqa: E402
+from emm.pipeline.compress import compress_stage  # noqa: E402
+from emm.pipeline.compress import summary_lines as compact_lines  # noqa: E402
 from emm.pipeline.decompose import decompose_stage  # noqa: E402
 from emm.pipeline.evaluate import evaluate_stage, summary_lines, summary_table  # noqa: E402
 from emm.pipeline.export import export_stage  # noqa: E402
@@ -152,19 +154,29 @@ def export_task(dataset: str, params: str) -> dict:
     return {"path": str(report.path), "max_abs_diff": report.max_abs_diff, "version": report.version}
 
 
+@task(name="compress", cache_key_fn=cache_on("compress"), **CACHED, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
+def compress_task(dataset: str, params: str) -> dict:
+    """The compact model, registered @fast when within the bound (as `emm compress` and `dvc repro`)."""
+    return compress_stage(dataset, params)
+
+
 @task(name="promote", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def promote_task(dataset: str, params: str) -> str:
     return promote_stage(dataset, params)[1]
 
 
-def auc_markdown(dataset: str, summary: dict) -> str:
-    """evaluate's summary as `emm evaluate` prints it: what fusion added over the donor stack first."""
+def auc_markdown(dataset: str, summary: dict, compact: dict | None = None) -> str:
+    """evaluate's summary as `emm evaluate` prints it: what fusion added over the donor stack first; then, given
+    ``compact`` (compress's compact.json), the compact model as `emm compress` prints it."""
     columns, rows = summary_table(summary)
     lines = [f"# EMM on {dataset}", "", *(f"- {line}" for line in summary_lines(summary)), "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if summary.get("registered_version"):
         lines += ["", f"Registered `{registered_name(dataset)}` version {summary['registered_version']} (alias `challenger`)."]
+    if compact is not None:
+        lines += ["", "## The compact model (`emm compress`, alias `fast`)", "", *(f"- {line}" for line in compact_lines(compact))]
     return "\n".join(lines)
 
 
@@ -188,7 +200,7 @@ def pretrain_pool(dataset: str, params: str) -> list[dict]:
 def full_pipeline(dataset: str = "census-income", params: str = "params.yaml", mirror: str | None = None,
                   promote: bool = True, fuse_on: Literal["auto", "local", "gpu"] = "auto") -> dict:
     """fetch -> ingest -> pretrain (one task per pool model) -> decompose -> fuse -> evaluate/register -> export
-    (ONNX, logged to the registered version) -> promote.
+    (ONNX, logged to the registered version) -> compress (the compact model, @fast when within the bound) -> promote.
 
     ``params`` is a params profile (a params.yaml-shaped file, e.g. params/tiny.yaml); ``mirror`` a local
     folder holding ``<dataset>/`` raw files; ``fuse_on``: auto = the gpu work pool when a worker is online
@@ -210,7 +222,11 @@ def full_pipeline(dataset: str = "census-income", params: str = "params.yaml", m
     exported = fresh_unless_ready(export_task, dataset, params, "export")(dataset, params)
     logger.info("exported %s (version %s; max |onnxruntime - torch| %.2e on logits)", exported["path"],
                 exported["version"], exported["max_abs_diff"])
-    create_markdown_artifact(key=f"{registered_name(dataset)}-auc".replace("_", "-"), markdown=auc_markdown(dataset, summary),
+    compact = fresh_unless_ready(compress_task, dataset, params, "compress")(dataset, params)
+    for line in compact_lines(compact):
+        logger.info("compress: %s", line)
+    create_markdown_artifact(key=f"{registered_name(dataset)}-auc".replace("_", "-"),
+                             markdown=auc_markdown(dataset, summary, compact),
                              description=f"EMM test AUC on {dataset}")
     if promote:
         logger.info(promote_task(dataset, params))

@@ -10,6 +10,8 @@ memory stays bounded on any file size and the result does not depend on chunking
 
 Why one ``Encoder`` for ingestion *and* scoring: ``emm predict`` must encode a user's raw rows with
 exactly the vocabularies and ranges the model was trained with; any second implementation would drift.
+Every rule here (vocabulary lookup, canonical code, number parsing, scaling, bucket) runs once per distinct
+value of a column and reaches the rows by one gather (``emm.data.distinct``): no per-row Python.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from emm.data.distinct import Distinct, arrow_text, distinct
 from emm.data.schema import VOCAB_FILE, vocab_digest
 from emm.data.spec import TaskSpec
 from emm.errors import EMMError
@@ -71,7 +74,7 @@ def encode_labels(values: pd.Series, task: TaskSpec, *, source: str, first_line:
                                f"{task.negative_values}{extra}; fix the file, or add the value to one of the lists")
         labels = positive.astype(np.float32)
     else:
-        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+        numbers = to_numbers(values)
         bad = np.isnan(numbers) & ~missing
         if bad.any():
             pos = int(np.argmax(bad))
@@ -84,15 +87,75 @@ def encode_labels(values: pd.Series, task: TaskSpec, *, source: str, first_line:
 
 def parse_dense(values: pd.Series, column: str, *, source: str, first_line: Lines,
                 missing: str = "error") -> np.ndarray:
-    """Float values; a non-numeric, NaN or infinite value names its file, line and column."""
-    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    """Float values; a non-numeric, NaN or infinite value names its file, line and column.
+
+    Each distinct value is parsed once (``emm.data.distinct``); a column that is not all text (an object
+    column holding numbers) is parsed row by row by pandas, as it always was."""
+    found = distinct(values)
+    if not found.all_text():
+        return _parse_dense_rows(values, column, source=source, first_line=first_line, missing=missing)
+    return _dense_table(found, column, source=source, first_line=first_line, missing=missing)[found.codes]
+
+
+MISSING_WORDS = ["nan", "na", "null", "?"]  # dense values that mean "missing" (any case), besides ""
+
+
+def to_numbers(values: pd.Series) -> np.ndarray:
+    """``pd.to_numeric(values, errors="coerce")`` as float64 (NaN: not a number), parsed once per distinct value:
+    the one reading of a dense text value, for the encoder and for whoever checks rows before scoring."""
+    found = distinct(values)
+    if not found.all_text():
+        return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    return _number_table(found)[found.codes]
+
+
+def _number_table(found: Distinct) -> np.ndarray:
+    """float64 per distinct value, then NaN for missing rows (code -1 picks the last).
+
+    Why a missing row's NaN is parsed along: pandas picks how to read a column (integers, or floats) from
+    the kinds of values in it, a null included, so the distinct values are parsed as their column would be."""
+    text = np.append(found.values, np.nan)
+    if not found.has_missing:
+        text = text[:-1]
+    numbers = np.array(pd.to_numeric(pd.Series(text, dtype=object), errors="coerce"), dtype=np.float64)  # writable
+    return numbers if found.has_missing else np.append(numbers, np.nan)
+
+
+def _dense_table(found: Distinct, column: str, *, source: str, first_line: Lines, missing: str) -> np.ndarray:
+    """float64 per distinct value, then one entry for missing rows (code -1 picks the last): the numbers of
+    ``parse_dense`` before the gather, with its checks and messages."""
+    n = len(found.values)
+    numbers = _number_table(found)
+    text = pd.Series(found.values, dtype=object)
+    bad = ~np.isfinite(numbers)
+    bad[n] = found.has_missing
+    if bad.any():
+        empty = np.append((text.eq("") | text.str.lower().isin(MISSING_WORDS)).to_numpy(dtype=bool), False)
+        unfixable = bad & ~empty if missing == "zero" else bad
+        if not unfixable.any():
+            numbers[bad] = 0.0
+        else:  # the first row that is not imputed: with dense_missing zero, an empty row before it is no error
+            pos = int(np.argmax(unfixable[found.codes]))
+            code = int(found.codes[pos])
+            raw = found.values[code] if code >= 0 else found.column.iloc[pos]
+            what = "is missing" if empty[code] else f"{raw!r} is not a finite number"
+            raise EMMError(f"{where(source, _line(first_line, pos), column)}: dense value {what}"
+                           + ("" if missing == "zero" else " (set dense_missing: zero to impute 0)"))
+    return numbers
+
+
+def _parse_dense_rows(values: pd.Series, column: str, *, source: str, first_line: Lines,
+                      missing: str = "error") -> np.ndarray:
+    """``parse_dense`` on every row: for a column whose values are not all text."""
+    numbers = np.array(pd.to_numeric(values, errors="coerce"), dtype=np.float64)  # writable: imputed below
     bad = ~np.isfinite(numbers)
     if bad.any():
-        empty = values.eq("").to_numpy() | values.str.lower().isin(["nan", "na", "null", "?"]).to_numpy()
-        if missing == "zero" and not (bad & ~empty).any():
+        empty = values.eq("").to_numpy() | values.str.lower().isin(MISSING_WORDS).to_numpy()
+        unfixable = bad & ~empty if missing == "zero" else bad
+        if not unfixable.any():
             numbers[bad] = 0.0
         else:
-            pos = int(np.argmax(bad))
+            pos = int(np.argmax(unfixable))
             raw = values.iloc[pos]
             what = "is missing" if empty[pos] else f"{raw!r} is not a finite number"
             raise EMMError(f"{where(source, _line(first_line, pos), column)}: dense value {what}"
@@ -127,11 +190,14 @@ def canonical_codes(values: pd.Series) -> pd.Series:
     return pd.Series(np.where(codes >= 0, fixed[np.maximum(codes, 0)], values.to_numpy()), index=values.index)
 
 
-def _as_text(values: pd.Series) -> pd.Series:
-    """Raw values as stripped strings; ingestion chunks already are, user frames for scoring may not be."""
+def _distinct_text(values: pd.Series) -> Distinct:
+    """Raw values as stripped strings, as distinct values and codes; ingestion chunks already are text, user
+    frames for scoring may not be. An object column of strings is taken as it is."""
     if values.dtype == object and (len(values) == 0 or isinstance(values.iloc[0], str)):
-        return values
-    return values.astype(str).str.strip()
+        return distinct(values)
+    if arrow_text(values):  # pandas' own string column: stripped once per distinct value
+        return distinct(values, strip=True)
+    return distinct(values.astype(str).str.strip())
 
 
 def _line(lines: Lines, pos: int) -> int | None:
@@ -161,7 +227,7 @@ class Encoder:
     _seen: dict[str, set[str]] = field(default_factory=dict, repr=False)
     _sample: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(BUCKET_SEED), repr=False)
-    _index: dict[str, pd.Index] = field(default_factory=dict, repr=False)
+    _index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def bucket_name(col: str) -> str:
@@ -175,7 +241,13 @@ class Encoder:
     # ---- fitting (streamed: one chunk at a time) -------------------------------------------------
     def partial_fit(self, frame: pd.DataFrame, *, source: str, first_line: Lines, missing: str) -> None:
         for col in self.sparse:
-            self._seen.setdefault(col, set()).update(_canonical(pd.unique(frame[col].to_numpy())))
+            values = frame[col]
+            if arrow_text(values):  # the reader's chunks: distinct values by one Arrow hash pass
+                found = distinct(values)
+                uniques = np.append(found.values, np.nan) if found.has_missing else found.values
+            else:
+                uniques = pd.unique(values.to_numpy())
+            self._seen.setdefault(col, set()).update(_canonical(uniques))
         for col in self.dense:
             x = parse_dense(frame[col], col, source=source, first_line=first_line, missing=missing)
             self.minimum[col] = min(self.minimum.get(col, np.inf), float(x.min()))
@@ -205,18 +277,22 @@ class Encoder:
         self._index = {}
 
     # ---- transforming ------------------------------------------------------------------------------
-    def index(self, col: str) -> pd.Index:
+    def index(self, col: str) -> dict[str, int]:
+        """Vocabulary value -> its index (1..V) for ``col``; built once."""
         if col not in self._index:
-            self._index[col] = pd.Index(self.vocab[col])
+            self._index[col] = {value: i for i, value in enumerate(self.vocab[col], 1)}
         return self._index[col]
 
     def encode_sparse(self, values: pd.Series, col: str) -> np.ndarray:
         """Vocabulary indices of the canonical values (see ``canonical_codes``), looked up once per distinct value."""
-        codes, uniques = pd.factorize(values.to_numpy())
-        if len(uniques) == 0:  # no rows, or only missing values (a scoring frame's None/NaN)
-            return np.zeros(len(codes), dtype=np.int32)
-        found = self.index(col).get_indexer(_canonical(np.asarray(uniques, dtype=object)))
-        return (np.where(codes >= 0, found[np.maximum(codes, 0)], -1) + 1).astype(np.int32)  # unseen -1 -> 0
+        return self._sparse_indices(distinct(values), col)
+
+    def _sparse_indices(self, found: Distinct, col: str) -> np.ndarray:
+        """1..V per row, 0 for a value outside the vocabulary and for a missing one (a scoring frame's None/NaN)."""
+        index = self.index(col)
+        table = np.zeros(len(found.values) + 1, dtype=np.int32)  # the last entry: missing rows (code -1)
+        table[:-1] = [index.get(value, 0) for value in _canonical(found.values)]
+        return table[found.codes]
 
     def scale_dense(self, x: np.ndarray, col: str) -> np.ndarray:
         lo, hi = self.minimum[col], self.maximum[col]
@@ -234,16 +310,21 @@ class Encoder:
         missing_cols = [c for c in self.sparse + self.dense if c not in frame.columns]
         if missing_cols:
             raise EMMError(f"{source}: missing required column(s) {missing_cols}")
-        out: dict[str, np.ndarray] = {}
-        for col in self.sparse:
-            out[col] = self.encode_sparse(_as_text(frame[col]), col)
-        raw = {col: parse_dense(_as_text(frame[col]), col, source=source, first_line=first_line,
-                                missing=missing) for col in self.dense}
-        for col in self.bucketed:
-            out[self.bucket_name(col)] = self.bucketize(raw[col], col)
-        for col in self.dense:
-            out[col] = self.scale_dense(raw[col], col)
-        return pd.DataFrame(out)
+        out = {col: self._sparse_indices(_distinct_text(frame[col]), col) for col in self.sparse}
+        buckets: dict[str, np.ndarray] = {}
+        dense: dict[str, np.ndarray] = {}
+        for col in self.dense:  # scaled and bucketed once per distinct value, then gathered
+            found = _distinct_text(frame[col])
+            rows: np.ndarray | slice = found.codes
+            if found.all_text():
+                numbers = _dense_table(found, col, source=source, first_line=first_line, missing=missing)
+            else:  # an object column holding numbers among its strings: parsed row by row
+                numbers, rows = _parse_dense_rows(found.column, col, source=source, first_line=first_line,
+                                                  missing=missing), slice(None)
+            if col in self.bucketed:
+                buckets[self.bucket_name(col)] = self.bucketize(numbers, col)[rows]
+            dense[col] = self.scale_dense(numbers, col)[rows]
+        return pd.DataFrame({**out, **buckets, **dense}, copy=False)
 
     def decode(self, encoded: pd.DataFrame) -> pd.DataFrame:
         """Encoded rows back to raw-like values (index 0 -> '<unseen>'): input examples for scoring."""

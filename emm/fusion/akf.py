@@ -199,8 +199,10 @@ class AKFLevel(nn.Module):
 
     # -- components -----------------------------------------------------------------------------
 
-    def component_outputs(self, inputs: Sequence[tuple[Tensor, ...]]) -> list[Tensor]:
-        """Run every component on its task's input tuple (``inputs[t]``); one output per component."""
+    def raw_outputs(self, inputs: Sequence[tuple[Tensor, ...]]) -> list[Tensor]:
+        """Every component run on its task's input tuple (``inputs[t]``, through its ``pre`` adapter), before any
+        ``post`` adapter: one output per component. Public because a pruned fused model hands level 0's to the
+        donors' paths, whose first pieces are these very modules on the same raw inputs (``emm.fusion.prune``)."""
         if len(inputs) != self.num_tasks:
             raise EMMError(f"AKF level {self.index} expects one input per task ({self.num_tasks}), got {len(inputs)}")
         member_inputs = []
@@ -209,7 +211,13 @@ class AKFLevel(nn.Module):
             if self.pre[i] is not None:
                 args = (self.pre[i](*args),)
             member_inputs.append(tuple(args))
-        outs = [component(*args) for component, args in zip(self.components, member_inputs)]
+        return [component(*args) for component, args in zip(self.components, member_inputs)]
+
+    def component_outputs(self, inputs: Sequence[tuple[Tensor, ...]],
+                          raw: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """Run every component on its task's input tuple (``inputs[t]``); one output per component. ``raw``:
+        the components' outputs already computed (``raw_outputs``), then only the ``post`` adapters run."""
+        outs = self.raw_outputs(inputs) if raw is None else list(raw)
         result = []
         for i, out in enumerate(outs):
             if self.post[i] is not None:
@@ -219,15 +227,16 @@ class AKFLevel(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def forward(self, inputs: Sequence[tuple[Tensor, ...]],
-                gate_inputs: Sequence[Tensor] | None = None) -> list[Tensor]:
+    def forward(self, inputs: Sequence[tuple[Tensor, ...]], gate_inputs: Sequence[Tensor] | None = None,
+                raw: Sequence[Tensor] | None = None) -> list[Tensor]:
         """``inputs[t]``: task t's input tuple for its components; ``gate_inputs[t]``: its gate input
-        [B, gate_dim] (None: the mean of the component outputs, for every task). Returns ``z^t``
+        [B, gate_dim] (None: the mean of the component outputs, for every task); ``raw``: the components'
+        outputs on these inputs when the caller computed them already (``raw_outputs``). Returns ``z^t``
         [B, *out_shape] per task. The gate values of this call are left in ``last_gates`` (detached):
         ``task`` (per task [B, m_t]), ``fusion`` ([T, B, T] probabilities), ``selected`` ([T, B] task
         index, never the row's own task) and ``attention`` ([T, B, 2] MTM weights of (own, selected));
         the last three are None without MTM."""
-        outs = self.component_outputs(inputs)
+        outs = self.component_outputs(inputs, raw)
         flat = [o.reshape(o.shape[0], -1) for o in outs]
         if gate_inputs is None:
             mean = torch.stack(flat).mean(0)

@@ -48,6 +48,12 @@ class DonorPaths(nn.Module):
     They are deep copies of the plan's pieces, so the fused levels (which may re-initialise their
     own copies under the ``baseline``/``+mtm`` ablations) never change them; ``train()`` keeps them
     in eval mode, so Dropout never acts and BatchNorm statistics never move.
+
+    Pruned (``emm.fusion.prune``, a scoring model only): ``kept`` lists the donors that still run (a donor no
+    blend weighs is not run, and the output has one column per kept donor, in pool order), and with
+    ``shares_first`` every kept path's first piece is the fused model's AKF level 0 component, whose outputs
+    ``forward`` is then handed as ``first`` instead of computing them again. A dropped piece leaves a stateless
+    placeholder, so the remaining state-dict names are the unpruned model's.
     """
 
     def __init__(self, plan: Plan) -> None:
@@ -55,6 +61,8 @@ class DonorPaths(nn.Module):
         self.paths = nn.ModuleList(
             nn.ModuleList([*copy.deepcopy(plan.components[i]), copy.deepcopy(plan.heads[i])])
             for i in range(plan.num_models))
+        self.kept = list(range(plan.num_models))
+        self.shares_first = False
         self.requires_grad_(False)
         self.eval()
 
@@ -62,13 +70,21 @@ class DonorPaths(nn.Module):
         super().train(False)
         return self
 
-    def forward(self, *inputs: Tensor) -> Tensor:
+    def forward(self, *inputs: Tensor, first: Sequence[Tensor] | None = None) -> Tensor:
+        """``[B, len(kept)]``: each kept donor's logit; ``first[i]``: donor i's first piece's output, when shared."""
+        if self.shares_first and first is None:
+            raise EMMError("these donor paths share their first piece with the fused model's AKF level 0: score "
+                           "them through the fused model, which hands them that level's outputs")
         out = []
-        for path in self.paths:
-            h = path[0](*inputs)
+        for i in self.kept:
+            path = self.paths[i]
+            h = first[i] if first is not None else path[0](*inputs)
             for piece in path[1:]:
                 h = piece(h)
             out.append(h.reshape(h.shape[0], -1)[:, :1])  # a donor returns one logit per row ([B] or [B, 1])
+        if not out:  # pruned: no blend weighs any donor, so every task's logit is its bias
+            ref = inputs[0]
+            return torch.zeros(ref.shape[0], 0, device=ref.device)
         return torch.cat(out, dim=1)
 
 
@@ -93,9 +109,13 @@ class DonorBlend(nn.Module):
         self.register_buffer("mask", torch.ones_like(own) if cross else own)
         self.weight = nn.Parameter(own / own.sum(1, keepdim=True))
         self.bias = nn.Parameter(torch.zeros(len(task_names)))
+        self.columns: list[int] | None = None  # pruned: the donors ``forward`` is given logits of (``DonorPaths.kept``)
 
     def forward(self, donor_logits: Tensor) -> Tensor:
-        return donor_logits @ (self.weight * self.mask).T + self.bias
+        weight = self.weight * self.mask
+        if self.columns is not None:  # the donors left out weigh exactly 0 in every task (``emm.fusion.prune``)
+            weight = weight[:, self.columns]
+        return donor_logits @ weight.T + self.bias
 
     def members(self, t: int) -> list[int]:
         """The donors (pool indices, in pool order) that may enter task ``t``'s blend."""

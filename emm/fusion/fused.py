@@ -34,6 +34,11 @@ so ``state_dict`` holds the whole fused model. ``trainable_parameters()`` lists 
 Rebuilding: ``config_dict()`` is a JSON-able description; together with the plan (``load_plan`` on
 the folder ``save_plan`` wrote) ``FusedModel.from_config(plan, config)`` rebuilds the same
 architecture, into which the saved ``state_dict`` loads.
+
+Pruned (``emm.fusion.prune``): the model ``fuse`` saves leaves out what adds exactly nothing (a task's residual
+tower whose last layer is exactly 0, and then possibly the whole AKF stack; donors no blend weighs) and computes
+AKF level 0 once for itself and the donors when those are the same modules. ``pruning`` says what; the config
+records it, and ``from_config`` rebuilds exactly that architecture. A pruned model scores; it is not trained.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from emm.fusion.decompose import Plan
 from emm.fusion.options import ABLATIONS, AKFOptions
 from emm.fusion.plan_parts import (check_levels, check_tasks, embedding_only_level, flat_width, level_adapters,
                                    level_components)
+from emm.fusion.prune import Dropped, Pruning, apply_pruning
 from emm.fusion.recipes import ATTENTIONS, ENTRIES, FUSION_GATES, OUTPUTS, Attention, FusionGate
 from emm.models.embedding import FeatureEmbedding
 from emm.models.single_task import Tower
@@ -92,6 +98,8 @@ class FusedModel(nn.Module):
 
         self.embedding: FeatureEmbedding | None = self.entry.embedding(plan, embedding)
         self.replaces_level0 = self.entry.replaces_level0(plan, self.embedding)
+        # what ``from_config`` rebuilds it from, kept apart because a pruned model may drop the embedding itself
+        self.embedding_config = self.entry.config(self.embedding)
         self.first_level = int(self.replaces_level0)
         self.levels = nn.ModuleList(self._level(plan, k, gate, attention)
                                     for k in range(self.first_level, plan.num_levels))
@@ -101,6 +109,7 @@ class FusedModel(nn.Module):
         self.blend: DonorBlend | None = None
         for name, module in self.output_head.build(plan, self.model_tasks, self.task_names, self.towers).items():
             setattr(self, name, module)
+        self.pruning = Pruning()  # nothing left out: ``emm.fusion.prune`` sets what a saved model leaves out
 
     def _level(self, plan: Plan, k: int, gate: FusionGate, attention: Attention) -> AKFLevel:
         """Plan level k fused: its components as the ablation wants them, gated on the previous level's output
@@ -117,18 +126,28 @@ class FusedModel(nn.Module):
 
     def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
         """Logits [B, T] in ``task_names`` order."""
+        if not self.levels:  # pruned: no task keeps a residual, so no AKF work changes a score
+            return self.output_head.logits(self, dense.new_zeros(dense.shape[0], len(self.task_names)), sparse, dense)
         inputs, gates = self.entry.start(self.embedding, self.replaces_level0, len(self.task_names), sparse, dense)
+        level0 = self.levels[0].raw_outputs(inputs) if self.pruning.shared_level0 else None
         zs: list[Tensor] = []
-        for level in self.levels:
-            zs = level(inputs, gates)
+        for k, level in enumerate(self.levels):
+            zs = level(inputs, gates, raw=level0 if k == 0 else None)
             inputs = [(z,) for z in zs]
             gates = [z.reshape(z.shape[0], -1) for z in zs]
-        out = torch.cat([tower(z.reshape(z.shape[0], -1)) for tower, z in zip(self.towers, zs)], dim=1)
-        return self.output_head.logits(self, out, sparse, dense)
+        out = torch.cat([z.new_zeros(z.shape[0], 1) if isinstance(tower, Dropped) else tower(z.reshape(z.shape[0], -1))
+                         for tower, z in zip(self.towers, zs)], dim=1)
+        if level0 is None:
+            return self.output_head.logits(self, out, sparse, dense)
+        return self.output_head.logits(self, out, sparse, dense, level0)  # a donor head (``prune.level0_shareable``)
 
     def donor_logits(self, sparse: Tensor, dense: Tensor) -> Tensor:
-        """``[B, n_models]``: every donor's own logit (``output="donor_residual"`` or ``"cross_residual"`` only)."""
-        return self.output_head.donor_logits(self, sparse, dense)
+        """``[B, n_models]``: every donor's own logit (``output="donor_residual"`` or ``"cross_residual"`` only;
+        pruned: the donors still run, ``donors.kept``)."""
+        if not self.pruning.shared_level0:
+            return self.output_head.donor_logits(self, sparse, dense)
+        inputs, _ = self.entry.start(self.embedding, self.replaces_level0, len(self.task_names), sparse, dense)
+        return self.output_head.donor_logits(self, sparse, dense, self.levels[0].raw_outputs(inputs))
 
     def prepare(self, sparse: Tensor, dense: Tensor, labels: Tensor, *,
                 batch_size: int = 65536) -> dict[str, dict[str, float]] | None:
@@ -136,15 +155,24 @@ class FusedModel(nn.Module):
         ``cross_residual``: the blend, as the donor stack); ``labels`` ``[N, T]`` in ``task_names`` order, NaN where
         a row has no label for a task (each task is fitted on its labelled rows). Returns the record for
         ``fused.json``, or None when the head has nothing to fit (``tower``)."""
+        self._whole("fit its output head")
         return self.output_head.prepare(self, sparse, dense, labels, batch_size=batch_size)
 
     def start_state(self) -> dict[str, Tensor]:
         """A copy of what makes the step-0 model (``donor_residual``/``cross_residual``: the blend)."""
+        self._whole("keep its step-0 state")
         return self.output_head.start_state(self)
 
     def restore_start(self, task: str, state: dict[str, Tensor]) -> None:
         """Put one task back to its step-0 output (``state`` from ``start_state``), the others untouched."""
+        self._whole("go back to step 0")
         self.output_head.restore_start(self, self.task_names.index(task), state)
+
+    def _whole(self, what: str) -> None:
+        """Refuse training steps on a pruned model: its towers, donors or levels are no longer all there."""
+        if not self.pruning.empty:
+            raise EMMError(f"this fused model is pruned for scoring ({self.pruning.config(self.task_names)['why']}), "
+                           f"so it cannot {what}; train the model the fuse stage builds (FuseRunner), not a saved one")
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -160,6 +188,7 @@ class FusedModel(nn.Module):
         a fine-tune at a small learning rate should move the weights, not re-estimate the statistics.
         The model is no longer "frozen components": ``fuse`` records the phase in ``fused.json``.
         """
+        self._whole("thaw its pool")
         pool_modules = [*self.component_modules(), *self.output_head.pool_modules(self)]
         thawed = [p for m in pool_modules for p in m.parameters() if not p.requires_grad]
         for p_ in thawed:
@@ -178,9 +207,10 @@ class FusedModel(nn.Module):
             "model_tasks": list(self.model_tasks),
             "task_names": list(self.task_names),
             "options": self.cfg.model_dump(mode="json"),
-            "embedding": self.entry.config(self.embedding),
+            "embedding": self.embedding_config,
             "replaces_level0": self.replaces_level0,
             "levels": [int(level.index) for level in self.levels],
+            **({} if self.pruning.empty else {"pruned": self.pruning.config(self.task_names)}),
         }
 
     @classmethod
@@ -202,6 +232,8 @@ class FusedModel(nn.Module):
         if model.replaces_level0 != config.get("replaces_level0", model.replaces_level0):
             raise EMMError("the plan's level 0 is not what the fused model was built on; "
                            "load the plan it was fused from")
+        if config.get("pruned"):
+            apply_pruning(model, Pruning.from_config(config["pruned"]))
         return model
 
     def gate_report(self) -> list[dict[str, Any]]:
@@ -233,7 +265,7 @@ class FusedModel(nn.Module):
 
     def selection_matrix(self, level: int = -1) -> Tensor:
         """[T, T]: row t = fraction of last-forward rows where task t selected each task (diagonal 0)."""
-        gates = self.levels[level].last_gates
+        gates = self.levels[level].last_gates if self.levels else None
         if gates is None or gates["selected"] is None:
             raise EMMError("no selection recorded: run a forward first, with an ablation that uses MTM (full or +mtm)")
         T = len(self.task_names)
@@ -246,7 +278,7 @@ class FusedModel(nn.Module):
         components (under ``fusion_gate="scaled"`` the selected task enters MTM scaled by it); ``[t, t]`` is
         what the gate keeps on the task itself. Why public: a scarce task should learn to read a rich task's
         components, and this is where that shows (``gate_report`` gives the MTM attention beside it)."""
-        gates = self.levels[level].last_gates
+        gates = self.levels[level].last_gates if self.levels else None
         if gates is None or gates["fusion"] is None:
             raise EMMError("no fusion gate recorded: run a forward first, with an ablation that uses MTM "
                            "(full or +mtm)")

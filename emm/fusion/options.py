@@ -131,6 +131,11 @@ class FuseOptions(AKFOptions):
         "stopping, a task whose validation AUC was no better at the kept epoch than at step 0 (its donors' blend) "
         "goes back to that blend, its residual switched off (emm/fusion/procedure/runner.py); false = every task "
         "takes the kept epoch")
+    start_patience: int | None = Field(
+        default=None, ge=1, description="for a fit that scores its start (output donor_residual/cross_residual, and "
+        "every fine-tune phase): stop after this many epochs when no task's validation AUC rose above its step-0 "
+        "value by more than train.min_delta, since fusion cannot win there (emm/train/stopping.py); None = "
+        "train.patience alone")
     train: TrainConfig = TrainConfig()
 
     @property

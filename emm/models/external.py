@@ -1,13 +1,17 @@
 """Pool members trained outside EMM: how params.yaml names them, how they are loaded and checked, and the
 adapter that presents them as EMM models.
 
-A ``pretrain.pool.<dataset>`` entry is one of three kinds, told apart by its keys:
+A ``pretrain.pool.<dataset>`` entry is one of these kinds, told apart by its keys:
 - built-in ``{name, task, arch, ...}`` (``emm.models.single_task.ModelSpec``), trained by ``emm pretrain``;
 - MLflow ``{name, task, uri, ...}`` (``UriMember``): ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or
   ``runs:/RUN_ID/PATH``, a model logged with ``mlflow.pytorch.log_model`` (loaded in ``emm.tracking``);
 - factory ``{name, task, factory: "pkg.module:build", kwargs, weights}`` (``FactoryMember``): EMM imports
   and calls ``build(**kwargs)``, then loads a safetensors file (or a ``.pt`` state dict, read with
-  ``weights_only=True``) into it.
+  ``weights_only=True``) into it;
+- a tree model from its native file, ``{name, task, lightgbm: model.txt}`` or ``{name, task, xgboost:
+  model.json}`` (``TreeFileMember``), scored as a frozen ``emm.models.trees.TreeModel``; and a built-in tree
+  ``{name, task, arch: lightgbm, ...}`` (``emm.models.trees.LightGBMSpec``), trained by ``emm pretrain``.
+  Trees are never decomposed: they join the fused model at the output.
 Outside models are imported, checked and recorded, never retrained. Each declares ``inputs`` (``tensors``
 or ``dict``, see ``emm.data.batches``) and ``output`` (``logit`` or ``probability``, shape [B] or [B, 1]);
 ``ExternalAdapter`` turns that into EMM's ``(sparse, dense) -> logits [B, 1]``.
@@ -38,6 +42,7 @@ from emm.errors import EMMError
 from emm.io import sha256_file
 from emm.models.names import MemberName
 from emm.models.single_task import ModelSpec
+from emm.models.trees import LightGBMSpec, TreeFileMember
 
 log = logging.getLogger(__name__)
 PROBABILITY_EPS = 1e-7  # probabilities are clamped this far inside (0, 1) before the logit
@@ -92,19 +97,22 @@ class FactoryMember(ExternalMember):
         return factory
 
 
-Member = ModelSpec | UriMember | FactoryMember
+Member = ModelSpec | LightGBMSpec | UriMember | FactoryMember | TreeFileMember
+KINDS = ("arch", "uri", "factory", "lightgbm", "xgboost")
 
 
 def parse_member(raw: Any, where: str) -> Member:
     """One ``pretrain.pool`` entry -> its typed form; the error names the entry and what is wrong with it."""
     if not isinstance(raw, Mapping):
         raise EMMError(f"{where} is a {type(raw).__name__}, not a mapping like {{name, task, arch}}")
-    kinds = [k for k in ("arch", "uri", "factory") if k in raw]
+    kinds = [k for k in KINDS if k in raw]
     label = f"{where} ({raw.get('name')!r})" if raw.get("name") else where
     if len(kinds) != 1:
-        raise EMMError(f"{label} must have exactly one of `arch` (built-in, trained by EMM), `uri` (an MLflow model) "
-                       f"or `factory` (your builder + weights); it has {kinds or 'none'}")
-    cls = {"arch": ModelSpec, "uri": UriMember, "factory": FactoryMember}[kinds[0]]
+        raise EMMError(f"{label} must have exactly one of `arch` (built-in, trained by EMM), `uri` (an MLflow model), "
+                       f"`factory` (your builder + weights), `lightgbm` (a LightGBM text model) or `xgboost` (an "
+                       f"XGBoost JSON model); it has {kinds or 'none'}")
+    cls = {"arch": LightGBMSpec if raw.get("arch") == "lightgbm" else ModelSpec, "uri": UriMember,
+           "factory": FactoryMember, "lightgbm": TreeFileMember, "xgboost": TreeFileMember}[kinds[0]]
     try:
         return cls.model_validate(dict(raw))
     except ValidationError as exc:
@@ -113,7 +121,9 @@ def parse_member(raw: Any, where: str) -> Member:
 
 
 def source_of(member: Member) -> str:
-    return "builtin" if isinstance(member, ModelSpec) else "mlflow" if isinstance(member, UriMember) else "factory"
+    if isinstance(member, (ModelSpec, LightGBMSpec)):
+        return "builtin"
+    return "mlflow" if isinstance(member, UriMember) else "file" if isinstance(member, TreeFileMember) else "factory"
 
 
 # ---- factory + weights --------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""The trained pool on disk: ``pool.json`` + one safetensors file per model.
+"""The trained pool on disk: ``pool.json`` + one file per model (safetensors; a tree's native text file).
 
-A member is built-in (``spec`` is a ``ModelSpec``: rebuilt by ``build_model``) or imported from outside
-(``spec`` is a ``PortableSpec``: its torch.fx graph as plain JSON, rebuilt by ``emm.models.portable``
+A network member is built-in (``spec`` is a ``ModelSpec``: rebuilt by ``build_model``) or imported from
+outside (``spec`` is a ``PortableSpec``: its torch.fx graph as plain JSON, rebuilt by ``emm.models.portable``
 with no code of its author's). Either way ``build_member`` gives a fresh ``nn.Module`` taking
 ``(sparse, dense)`` and returning logits ``[B, 1]``, so decomposition and the fused-model loader never
-need to know where a member came from; ``source`` and ``origin`` record that.
+need to know where a member came from; ``source`` and ``origin`` record that. A tree member (``spec`` a
+``LightGBMSpec``, built-in, or a ``TreeSpec``, from a file) is ``pool/<name>.txt`` / ``.json``, the
+library's own file, scored as a ``TreeModel`` built from it (``load_tree_member``); it is never decomposed
+(``is_tree_spec``) and joins the fused model at the output.
 
 Nothing in ``pool/`` is trusted as it lies: ``read_pool`` checks every member's entry against itself and
 against the signature recorded beside it (what pretrain made it from), its weights file against the
@@ -30,6 +33,7 @@ from emm.errors import EMMError
 from emm.io import digest, first_difference, read_json, sha256_file
 from emm.models.portable import build_portable
 from emm.models.single_task import ModelSpec, SingleTaskModel, build_model
+from emm.models.trees import LightGBMSpec, TreeModel, TreeSpec, is_tree_spec, load_tree
 from emm.weights import load_module
 
 POOL_FILE = "pool.json"
@@ -77,7 +81,7 @@ class PoolEntry(BaseModel):
 
     name: str
     task: str
-    spec: ModelSpec | PortableSpec
+    spec: ModelSpec | PortableSpec | LightGBMSpec | TreeSpec
     weights: str
     schema_fingerprint: str
     params: int
@@ -89,20 +93,37 @@ class PoolEntry(BaseModel):
     best_epoch: int
     seconds: float
     mlflow_run_id: str | None = None
-    source: Literal["builtin", "mlflow", "factory"] = "builtin"
+    source: Literal["builtin", "mlflow", "factory", "file"] = "builtin"
     origin: ExternalOrigin | None = None
     weights_sha256: str | None = None
 
 
-def member_spec(config: dict[str, Any]) -> ModelSpec | PortableSpec:
+def member_spec(config: dict[str, Any]) -> ModelSpec | PortableSpec | LightGBMSpec | TreeSpec:
     """A spec dict (pool.json, fused.json's ``pool_specs``) -> its typed form."""
     if config.get("kind") == "portable":
         return PortableSpec.model_validate(config)
+    if config.get("kind") == "tree":
+        return TreeSpec.model_validate(config)
+    if config.get("arch") == "lightgbm":
+        return LightGBMSpec.model_validate(config)
     return ModelSpec.model_validate(config)
 
 
+def load_tree_member(entry: PoolEntry, pool_dir: Path, schema: Schema) -> TreeModel:
+    """A tree member as a frozen ``TreeModel`` from its file in ``pool_dir``, the file's sha256 checked against
+    pool.json's (``entry.weights_sha256``) as it is read. What the fused model's loader calls for each tree
+    member (``is_tree_spec(entry.spec)``)."""
+    check_fingerprint(entry.schema_fingerprint, schema, f"pool model {entry.name!r}")
+    return load_tree(Path(pool_dir) / entry.weights, entry.spec.format, schema, entry.name,
+                     sha256=entry.weights_sha256)
+
+
 def build_member(spec: ModelSpec | PortableSpec, schema: Schema) -> nn.Module:
-    """A fresh member (weights not loaded) that takes ``(sparse, dense)`` of ``schema`` -> logits [B, 1]."""
+    """A fresh member (weights not loaded) that takes ``(sparse, dense)`` of ``schema`` -> logits [B, 1].
+    Tree members are not built here: they are their file (``load_tree_member``)."""
+    if is_tree_spec(spec):
+        raise EMMError(f"pool model {spec.name!r} is a tree model: it is read from its file in pool/ "
+                       "(emm.models.pool.load_tree_member), not built from its spec")
     if isinstance(spec, ModelSpec):
         return build_model(spec, schema)
     if spec.input_shapes != [[schema.n_sparse], [schema.n_dense]]:
@@ -167,8 +188,9 @@ def check_entry(pool_file: Path, entry: PoolEntry, signature: dict | None) -> No
         now["spec"] = entry.spec.model_dump(mode="json")
     else:  # imported: the signature holds the params entry it was imported from
         made_from = signature.get("member") or {}
-        recorded.update(source="mlflow" if "uri" in made_from else "factory", name=made_from.get("name"),
-                        task=made_from.get("task"))
+        source = "mlflow" if "uri" in made_from else "file" if {"lightgbm", "xgboost"} & set(made_from) \
+            else "factory"
+        recorded.update(source=source, name=made_from.get("name"), task=made_from.get("task"))
         now.update(name=entry.name, task=entry.task)
     found = first_difference(now, recorded)
     if found:
@@ -221,14 +243,18 @@ def pool_digest(entries: list[PoolEntry]) -> str:
 
 def load_pool(pool_dir: Path, schema: Schema,
               expected: Mapping[str, dict] | None = None) -> list[tuple[PoolEntry, nn.Module]]:
-    """Every pool model rebuilt from its spec, weights loaded, in eval mode; the pool checked first
-    (``read_pool``), weights holding NaN/inf refused (``emm.weights.load_module``)."""
+    """Every pool model rebuilt from its spec, weights loaded, in eval mode (a tree member read from its file:
+    ``load_tree_member``); the pool checked first (``read_pool``), weights holding NaN/inf refused
+    (``emm.weights.load_module``)."""
     out = []
     for entry in read_pool(pool_dir, expected):
         check_fingerprint(entry.schema_fingerprint, schema, f"pool model {entry.name!r}")
         if entry.task not in schema.task_names:
             raise EMMError(f"pool model {entry.name!r} is for task {entry.task!r}, which the data does not have "
                            f"(tasks: {schema.task_names})")
+        if is_tree_spec(entry.spec):
+            out.append((entry, load_tree_member(entry, pool_dir, schema)))
+            continue
         model = build_member(entry.spec, schema)
         load_module(model, Path(pool_dir) / entry.weights, what=f"pool model {entry.name!r}", fix=RERUN)
         out.append((entry, model.eval()))

@@ -38,7 +38,8 @@ STAGES: dict[str, StageInputs] = {
     "ingest": StageInputs(None, ("paths", "ingest", "datasets"), ("emm/data", "emm/pipeline/ingest.py"), (),
                           "data/schema.json"),
     "pretrain": StageInputs("ingest", ("pretrain", "scale"), ("emm/models", "emm/train", "emm/pipeline/pretrain.py",
-                                                              "emm/pipeline/pool_specs.py", "emm/pipeline/pool_import.py"),
+                                                              "emm/pipeline/pool_specs.py", "emm/pipeline/pool_import.py",
+                                                              "emm/pipeline/pool_trees.py"),
                             ("data",), "pool/pool.json"),
     "decompose": StageInputs("pretrain", ("decompose",), ("emm/models", "emm/fusion/decompose", "emm/fusion/store.py",
                                                           "emm/fusion/options.py", "emm/pipeline/decompose.py"),
@@ -55,6 +56,11 @@ STAGES: dict[str, StageInputs] = {
     "export": StageInputs("evaluate", ("tracking",), ("emm/fusion", "emm/models", "emm/tracking",
                                                   "emm/pipeline/export.py"), ("data", "fused", "eval"),
                           "export/export.json"),
+    # registers to the same model as evaluate (alias fast) and records the fused version it compressed
+    "compress": StageInputs("evaluate", ("compress", "tracking"),
+                            ("emm/models", "emm/fusion", "emm/train", "emm/tracking", "emm/pipeline/compress.py",
+                             "emm/pipeline/evaluate.py", "emm/pipeline/export.py"), ("data", "fused", "eval"),
+                            "compact/compact.json"),
 }
 # One pool member, trained as its own Prefect task: the pretrain stage's inputs, one model's settings.
 STAGES["pretrain-model"] = StageInputs("ingest", ("pretrain.train", "scale"), STAGES["pretrain"].code, ("data",),
@@ -102,4 +108,7 @@ def stage_output_ready(dataset: str, params: Path | str | None, stage: str, name
     if stage == "evaluate":  # its output includes a registry version: void if the MLflow store lost it
         return model_version_exists(registered_name(dataset), cfg.tracking.store,
                                     read_json(marker).get("registered_version"))
+    if stage == "compress":  # a compact model that was registered must still be (one that was not has no version)
+        version = read_json(marker).get("registered_version")
+        return version is None or model_version_exists(registered_name(dataset), cfg.tracking.store, version)
     return True

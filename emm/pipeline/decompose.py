@@ -6,7 +6,9 @@ depends only on the pool and the schema (not on which rows are drawn).
 A pool may mix built-in and imported members (``emm.models.pool.build_member`` rebuilds both as plain
 modules). The plan lists members rebuilt from a spec first, in pool order, then the portable (imported) ones: the fused
 model's fresh embedding is sized from the first level-0 embedding table it finds, which must be EMM's
-shared table, not an outside model's per-feature one. Where the members share no identical layer the
+shared table, not an outside model's per-feature one. Tree members (LightGBM, XGBoost) have no layers to cut:
+the plan leaves them out and names them in plan.json's ``output_members``, the members that join the fused
+model at the output (``output_order``). Where the members share no identical layer the
 error says so and names ``decompose.align: project``; a member with no single-tensor cut point at all
 (a wide or FM branch beside the deep tower) is named as one no alignment can cut.
 
@@ -28,6 +30,7 @@ from emm.fusion.decompose import Plan, decompose, trace_model
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.store import load_plan, save_plan
 from emm.models.pool import PoolEntry, PortableSpec, load_pool, pool_digest
+from emm.models.trees import is_tree_spec
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import Params, load_params
 from emm.pipeline.pretrain import pool_signatures
@@ -41,8 +44,21 @@ def example_batch(data_dir: Path, schema: Schema, rows: int):
 
 
 def plan_order(entries: list[PoolEntry]) -> list[int]:
-    """Indices of the pool's members in plan order: built-in ones first (see the module docstring)."""
-    return sorted(range(len(entries)), key=lambda i: isinstance(entries[i].spec, PortableSpec))
+    """Indices of the pool's network members in plan order: built-in ones first (see the module docstring);
+    tree members are not in the plan (``output_order``)."""
+    nets = [i for i, e in enumerate(entries) if not is_tree_spec(e.spec)]
+    return sorted(nets, key=lambda i: isinstance(entries[i].spec, PortableSpec))
+
+
+def output_order(entries: list[PoolEntry]) -> list[int]:
+    """Indices of the members that join the fused model at the output (the trees), in pool order."""
+    return [i for i, e in enumerate(entries) if is_tree_spec(e.spec)]
+
+
+def output_members(entries: list[PoolEntry]) -> list[dict]:
+    """What plan.json records of each output member: name, task, format and its file's digest."""
+    return [{"name": entries[i].name, "task": entries[i].task, "format": entries[i].spec.format,
+             "weights_sha256": entries[i].weights_sha256} for i in output_order(entries)]
 
 
 def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: DecomposeConfig, *,
@@ -52,17 +68,21 @@ def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: Decompose
     ``expected``: the signatures the params' pool gives (``stage_pool_signatures``), checked against pool.json.
     """
     schema = Schema.load(data_dir)
-    pool = load_pool(pool_dir, schema, expected)
+    everything = load_pool(pool_dir, schema, expected)
+    outputs = output_members([e for e, _ in everything])
+    pool = [everything[i] for i in plan_order([e for e, _ in everything])]
     if len(pool) < 2:
-        raise EMMError(f"{pool_dir} holds {len(pool)} model(s); fusion needs a pool of at least 2")
+        trees = f" besides {len(outputs)} tree model(s), which join at the output and are not cut" if outputs else ""
+        raise EMMError(f"{pool_dir} holds {len(pool)} network model(s){trees}; fusion needs at least 2 networks to "
+                       "decompose")
     lonely = [t for t in schema.task_names if t not in {e.task for e, _ in pool}]
     if lonely:
-        held = [(e.name, e.task) for e, _ in pool]
-        raise EMMError(f"task(s) {lonely} have no model in {pool_dir} (it holds {held}), "
-                       f"so the fused model could not score them; nothing was written to {out_dir}. Add an entry for "
-                       f"each to pretrain.pool.{schema.dataset} (built-in `arch:`, MLflow `uri:` or your own "
-                       "`factory:` + `weights:`) and run `emm pretrain`, or ingest without those tasks")
-    pool = [pool[i] for i in plan_order([e for e, _ in pool])]
+        held = [(e.name, e.task) for e, _ in everything]
+        raise EMMError(f"task(s) {lonely} have no model in {pool_dir} to decompose (it holds {held}; a tree model "
+                       f"joins at the output, beside a network of its task), so the fused model could not score "
+                       f"them; nothing was written to {out_dir}. Add an entry for each to pretrain.pool."
+                       f"{schema.dataset} (built-in `arch:`, MLflow `uri:` or your own `factory:` + `weights:`) and "
+                       "run `emm pretrain`, or ingest without those tasks")
     entries, models = [e for e, _ in pool], [m for _, m in pool]
     made_from = {"pool": pool_digest(entries)}  # in plan order: the order of the models in the store
     example = example_batch(data_dir, schema, cfg.example_rows)
@@ -71,6 +91,7 @@ def decompose_pool(data_dir: Path, pool_dir: Path, out_dir: Path, cfg: Decompose
                          head=cfg.head)
     except EMMError as exc:
         raise explain(exc, entries, models, example, cfg) from exc
+    plan.output_members = outputs
     save_plan(plan, out_dir, model_names=[e.name for e in entries], tasks=[e.task for e in entries],
               made_from=made_from)
     return plan, entries
@@ -107,11 +128,12 @@ def load_pool_plan(data_dir: Path, pool_dir: Path, components_dir: Path, cfg: De
     damaged pool; and the store must have been cut from this very pool (``pool_digest``), else it is stale.
     """
     schema = Schema.load(data_dir)
-    pool = load_pool(pool_dir, schema, expected)
-    pool = [pool[i] for i in plan_order([e for e, _ in pool])]
+    everything = load_pool(pool_dir, schema, expected)
+    pool = [everything[i] for i in plan_order([e for e, _ in everything])]
     entries = [e for e, _ in pool]
     plan = load_plan(components_dir, [m for _, m in pool], example_batch(data_dir, schema, cfg.example_rows),
                      made_from={"pool": pool_digest(entries)})
+    plan.output_members = output_members([e for e, _ in everything])
     return plan, entries
 
 

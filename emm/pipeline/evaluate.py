@@ -16,6 +16,10 @@ fitted on its labelled validation rows. The summary leads with what fusion added
 (``fused_minus_stack``, its CI and a plain verdict, ``emm.pipeline.register``), since a large Gain over
 the pool mean says little about fusion when the free stack of the same donors gets most of it.
 
+What the model costs to score (``cost``: FLOPs per row and parameters, ``emm.train.cost``) is counted here on the
+loaded model, the one registered, beside what it cost as trained and what the fuse stage pruned from it
+(``fused.json``'s ``cost`` and ``pruned``, ``emm.fusion.prune``).
+
 Every donor AUC reported is scored here, on the rows the fused model is scored on (``donor_scores``),
 never read from pool.json: a stored number describes whatever the file says, a scored one the model that
 was loaded. The pool is loaded through its checks (``emm.models.pool.load_pool``; against the params'
@@ -45,11 +49,13 @@ from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import TrackingConfig, load_params
 from emm.pipeline.register import GAIN, LOSS, NO_GAIN, STACK_KEY, fused_minus_stack, register_fused
 from emm.train.compare import ensemble_logits, paired_auc_cis, stack
+from emm.train.cost import model_cost
 from emm.train.metrics import auc, check_scores, logloss, mean_auc
 from emm.train.predict import predict_logits, predict_proba
 
 log = logging.getLogger(__name__)
 CI_RESAMPLES, CI_CONFIDENCE, CI_SEED = 1000, 0.95, 0  # one fixed seed: rerunning evaluate gives the same CIs
+COST_ROWS = 1024  # test rows the FLOPs per row are counted on
 
 
 def task_masks(schema: Schema, val: SplitTensors, test: SplitTensors) -> dict[str, dict[str, np.ndarray]]:
@@ -140,6 +146,29 @@ def donor_baselines(per_task: dict[str, dict[str, Any]], donors: dict[str, dict[
                             n_resamples=CI_RESAMPLES, confidence=CI_CONFIDENCE, seed=CI_SEED)
         ci["fused_minus_best_donor"].update(donor=d["names"][best], chosen_by="val_auc")
         row["ci"] = ci
+
+
+def fused_cost(model: nn.Module, meta: dict[str, Any], rows: SplitTensors) -> dict[str, Any]:
+    """``flops_per_row``, ``parameters``, ``trainable`` of the loaded model, counted on the first ``COST_ROWS`` of
+    ``rows``; ``unpruned``: the same counts of the model as trained (``fused.json``'s ``cost``, None for a fused model
+    saved before pruning existed); ``pruned``: what was left out and why (None: nothing)."""
+    head = rows.head(COST_ROWS)
+    return {**model_cost(model, head.sparse, head.dense).as_dict(),
+            "unpruned": (meta.get("cost") or {}).get("unpruned"),
+            "pruned": meta.get("architecture", {}).get("fused", {}).get("pruned")}
+
+
+def cost_line(summary: dict[str, Any]) -> str:
+    """One sentence for `emm evaluate`: what the model costs to score, and what pruning saved."""
+    cost = summary["cost"]
+    line = f"cost to score one row: {cost['flops_per_row']:,} FLOPs; {cost['parameters']:,} parameters"
+    before, pruned = cost.get("unpruned"), cost.get("pruned")
+    if before and pruned:
+        off = [f"{what} {', '.join(pruned[what])}" for what in ("residual_off", "donors_off") if pruned.get(what)]
+        off += ["level 0 shared with the donors"] if pruned.get("shared_level0") else []
+        line += (f" (as trained: {before['flops_per_row']:,} FLOPs, {before['parameters']:,} parameters; pruned: "
+                 f"{'; '.join(off)})")
+    return line
 
 
 VERDICT_TEXT = {GAIN: "a gain (the CI lies above 0)", NO_GAIN: "no measurable gain (the CI contains 0)",
@@ -235,7 +264,8 @@ def evaluate(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, out_
     per_task = compare_with_pool(metrics, donors)
     donor_baselines(per_task, donors, probs, schema, val, test, masks)
     summary = {"dataset": dataset, STACK_KEY: fused_minus_stack(per_task), "rows_test": len(test),
-               "mean_test_auc": mean_auc(metrics), "tasks": per_task, "mlflow_run_id": meta.get("mlflow_run_id")}
+               "mean_test_auc": mean_auc(metrics), "tasks": per_task, "mlflow_run_id": meta.get("mlflow_run_id"),
+               "cost": fused_cost(model, meta, test)}
     with atomic_dir(out_dir) as tmp:
         (tmp / "plots").mkdir()
         write_json(tmp / "metrics.json", summary)

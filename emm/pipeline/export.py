@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from emm.data.schema import Schema
-from emm.data.tensors import load_split
+from emm.data.tensors import SplitTensors, load_split
 from emm.errors import EMMError
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, load_fused
 from emm.io import atomic_dir, digest, provenance, read_json, sha256_file, write_json
@@ -181,6 +181,41 @@ def agrees(check: dict[str, float]) -> bool:
     return bool(check["bound_used"] <= 1 and check["max_abs_diff_probability"] <= TOLERANCE)
 
 
+def check_rows_of(data_dir: Path, schema: Schema, rows: int = CHECK_ROWS) -> SplitTensors:
+    """The validation rows an export is checked on (at least 2)."""
+    checked = load_split(data_dir, "val", schema).head(rows)
+    if len(checked) < 2:
+        raise EMMError(f"{data_dir}/val.parquet has {len(checked)} row(s); the export check needs at least 2")
+    return checked
+
+
+def export_checked(model: nn.Module, schema: Schema, rows: SplitTensors, path: Path, *, dataset: str,
+                   tasks: list[str], what: str = "model") -> dict[str, Any]:
+    """Write ``model`` behind its ``UnseenGuard`` to ``path`` and check it against torch on ``rows``
+    (``compare``, ``agrees``); an ``EMMError`` when they disagree (the caller writes into a temporary
+    folder, so nothing is kept then). Returns the record's export part: the file, opset, inputs and
+    output, the check. The one export of every EMM model (fused, compact), so both are held to one bound."""
+    metadata = {"emm.dataset": dataset, "emm.model": what, "emm.tasks": ",".join(tasks),
+                "emm.sparse_columns": ",".join(f.name for f in schema.sparse),
+                "emm.dense_columns": ",".join(f.name for f in schema.dense),
+                "emm.schema_fingerprint": schema.fingerprint(), "emm.outputs": "logits (apply a sigmoid)",
+                "emm.sparse_out_of_range": "scored as the column's unseen index (its offset)"}
+    opset = export_onnx(UnseenGuard(model, schema), path, (rows.sparse[:64], rows.dense[:64]), metadata=metadata)
+    check = compare(model, onnx_session(path), rows.sparse, rows.dense)
+    if not agrees(check):
+        raise EMMError(f"the exported {what} disagrees with torch on {len(rows)} validation rows: logits differ by up "
+                       f"to {check['max_abs_diff']:.3g} ({check['bound_used']:.2f}x the bound {LOGIT_ATOL:g} + "
+                       f"{RTOL:g}*|logit|), probabilities by {check['max_abs_diff_probability']:.3g} (bound "
+                       f"{TOLERANCE:g}); the file was not written")
+    return {"format": "onnx", "file": Path(path).name, "opset": opset,
+            "inputs": {INPUTS[0]: ["batch", schema.n_sparse, "int64"], INPUTS[1]: ["batch", schema.n_dense, "float32"]},
+            "output": {OUTPUT: ["batch", len(tasks), "float32"]}, "tasks": list(tasks),
+            "sparse_out_of_range": "unseen",  # UnseenGuard: scored as the column's unseen index
+            "schema_fingerprint": schema.fingerprint(),
+            "check": {"rows": len(rows), **check, "atol": LOGIT_ATOL, "rtol": RTOL, "probability_atol": TOLERANCE},
+            "torch": torch.__version__, "onnxruntime": _onnx()[1].__version__}
+
+
 def export_fused(dataset: str, data_dir: Path, fused_dir: Path, out_dir: Path, *,
                  check_rows: int = CHECK_ROWS) -> tuple[ExportReport, dict[str, Any]]:
     """Export ``fused/`` to ``out_dir/fused.onnx`` (+ ``export.json``), checked against torch on
@@ -190,31 +225,12 @@ def export_fused(dataset: str, data_dir: Path, fused_dir: Path, out_dir: Path, *
     started = time.perf_counter()
     schema = Schema.load(data_dir)
     model, meta = load_fused(fused_dir, schema)
-    rows = load_split(data_dir, "val", schema).head(check_rows)
-    if len(rows) < 2:
-        raise EMMError(f"{data_dir}/val.parquet has {len(rows)} row(s); the export check needs at least 2")
-    metadata = {"emm.dataset": dataset, "emm.tasks": ",".join(model.task_names),
-                "emm.sparse_columns": ",".join(f.name for f in schema.sparse),
-                "emm.dense_columns": ",".join(f.name for f in schema.dense),
-                "emm.schema_fingerprint": schema.fingerprint(), "emm.outputs": "logits (apply a sigmoid)",
-                "emm.sparse_out_of_range": "scored as the column's unseen index (its offset)"}
+    rows = check_rows_of(data_dir, schema, check_rows)
     with atomic_dir(out_dir) as tmp:
-        opset = export_onnx(UnseenGuard(model, schema), tmp / ONNX_FILE, (rows.sparse[:64], rows.dense[:64]),
-                            metadata=metadata)
-        check = compare(model, onnx_session(tmp / ONNX_FILE), rows.sparse, rows.dense)
-        if not agrees(check):
-            raise EMMError(f"the exported model disagrees with torch on {len(rows)} validation rows: logits differ by up "
-                           f"to {check['max_abs_diff']:.3g} ({check['bound_used']:.2f}x the bound {LOGIT_ATOL:g} + "
-                           f"{RTOL:g}*|logit|), probabilities by {check['max_abs_diff_probability']:.3g} (bound "
-                           f"{TOLERANCE:g}); the file was not written")
-        record = {"dataset": dataset, "format": "onnx", "file": ONNX_FILE, "opset": opset,
-                  "inputs": {INPUTS[0]: ["batch", schema.n_sparse, "int64"], INPUTS[1]: ["batch", schema.n_dense, "float32"]},
-                  "output": {OUTPUT: ["batch", len(model.task_names), "float32"]}, "tasks": model.task_names,
-                  "sparse_out_of_range": "unseen",  # UnseenGuard: scored as the column's unseen index
-                  "schema_fingerprint": schema.fingerprint(), "fused_run_id": meta.get("mlflow_run_id"),
-                  "check": {"rows": len(rows), **check, "atol": LOGIT_ATOL, "rtol": RTOL,
-                            "probability_atol": TOLERANCE},
-                  "torch": torch.__version__, "onnxruntime": _onnx()[1].__version__,
+        exported = export_checked(model, schema, rows, tmp / ONNX_FILE, dataset=dataset, tasks=model.task_names,
+                                  what="fused model")
+        check = exported["check"]
+        record = {"dataset": dataset, **exported, "fused_run_id": meta.get("mlflow_run_id"),
                   "fused_weights_sha256": sha256_file(Path(fused_dir) / FUSED_WEIGHTS)}
         record["provenance"] = provenance(digest(record))
         write_json(tmp / EXPORT_JSON, record)

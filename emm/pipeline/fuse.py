@@ -5,7 +5,10 @@ into phases (components frozen, then optionally a fine-tune) and a target (label
 ``FuseRunner`` executes it; this stage hands it the pool, the rows, the checkpoint folder and the tracker.
 
 What lands in ``fused/`` is described in ``emm.fusion.saved`` (the one loader); this stage adds the
-training record (fit, val/test metrics, gates, the MLflow run) to ``fused.json``.
+training record (fit, val/test metrics, gates, the MLflow run) to ``fused.json``. The model saved is the trained
+one pruned (``emm.fusion.prune``): what adds exactly nothing to a score (a residual early stopping kept at zero,
+a donor no blend weighs) is left out, the architecture records what and why, and ``cost`` records FLOPs per row
+and parameters before and after, counted on the same validation rows (``emm.train.cost``).
 
 ``--resume`` continues ``fused-work/checkpoint`` (and a fine-tune phase's ``checkpoint-finetune``) only when it
 was made from the same fuse and decompose settings and the same pool and components (``fuse_made_from``): the
@@ -30,6 +33,7 @@ from emm.errors import EMMError
 from emm.fusion.fused import FusedModel
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.procedure import FusePlan, FuseRunner
+from emm.fusion.prune import cost_record, prune
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, architecture
 from emm.io import atomic_dir, digest, provenance, read_json, tree_digest, write_json
 from emm.models.pool import pool_digest
@@ -44,15 +48,17 @@ from emm.weights import save_module
 
 log = logging.getLogger(__name__)
 STACK_ROWS = 1_000_000  # validation rows the donor stack is fitted on (all of them on Census-size data)
+COST_ROWS = 1024  # validation rows the FLOPs per row are counted on
 
 
 @dataclass
 class FuseResult:
-    model: FusedModel
+    model: FusedModel  # as trained (its scores are ``val``/``test``)
     fit: FitResult
     val: dict[str, dict[str, float]]
     test: dict[str, dict[str, float]]
     run_id: str | None
+    saved: FusedModel | None = None  # what ``fused/`` holds: ``model`` pruned (the rank that writes only)
 
 
 def fuse_made_from(pool: str, components_dir: Path, cfg: FuseConfig, dcfg: DecomposeConfig) -> dict:
@@ -101,12 +107,19 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
                          "mean_test_auc": mean_auc(test_m), "epochs_run": fit.epochs_run})
     if not ctx.is_main:
         return FuseResult(model, fit, val_m, test_m, tracker.run_id)
+    saved = prune(model)
+    probe = val.head(COST_ROWS)
+    cost = cost_record(model, saved, probe.sparse, probe.dense)
+    log.info("saved model: %s FLOPs per row, %s parameters (as trained: %s, %s); pruned: %s",
+             f"{cost['saved']['flops_per_row']:,}", f"{cost['saved']['parameters']:,}",
+             f"{cost['unpruned']['flops_per_row']:,}", f"{cost['unpruned']['parameters']:,}",
+             saved.pruning.config(saved.task_names) if not saved.pruning.empty else "nothing")
     with atomic_dir(out_dir) as tmp:
-        save_module(model, tmp / FUSED_WEIGHTS)
+        save_module(saved, tmp / FUSED_WEIGHTS)
         write_json(tmp / FUSED_JSON, {
             "dataset": dataset, "tasks": schema.task_names, "schema_fingerprint": schema.fingerprint(),
-            "architecture": architecture([e.spec for e in entries], dcfg, model), "trainable_params": n_trainable,
-            "total_params": sum(p.numel() for p in model.parameters()),
+            "architecture": architecture([e.spec for e in entries], dcfg, saved), "trainable_params": n_trainable,
+            "total_params": sum(p.numel() for p in model.parameters()), "cost": cost,
             "fit": {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1),
                     "kept_start": fitted.kept_start},
             "val": val_m, "test": test_m, "mlflow_run_id": tracker.run_id, "gates": model.gate_report(),
@@ -115,7 +128,7 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
             "provenance": provenance(digest(cfg)),
         })
     log.info("fused model: test %s", {t: round(m["auc"], 5) for t, m in test_m.items()})
-    return FuseResult(model, fit, val_m, test_m, tracker.run_id)
+    return FuseResult(model, fit, val_m, test_m, tracker.run_id, saved)
 
 
 def fuse_stage(dataset: str, params: Path | str | None = None, *, resume: bool = False, track: bool = True,

@@ -25,6 +25,7 @@ from emm.io import read_yaml
 from emm.fusion.options import DecomposeConfig, FuseOptions
 from emm.models.embedding import NumericOptions
 from emm.options import Options
+from emm.train.compact import CompactOptions
 from emm.train.options import TrainConfig
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
@@ -32,7 +33,7 @@ DEFAULT_PARAMS_FILE = Path("params.yaml")
 MOVED_SECTIONS = {"benchmark": "moved to the paper harness's own file, harness/benchmark.yaml: remove it here, "
                                "and pass your own settings to `emm benchmark` / `emm relatedness` as a file of that "
                                "shape with --config"}
-__all__ = ["DecomposeConfig", "FuseConfig", "IngestConfig", "MOVED_SECTIONS", "Params", "PathsConfig", "PretrainConfig",
+__all__ = ["CompressConfig", "DecomposeConfig", "FuseConfig", "IngestConfig", "MOVED_SECTIONS", "Params", "PathsConfig", "PretrainConfig",
            "ScaleConfig", "SynthConfig", "TrackingConfig", "TrainConfig", "load_params"]
 
 
@@ -50,9 +51,10 @@ class PretrainConfig(Options):
     pool: dict[str, list[dict[str, Any]]] = Field(
         default_factory=dict,
         description="dataset -> list of pool entries, each one of: built-in {name, task, arch, ...} "
-        "(emm.models.ModelSpec, trained here), MLflow {name, task, uri, inputs, output, trust_pickle} or factory "
-        "{name, task, factory, kwargs, weights, inputs, output} (emm.models.external, imported, never trained); "
-        "checked by emm.pipeline.pool_specs.pool_specs; default: two built-in models per task",
+        "(emm.models.ModelSpec, trained here; arch: lightgbm is emm.models.trees.LightGBMSpec), MLflow {name, task, "
+        "uri, inputs, output, trust_pickle}, factory {name, task, factory, kwargs, weights, inputs, output} or a tree "
+        "file {name, task, lightgbm: model.txt | xgboost: model.json, sha256} (emm.models.external, imported, never "
+        "trained); checked by emm.pipeline.pool_specs.pool_specs; default: two built-in models per task",
     )
     numeric: NumericOptions = Field(
         default_factory=NumericOptions, description="the dense-feature encoding of every built-in pool model "
@@ -68,6 +70,15 @@ class PretrainConfig(Options):
 class FuseConfig(FuseOptions):
     """The fuse stage's section: the library's ``FuseOptions`` (architecture, phases, target) as params.yaml
     spells it. See emm/fusion/recipes/ for the architecture's recipes, emm/fusion/procedure/ for the training."""
+
+
+class CompressConfig(CompactOptions):
+    """The compress stage's section: the library's ``CompactOptions`` (the FLOPs budget, the shape, the training)
+    and the gate a compact model must pass to be registered (``emm.pipeline.compress``)."""
+
+    enabled: bool = Field(default=True, description="false: the stage writes only a note that it was skipped")
+    max_auc_loss: float = Field(default=0.0002, ge=0, description="register the compact model (alias fast) only "
+                                "when its test AUC minus the fused model's is at least -max_auc_loss on every task")
 
 
 class TrackingConfig(Options):
@@ -91,6 +102,7 @@ class Params(Options):
     pretrain: PretrainConfig = PretrainConfig()
     decompose: DecomposeConfig = DecomposeConfig()
     fuse: FuseConfig = FuseConfig()
+    compress: CompressConfig = CompressConfig()
     tracking: TrackingConfig = TrackingConfig()
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="user dataset declarations")
     pipeline: PipelineConfig = PipelineConfig()

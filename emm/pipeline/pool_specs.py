@@ -12,6 +12,7 @@ from emm.data.schema import Schema
 from emm.errors import EMMError
 from emm.models.external import FactoryMember, Member, parse_member, pin_weights, source_of
 from emm.models.names import name_key
+from emm.models.trees import TreeFileMember, pin_tree_file
 from emm.pipeline.params import PretrainConfig
 
 ALTERNATES = ("dcn", "resmlp", "mlp-deep")
@@ -34,14 +35,16 @@ def default_pool(task_names: list[str], spine: list[int] | None = None) -> list[
 
 
 def with_numeric(entry: Any, cfg: PretrainConfig) -> Any:
-    """A built-in entry with ``pretrain.numeric`` filled in unless it sets its own encoding."""
-    if isinstance(entry, dict) and "arch" in entry and "numeric" not in entry:
+    """A built-in network entry with ``pretrain.numeric`` filled in unless it sets its own encoding (a tree
+    reads the dense values as they are)."""
+    if isinstance(entry, dict) and "arch" in entry and entry["arch"] != "lightgbm" and "numeric" not in entry:
         return {**entry, "numeric": cfg.numeric.model_dump(mode="json")}
     return entry
 
 
 def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[Member]:
-    """The pool members of ``dataset``: built-in specs, MLflow and factory entries (weights pinned by sha256).
+    """The pool members of ``dataset``: built-in specs, MLflow, factory and tree-file entries (files pinned by
+    sha256).
 
     Refused here, before anything is trained or imported: an entry of no known kind, a name that is not a plain
     file name (``emm.models.names``), two names that differ at most in case, an entry for a task the data
@@ -62,4 +65,5 @@ def pool_specs(dataset: str, cfg: PretrainConfig, schema: Schema) -> list[Member
         if m.task not in schema.task_names:
             raise EMMError(f"{where}: model {m.name!r} is for task {m.task!r}, but the ingested "
                            f"data has tasks {schema.task_names}")
-    return [pin_weights(m) if isinstance(m, FactoryMember) else m for m in members]
+    return [pin_weights(m) if isinstance(m, FactoryMember) else pin_tree_file(m) if isinstance(m, TreeFileMember)
+            else m for m in members]

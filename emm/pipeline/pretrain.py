@@ -20,9 +20,10 @@ warned about, and ``pretrain.min_val_auc`` refuses those below it.
 
 Pool entries may also come from outside (``uri:`` an MLflow model, ``factory:`` your builder + weights; see
 ``emm.models.external``): those are imported, checked and scored by ``emm.pipeline.pool_import`` into the
-same work folders and the same ``pool.json`` records, never trained. Each built-in member is also
-registered as a version of ``emm-<dataset>-<task>`` (when models are logged), so the MLflow registry
-lists what can be fused and a later pool can name one by alias.
+same work folders and the same ``pool.json`` records, never trained. Tree members (``arch: lightgbm``,
+trained here; ``lightgbm:`` / ``xgboost:`` files, imported) go through ``emm.pipeline.pool_trees``. Each
+built-in network member is also registered as a version of ``emm-<dataset>-<task>`` (when models are
+logged), so the MLflow registry lists what can be fused and a later pool can name one by alias.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ from emm.io import atomic_dir, digest, inside, provenance, read_json, remove_tre
 from emm.models.external import Member, source_of
 from emm.models.pool import POOL_FILE, PoolEntry, check_entry, check_weights, read_pool
 from emm.models.single_task import ModelSpec, build_model
+from emm.models.trees import LightGBMSpec, TreeFileMember
 from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import PretrainConfig, load_params
 from emm.pipeline.pool_import import import_member, import_signature, task_rows
 from emm.pipeline.pool_specs import pool_specs
+from emm.pipeline.pool_trees import import_tree_member, lightgbm_signature, member_work_file, train_lightgbm_member
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
 from emm.train.trainer import Trainer
@@ -61,6 +64,8 @@ def member_key(member: Member, cfg: PretrainConfig, fingerprint: str) -> dict:
     """The signature of a member's result: trained (built-in) or imported (outside) from what it is now."""
     if isinstance(member, ModelSpec):
         return member_signature(member, cfg, fingerprint)
+    if isinstance(member, LightGBMSpec):
+        return lightgbm_signature(member, cfg, fingerprint)
     return import_signature(member, fingerprint)
 
 
@@ -162,10 +167,10 @@ def finished_member(spec: Member, cfg: PretrainConfig, fingerprint: str, work_di
     folder, else from the current ``pool/``; None when neither has one whose signature matches."""
     signature = member_key(spec, cfg, fingerprint)
     work = Path(work_dir) / spec.name
-    if (work / "entry.json").is_file() and (work / "weights.safetensors").is_file():
+    if (work / "entry.json").is_file() and member_work_file(work, spec).is_file():
         done = read_json(work / "entry.json")
         if done.get("signature") == signature:
-            return PoolEntry.model_validate(done["entry"]), work / "weights.safetensors"
+            return PoolEntry.model_validate(done["entry"]), member_work_file(work, spec)
     pool_file = Path(pool_dir) / POOL_FILE
     if pool_file.is_file():
         pool = read_json(pool_file)
@@ -223,7 +228,7 @@ def assemble_pool(entries: list[PoolEntry], work_dir: Path, out_dir: Path, cfg: 
             if shared:
                 raise EMMError(f"pool models {shared[0]!r} and {e.name!r} would share one weights file "
                                f"{target.name} in {out_dir}; nothing was written. Give them distinct names")
-            shutil.copyfile(sources.get(e.name, Path(work_dir) / e.name / "weights.safetensors"), target)
+            shutil.copyfile(sources.get(e.name, member_work_file(Path(work_dir) / e.name, e)), target)
             recorded.append(e.model_copy(update={"weights_sha256": sha256_file(target)}))
         write_json(tmp / POOL_FILE, {
             "models": [e.model_dump(mode="json") for e in recorded],
@@ -280,6 +285,11 @@ def pool_member(member: Member, data_dir: Path, work_dir: Path, cfg: PretrainCon
     if isinstance(member, ModelSpec):
         return train_pool_model(member, data_dir, work_dir, cfg, resume=resume, tracker=tracker, progress=progress,
                                 scale=scale)
+    if isinstance(member, LightGBMSpec):
+        return train_lightgbm_member(member, data_dir, work_dir, cfg, resume=resume, tracker=tracker)
+    if isinstance(member, TreeFileMember):
+        return import_tree_member(member, data_dir, work_dir, tracker=tracker, resume=resume,
+                                  write=ddp.current().is_main)
     return import_member(member, data_dir, work_dir, store=store, tracker=tracker, scale=scale, resume=resume,
                          write=ddp.current().is_main)
 

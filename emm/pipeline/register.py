@@ -73,6 +73,16 @@ def stack_tags(summary: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+def cost_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """What the registered model costs to score (``evaluate``'s ``cost``) as run metrics and version tags:
+    ``fused_flops_per_row``, ``fused_parameters`` and, when it was pruned, the same ``..._unpruned``."""
+    cost = summary.get("cost") or {}
+    out = {f"fused_{k}": float(cost[k]) for k in ("flops_per_row", "parameters") if k in cost}
+    if cost.get("unpruned"):
+        out.update({f"fused_{k}_unpruned": float(cost["unpruned"][k]) for k in ("flops_per_row", "parameters")})
+    return out
+
+
 def register_fused(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, summary: dict[str, Any],
                    tracking: TrackingConfig) -> str:
     """Log the pyfunc into the fuse run, register a new version of emm-<dataset>, alias it challenger.
@@ -90,9 +100,10 @@ def register_fused(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path
     # one registration of <name> at a time, from the check for these weights until the new version is tagged
     with registry.registration_lock(name, tracking.store), \
             reopen_run(dataset, tracking.store, meta.get("mlflow_run_id"), "fused-evaluate") as tracker:
+        costs = cost_metrics(summary)
         tracker.log_metrics({**stack_metrics(summary), "eval_mean_test_auc": summary["mean_test_auc"],
-                             **{f"gain_{t}": r["gain"] for t, r in summary["tasks"].items()}})
-        tracker.set_tags(stack_tags(summary))
+                             **{f"gain_{t}": r["gain"] for t, r in summary["tasks"].items()}, **costs})
+        tracker.set_tags({**stack_tags(summary), **{k: f"{v:.0f}" for k, v in costs.items()}})
         tracker.log_artifact(Path(eval_dir) / "metrics.json", "eval")
         tracker.log_artifact(Path(eval_dir) / "plots" / "auc.png", "eval")
         existing = registry.version_with_tag(name, registry.DIGEST_TAG, fused_sha256)
@@ -111,6 +122,7 @@ def register_fused(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path
             registry.SCORE_TAG: f"{summary['mean_test_auc']:.6f}",
             **{f"test_auc_{t}": f"{r['auc']:.6f}" for t, r in summary["tasks"].items()},
             registry.DIGEST_TAG: fused_sha256,
+            **{k: f"{v:.0f}" for k, v in costs.items()},
         })
     log.info("registered %s version %s as %s", name, version, registry.CHALLENGER)
     return version
@@ -124,6 +136,9 @@ def promote(dataset: str, store: Path, version: str | None = None) -> tuple[bool
     candidate = registry.get_version(name, version) if version else registry.version_by_alias(name, registry.CHALLENGER)
     if candidate is None:
         raise EMMError(f"{name!r} has no {registry.CHALLENGER!r} alias: name a version with --version")
+    if registry.is_compact(candidate):  # champion is the best fused model; a compact one is served as @fast
+        raise EMMError(f"version {candidate.version} of {name!r} is a compact model (`emm compress`), not a fused one: "
+                       f"champion is for fused models; serve the compact one as models:/{name}@{registry.FAST}")
     champion = registry.version_by_alias(name, registry.CHAMPION)
     new = registry.version_score(candidate)
     if champion is not None and str(champion.version) == str(candidate.version):

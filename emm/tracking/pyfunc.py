@@ -55,11 +55,17 @@ from emm.weights import load_module
 
 PIP_REQUIREMENTS = ["torch", "pandas", "pyarrow", "safetensors", "scikit-learn", "pydantic"]
 # The only builders a bundle may name: a model file must not be able to make us import and call anything.
-BUILDERS = ("emm.models.pool:build_from_config", "emm.fusion.saved:build_from_config")
+BUILDERS = ("emm.models.pool:build_from_config", "emm.fusion.saved:build_from_config",
+            "emm.train.compact:build_from_config")
+COMPACT_MODEL_BUILDER = BUILDERS[2]  # the compact model of ``emm compress``
 # The models-from-code file MLflow copies into every logged model (it calls mlflow.models.set_model).
 SCORER_CODE = Path(__file__).with_name("scorer_model.py")
 BUNDLE = "bundle"  # the pyfunc artifact holding the bundle: <model>/artifacts/bundle/
 SHOWN_BAD_ROWS = 20  # bad rows a refusal names one by one; the rest it counts
+# Rows per forward pass when scoring. Why this small: every layer's output for the batch should stay in the CPU's
+# cache; at tens of thousands of rows each intermediate (a few hundred floats per row) spills to main memory and a
+# small model (the compact one above all) waits on memory instead of computing (harness/benchmarks/score_speed.py).
+SCORE_BATCH_ROWS = 4096
 
 
 def resolve_builder(name: str, where: Path | str) -> Callable[..., Any]:
@@ -225,7 +231,7 @@ class Scorer:
         does after its checks, for a caller (``emm predict``) that ran them itself and kept the bad rows."""
         encoded = self.encoder.transform(text, source="model input", first_line=None)
         tensors = frame_to_tensors(encoded, self.schema, with_labels=False)
-        probs = predict_proba(self.model, tensors)
+        probs = predict_proba(self.model, tensors, SCORE_BATCH_ROWS)
         return pd.DataFrame(probs, columns=[f"score_{t}" for t in self.outputs])
 
 

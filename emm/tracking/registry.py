@@ -1,7 +1,8 @@
-"""The model registry: versions of ``emm-<dataset>``, their score tags, and the two aliases.
+"""The model registry: versions of ``emm-<dataset>``, their score tags, and the aliases.
 
 ``challenger`` is the version the last evaluation registered; ``champion`` is what ``@champion`` URIs
-serve. The promotion *policy* (when champion may move) is the pipeline's (``emm.pipeline.register``);
+serve; ``fast`` is the compact model of a fused one (``emm compress``: a version tagged ``compact``), for
+callers who trade the last 0.0002 of AUC for speed. The promotion *policy* (when champion may move) is the pipeline's (``emm.pipeline.register``);
 this module only reads and writes the registry, and turns MLflow's errors into messages that say what to do.
 ``registration_lock`` makes the registrations of one model take turns, across processes.
 """
@@ -25,12 +26,15 @@ from emm.errors import EMMError
 from emm.tracking.store import configure, tracking_uri
 
 log = logging.getLogger(__name__)
-CHALLENGER, CHAMPION = "challenger", "champion"
+CHALLENGER, CHAMPION, FAST = "challenger", "champion", "fast"
 LOCK_WAIT_S = 1800.0  # how long a registration waits for another one of the same model before giving up
 SCORE_TAG = "mean_test_auc"
 # sha256 of the fused weights a version was registered from: evaluating the same fused model again reuses
 # that version instead of registering a duplicate (a new version number for the very same model).
 DIGEST_TAG = "fused_sha256"
+# A compact version (``emm compress``) is tagged ``compact=true`` and, like DIGEST_TAG for fused weights, with
+# the sha256 of its own weights, so compressing again into the same weights reuses its version.
+COMPACT_TAG, COMPACT_DIGEST_TAG = "compact", "compact_sha256"
 
 
 def lock_path(name: str, store: Path) -> Path:
@@ -76,14 +80,15 @@ def registration_lock(name: str, store: Path, wait_s: float = LOCK_WAIT_S) -> It
         lock.release()
 
 
-def tag_version(name: str, version: str, tags: dict[str, Any]) -> None:
-    """Tag a just-registered version and alias it challenger, or delete it: a version without its score
-    tag would sit in the registry half-registered (promote could never rank it)."""
+def tag_version(name: str, version: str, tags: dict[str, Any], alias: str = CHALLENGER) -> None:
+    """Tag a just-registered version and give it ``alias`` (challenger, or fast for a compact model), or
+    delete it: a version without its score tag would sit in the registry half-registered (promote could
+    never rank it)."""
     client = mlflow.MlflowClient()
     try:
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, str(value))
-        client.set_registered_model_alias(name, CHALLENGER, version)
+        client.set_registered_model_alias(name, alias, version)
     except Exception:
         log.error("tagging %s version %s failed; deleting the half-registered version", name, version)
         client.delete_model_version(name, version)
@@ -127,6 +132,11 @@ def version_by_alias(name: str, alias: str):
 
 def set_alias(name: str, alias: str, version: str) -> None:
     mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def is_compact(version) -> bool:
+    """Whether a version is a compact model (``emm compress``), not a fused one."""
+    return (getattr(version, "tags", None) or {}).get(COMPACT_TAG) == "true"
 
 
 def version_score(version) -> float:

@@ -57,6 +57,7 @@ from emm.train.metrics import mean_auc, task_metrics
 from emm.train.modes import eval_mode
 from emm.train.options import TrainConfig
 from emm.train.predict import predict_proba, predict_stream
+from emm.train.stopping import MAX_EPOCHS, EarlyStop
 
 log = logging.getLogger(__name__)
 NUMERIC_FIT_ROWS = 100_000  # training rows the numeric encoders' standardisation is fitted on
@@ -81,6 +82,7 @@ class FitResult:
     stopped_early: bool
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped: str = MAX_EPOCHS  # why the fit ended: one of ``emm.train.stopping.REASONS``
 
 
 class Trainer:
@@ -94,12 +96,14 @@ class Trainer:
                  fingerprint: str | None = None, made_from: Mapping[str, Any] | None = None,
                  tracker: Tracker | None = None, progress: bool = True, desc: str = "train",
                  dist: ddp.DistContext | None = None, score_start: bool = False,
-                 distill: Distillation | None = None, first_step: int = 0) -> None:
+                 distill: Distillation | None = None, first_step: int = 0, start_patience: int | None = None) -> None:
         """``fingerprint`` (the data schema's) and ``made_from`` (JSON-able values: a spec, upstream
         digests) join the train settings in the record a checkpoint must match to be resumed;
         ``score_start`` makes the untrained model a candidate (epoch 0) that early stopping may return;
         ``distill`` trains on its soft targets instead of the labels (validation still scores labels);
-        ``first_step``: epochs a previous phase already logged to the tracker, so this fit's steps follow them."""
+        ``first_step``: epochs a previous phase already logged to the tracker, so this fit's steps follow them;
+        ``start_patience`` (with ``score_start`` only): give up after that many epochs if no task beat its step-0
+        validation AUC by more than ``min_delta`` (``emm.train.stopping``)."""
         self.cfg = cfg
         self.desc = desc
         self.dist = dist or ddp.current()
@@ -115,6 +119,7 @@ class Trainer:
         self.progress = progress
         self.first_step = first_step
         self.score_start = score_start  # the untrained model is a candidate: early stopping may return it
+        self.stop = EarlyStop(cfg.patience, cfg.min_delta, start_patience if score_start else None)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise EMMError(f"{desc}: the model has no trainable parameters")
@@ -160,8 +165,8 @@ class Trainer:
         self._net = ddp.wrap(self.model, (probe.sparse.to(self.device), probe.dense.to(self.device)), self.dist)
         train_dev = train.to(self.device) if isinstance(train, SplitTensors) else train
         started = time.perf_counter()
-        stopped_early = state["bad_epochs"] >= cfg.patience
-        while state["epoch"] < cfg.max_epochs and not stopped_early:
+        stop = self.stop.reason(state)
+        while state["epoch"] < cfg.max_epochs and stop is None:
             epoch = state["epoch"] + 1
             train_loss = self.train_epoch(train_dev, epoch)
             ddp.sync_buffers(self.model, self.dist)
@@ -171,22 +176,24 @@ class Trainer:
                    **{f"val_auc_{t}": m["auc"] for t, m in metrics.items()},
                    **{f"val_logloss_{t}": m["logloss"] for t, m in metrics.items()}}
             state["history"].append(row)
-            if val_auc > state["best_auc"] + cfg.min_delta:
+            if self.stop.improves(val_auc, state["best_auc"]):
                 state.update(best_auc=val_auc, best_epoch=epoch, bad_epochs=0)
                 best_state = copy.deepcopy(self.model.state_dict())
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch
-            stopped_early = state["bad_epochs"] >= cfg.patience
+            stop = self.stop.reason(state)
             self._save_checkpoint(state, best_state)
             self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=self.first_step + epoch)
             log.info("%s epoch %d: loss %.5f val AUC %.5f%s", self.desc, epoch, train_loss, val_auc,
                      " (best)" if state["best_epoch"] == epoch else "")
+        if stop is not None:
+            log.info("%s: stopped after epoch %d: %s", self.desc, state["epoch"], self.stop.describe(stop))
         self.model.load_state_dict(best_state)
         self._net = self.model
         return FitResult(best_epoch=state["best_epoch"], best_val_auc=state["best_auc"], epochs_run=state["epoch"],
-                         stopped_early=stopped_early, seconds=time.perf_counter() - started,
-                         history=state["history"])
+                         stopped_early=stop is not None, seconds=time.perf_counter() - started,
+                         history=state["history"], stopped=stop or MAX_EPOCHS)
 
     @torch.no_grad()
     def _check_output_width(self, data: SplitTensors) -> None:

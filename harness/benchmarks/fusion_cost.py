@@ -5,8 +5,9 @@
     temporary folder), and (b) MMoE, PLE and AdaTT (``emm/models/baselines``, paper-sized) trained from
     scratch by the same ``Trainer`` with the same settings (``fuse.train`` of the params file), each to
     its best validation epoch (early stopping as in the pipeline). Reported per model: wall seconds to
-    the end of its best epoch and in all (the patience epochs after it included), epochs, test AUC per
-    task, and training samples/s.
+    the end of its best epoch and in all (the patience epochs after it included), epochs, why it stopped
+    (``emm.train.stopping``), test AUC per task, and training samples/s. The wall target compares the fuse
+    stage in all (setup, stack, every epoch, scoring) with MMoE's fit to its best epoch.
 
 Samples/s are measured apart from the fits, interleaved in rounds (fused, mmoe, ple, adatt, fused,
 ...) over the same slice of the train split, medians reported: the machine's load moves sequential
@@ -85,7 +86,7 @@ def fit_scratch(name: str, schema: Schema, train: SplitTensors, val: SplitTensor
     test_m = trainer.evaluate(test)
     return {"name": name, "to_best_s": clock.at.get(fit.best_epoch, 0.0), "total_s": total,
             "best_epoch": fit.best_epoch, "epochs": fit.epochs_run, "test": {t: m["auc"] for t, m in test_m.items()},
-            "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            "params": sum(p.numel() for p in model.parameters() if p.requires_grad), "stopped": fit.stopped}
 
 
 def fit_fused(cfg: Params, dataset: str) -> dict[str, Any]:
@@ -99,7 +100,7 @@ def fit_fused(cfg: Params, dataset: str) -> dict[str, Any]:
     total = time.perf_counter() - clock.start
     return {"name": "fused", "to_best_s": clock.at.get(res.fit.best_epoch, clock.setup), "total_s": total,
             "setup_s": clock.setup,
-            "best_epoch": res.fit.best_epoch, "epochs": res.fit.epochs_run,
+            "best_epoch": res.fit.best_epoch, "epochs": res.fit.epochs_run, "stopped": res.fit.stopped,
             "test": {t: m["auc"] for t, m in res.test.items()},
             "params": sum(p.numel() for p in res.model.parameters() if p.requires_grad)}
 
@@ -297,17 +298,19 @@ def report_fits(cfg: Params, args: argparse.Namespace, schema: Schema, splits: t
     if "fused" in fits:
         print("\n  (fused: from the stage's start, its setup included: plan load, model build, "
               f"{next(r for r in results if r['name'] == 'fused')['setup_s']:.1f}s)")
-    print(f"  {'model':8s} {'to best s':>9s} {'total s':>8s} {'best/run':>9s} {'trainable':>10s} "
+    print(f"  {'model':8s} {'to best s':>9s} {'total s':>8s} {'best/run':>9s} {'stopped':>14s} {'trainable':>10s} "
           + " ".join(f"{'test ' + t:>14s}" for t in tasks))
     for r in results:
         print(f"  {r['name']:8s} {r['to_best_s']:9.1f} {r['total_s']:8.1f} {r['best_epoch']:>4d}/{r['epochs']:<4d} "
-              f"{r['params']:10,d} " + " ".join(f"{r['test'][t]:14.5f}" for t in tasks))
+              f"{r['stopped']:>14s} {r['params']:10,d} " + " ".join(f"{r['test'][t]:14.5f}" for t in tasks))
     by = {r["name"]: r for r in results}
     if "fused" in by and "mmoe" in by:
-        met = by["fused"]["to_best_s"] < by["mmoe"]["to_best_s"]
-        print(f"  target: fuse to its best epoch faster than MMoE to its best: {'met' if met else 'NOT met'} "
-              f"({by['fused']['to_best_s']:.1f}s vs {by['mmoe']['to_best_s']:.1f}s; the fuse stage in all "
-              f"{by['fused']['total_s']:.1f}s vs MMoE's fit in all {by['mmoe']['total_s']:.1f}s)")
+        fused, mmoe = by["fused"], by["mmoe"]
+        met = fused["total_s"] <= mmoe["to_best_s"]
+        print(f"  target: the fuse stage in all within MMoE's fit to its best epoch: {'met' if met else 'NOT met'} "
+              f"({fused['total_s']:.1f}s vs {mmoe['to_best_s']:.1f}s, {fused['total_s'] / mmoe['to_best_s']:.2f}x; "
+              f"fuse to its best epoch {fused['to_best_s']:.1f}s, "
+              f"MMoE's fit in all {by['mmoe']['total_s']:.1f}s)")
 
 
 if __name__ == "__main__":

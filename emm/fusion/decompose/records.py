@@ -8,7 +8,7 @@ model, reports) can depend on the data shapes without pulling in the tracing mac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import Tensor, nn
@@ -194,6 +194,9 @@ class Plan:
     adapters: nn.ModuleList | None = None
     inverse_adapters: nn.ModuleList | None = None
     head: str | None = None  # the sub-module name never cut into (see decompose)
+    # pool members that are not cut but join the fused model at the output (tree models): name, task, format,
+    # file digest; recorded in plan.json for the fuse stage and the reader, never part of the cut itself
+    output_members: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_levels(self) -> int:
@@ -238,6 +241,7 @@ class Plan:
             "heads": [span.to_dict() for span in self.head_spans],
             "adapters": adapters,
             "traces": [trace.to_dict() for trace in self.traces],
+            "output_members": list(self.output_members),
         }
 
     def report(self) -> str:
@@ -261,4 +265,7 @@ class Plan:
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
         lines = [f"EMM plan: {self.num_models} model(s), {self.num_levels} level(s), align={self.align}"]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        if self.output_members:
+            lines.append("at the output, not cut: " + ", ".join(
+                f"{m['name']} ({m['task']}, {m['format']})" for m in self.output_members))
         return "\n".join(lines)

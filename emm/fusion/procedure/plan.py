@@ -114,6 +114,8 @@ class FusePlan:
     ``keep_start_per_task``: after training, a task whose validation AUC was no better at the kept epoch than at
     step 0 returns to its step-0 output (``FuseRunner``); only for a head whose step 0 is a model (the donors'
     blend) and a single frozen phase (a fine-tune moves the donors, so step 0 could not be restored per task).
+    ``start_patience``: every phase that scores its start gives up after that many epochs when no task beat its
+    start by ``train.min_delta`` (``emm.train.stopping``); None: ``train.patience`` alone.
     """
 
     architecture: AKFOptions
@@ -122,6 +124,7 @@ class FusePlan:
     target: Target = field(default_factory=Labels)
     prepare: bool = False
     keep_start_per_task: bool = False
+    start_patience: int | None = None
 
     def __post_init__(self) -> None:
         if not self.phases:
@@ -139,4 +142,5 @@ class FusePlan:
                    target=Distill(options.distill) if options.distill > 0 else Labels(),
                    prepare=options.blend_init == "stack" and head.prepares,
                    keep_start_per_task=(options.keep_start_per_task and head.scores_at_start
-                                        and options.finetune_lr_scale is None))
+                                        and options.finetune_lr_scale is None),
+                   start_patience=options.start_patience)

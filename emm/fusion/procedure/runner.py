@@ -11,6 +11,10 @@ epochs are numbered on across phases (a later phase logs its epochs after the ea
 phase after the first records what it did (its lr, the parameters it thawed, whether it kept its own best or the
 previous phase's).
 
+Stopping: each phase is early-stopped by the Trainer, and a phase that scores its start gives up after the plan's
+``start_patience`` epochs when no task beat that start (``emm.train.stopping``); the chained fit's ``stopped`` says
+why the last phase ended.
+
 Resume: phase k checkpoints under ``work_dir / phase.checkpoint``; a phase after the first is made from what the
 previous phase was made from plus its own name, so each resumes only its own unfinished work.
 """
@@ -109,7 +113,8 @@ class FuseRunner:
             trainer = Trainer(self.model, cfg, checkpoint_dir=self._checkpoint(phase), fingerprint=self.fingerprint,
                               made_from=made_from, tracker=self.tracker, progress=self.progress,
                               desc=f"{self.desc} {phase.label}".rstrip(), score_start=phase.score_start,
-                              distill=distill, first_step=fit.epochs_run if fit is not None else 0)
+                              distill=distill, first_step=fit.epochs_run if fit is not None else 0,
+                              start_patience=self.plan.start_patience)
             this = trainer.fit(train, val, resume=resume)
             if fit is None:
                 fit = this
@@ -159,9 +164,11 @@ def keep_start(model: FusedModel, fit: FitResult, state: dict[str, torch.Tensor]
 
 def phase_record(phase: Phase, before: FitResult, after: FitResult, lr: float,
                  thawed: list[torch.nn.Parameter]) -> dict[str, Any]:
-    """What a phase after the first did, for ``fused.json``: its lr, the parameters it thawed, the validation AUC
-    it started from and ended at, and which weights were kept (its own best, or the earlier phases')."""
+    """What a phase after the first did, for ``fused.json``: its lr, the parameters it thawed, why the phase before
+    it stopped (the chained fit keeps only the last phase's reason), the validation AUC it started from and ended
+    at, and which weights were kept (its own best, or the earlier phases')."""
     record = {"lr": lr, "thawed_params": sum(p.numel() for p in thawed), "first_phase_epochs": before.epochs_run,
+              "first_phase_stopped": before.stopped,
               "first_phase_best_val_auc": before.best_val_auc, "best_val_auc": after.best_val_auc,
               "kept": phase.name if after.best_epoch > 0 else "first phase"}
     log.info("%s at lr %.2g: %s (val AUC %.5f -> %.5f)", phase.label, lr, record["kept"], before.best_val_auc,
@@ -177,4 +184,5 @@ def chain(before: FitResult, after: FitResult, phase: Phase) -> FitResult:
                                 for row in after.history if row["epoch"] > 0]
     best_epoch = before.best_epoch if after.best_epoch == 0 else offset + after.best_epoch
     return FitResult(best_epoch=best_epoch, best_val_auc=after.best_val_auc, epochs_run=offset + after.epochs_run,
-                     stopped_early=after.stopped_early, seconds=before.seconds + after.seconds, history=history)
+                     stopped_early=after.stopped_early, seconds=before.seconds + after.seconds, history=history,
+                     stopped=after.stopped)

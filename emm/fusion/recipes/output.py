@@ -46,11 +46,13 @@ class OutputHead(Recipe):
         return {}
 
     def logits(self, model: Any, towers: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
-        """``[B, T]``: the model's output from its towers' ``[B, T]``."""
+        """``[B, T]``: the model's output from its towers' ``[B, T]`` (a pruned model's towers that output exactly 0
+        are not run: their columns come as zeros, ``emm.fusion.prune``)."""
         return towers
 
-    def donor_logits(self, model: Any, sparse: Tensor, dense: Tensor) -> Tensor:
-        """``[B, n_models]``: every donor's own logit, for a head that keeps the donors."""
+    def donor_logits(self, model: Any, sparse: Tensor, dense: Tensor,
+                     level0: Sequence[Tensor] | None = None) -> Tensor:
+        """``[B, n_models]``: every donor's own logit, for a head that keeps the donors (pruned: the kept donors')."""
         raise EMMError(f"this fused model keeps no donors (output={self.name!r}); build it with "
                        "output='donor_residual' or 'cross_residual'")
 
@@ -98,11 +100,15 @@ class DonorResidualOutput(OutputHead):
             nn.init.zeros_(tower.net[-1].bias)
         return modules
 
-    def logits(self, model: Any, towers: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
-        return towers + model.blend(self.donor_logits(model, sparse, dense))
+    def logits(self, model: Any, towers: Tensor, sparse: Tensor, dense: Tensor,
+               level0: Sequence[Tensor] | None = None) -> Tensor:
+        """As the base's; ``level0``: AKF level 0's component outputs, handed to the donors when a pruned model
+        shares them (``DonorPaths.shares_first``)."""
+        return towers + model.blend(self.donor_logits(model, sparse, dense, level0))
 
-    def donor_logits(self, model: Any, sparse: Tensor, dense: Tensor) -> Tensor:
-        return model.donors(sparse, dense)
+    def donor_logits(self, model: Any, sparse: Tensor, dense: Tensor,
+                     level0: Sequence[Tensor] | None = None) -> Tensor:
+        return model.donors(sparse, dense, first=level0)
 
     def pool_modules(self, model: Any) -> list[nn.Module]:
         return [model.donors]
