@@ -50,7 +50,7 @@ def fit(start_patience: int | None, *, max_epochs: int = 10, patience: int = 4, 
     return trainer.fit(rows(256, 1), rows(200, 2))
 
 
-# ---- the rule on histories ------------------------------------------------------------------------------------------
+# ---- the rule on histories ----------------------------------------------------------------------------------------
 def test_any_task_beating_its_own_start_by_more_than_min_delta_counts():
     start = {"epoch": 0, "val_auc": 0.80, "val_auc_a": 0.70, "val_auc_b": 0.90}
     flat = {"epoch": 1, "val_auc": 0.80005, "val_auc_a": 0.70005, "val_auc_b": 0.90005}
@@ -74,7 +74,7 @@ def test_the_reason_after_an_epoch():
     assert "step-0" in rule.describe(START) and "0.0001" in rule.describe(START)
 
 
-# ---- the Trainer ---------------------------------------------------------------------------------------------------
+# ---- the Trainer --------------------------------------------------------------------------------------------------
 def test_a_fit_whose_start_is_not_beaten_gives_up_after_start_patience_epochs():
     result = fit(start_patience=2)
     assert result.stopped == START and result.stopped_early
@@ -90,7 +90,7 @@ def test_the_start_rule_needs_a_scored_start_and_max_epochs_is_a_reason_too():
     assert capped.stopped == MAX_EPOCHS and not capped.stopped_early and capped.epochs_run == 2
 
 
-# ---- the fuse procedure ---------------------------------------------------------------------------------------------
+# ---- the fuse procedure -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pool2() -> Pool:
     torch.set_num_threads(1)
@@ -112,16 +112,18 @@ def test_the_fuse_plan_hands_start_patience_to_its_phases(pool2, start_patience,
     assert fitted.fit.stopped == stopped and fitted.fit.epochs_run == epochs and fitted.fit.best_epoch == 0
 
 
-# ---- what the rule must not change ------------------------------------------------------------------------------------
+# ---- what the rule must not change --------------------------------------------------------------------------------
 def test_pretrain_and_baseline_training_settings_are_unchanged():
     """The train settings every model shares keep their fields and defaults: a pool member's signature hashes them
     (a new field would retrain every pool), and pretrain and the benchmark's baselines (``pretrain.train``) train
     with them. The start rule is the fuse procedure's (``fuse.start_patience``), off in a Trainer by default."""
-    assert TrainConfig().model_dump() == {"lr": 1e-3, "weight_decay": 1e-6, "batch_size": 1024, "eval_batch_size": 65536,
-                                          "max_epochs": 30, "patience": 3, "min_delta": 1e-5, "seed": 2026,
-                                          "device": "auto"}
+    assert TrainConfig().model_dump() == {"lr": 1e-3, "weight_decay": 1e-6, "batch_size": 1024,
+                                          "eval_batch_size": 65536, "max_epochs": 30, "patience": 3,
+                                          "min_delta": 1e-5, "seed": 2026, "device": "auto"}
     pretrain = load_params(REPO / "params.yaml").pretrain.train
     assert (pretrain.patience, pretrain.min_delta) == (3, 1e-5)
-    assert Trainer(FixedRanking(2), TrainConfig(device="cpu"), progress=False).stop == EarlyStop(3, 1e-5, None)
-    assert Trainer(FixedRanking(2), TrainConfig(device="cpu"), progress=False, start_patience=1).stop.start_patience is None
+    cpu = TrainConfig(device="cpu")
+    assert Trainer(FixedRanking(2), cpu, progress=False).stop == EarlyStop(3, 1e-5, None)
+    unscored = Trainer(FixedRanking(2), cpu, progress=False, start_patience=1)  # no scored start: no start rule
+    assert unscored.stop.start_patience is None
     assert FuseOptions().start_patience is None and FusePlan.from_options(FuseOptions()).start_patience is None
