@@ -17,6 +17,7 @@ Screenshots go to the test's tmp dir: ``ui-failure.png`` when the UI step fails,
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -61,12 +62,11 @@ def emm(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 180) -> 
     return out.stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_registry(tmp_path_factory, census_small_raw) -> Registry:
-    """``emm-census-income`` versions 1 (fusion seed 2026) and 2 (seed 2027, @challenger), built by the CLI."""
+def build_tiny_registry(project: Path, census_small_raw: Path) -> Registry:
+    """``emm-census-income`` versions 1 (fusion seed 2026) and 2 (seed 2027, @challenger), built by the CLI in
+    ``project``."""
     from emm.tracking.store import tracking_uri
 
-    project = tmp_path_factory.mktemp("ui-project")
     venv_bin = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env.update(QUIET, PATH=f"{venv_bin}:{env.get('PATH', '')}", OMP_NUM_THREADS="1",
@@ -90,6 +90,19 @@ def tiny_registry(tmp_path_factory, census_small_raw) -> Registry:
         uri = tracking_uri(store)  # the project's own: sqlite:///<store>/mlflow.db
     assert (store / "mlflow.db").is_file(), sorted(p.name for p in store.iterdir())
     return Registry(project, env, params, store, uri, project / "artifacts" / "tiny" / DATASET / "data")
+
+
+@pytest.fixture(scope="module")
+def tiny_registry(tiny_registry_snapshot) -> Registry:
+    """The registry of ``build_tiny_registry``, as it was built, for this module alone.
+
+    Why restored and not rebuilt: several modules need this registry and each changes it (aliases, versions,
+    exports); building it is the slow part, copying it back is not. It is restored at the path it was built
+    at, because the MLflow store records its artifacts' absolute paths (tests/integration/conftest.py)."""
+    registry, snapshot = tiny_registry_snapshot
+    shutil.rmtree(registry.project)
+    shutil.copytree(snapshot, registry.project, symlinks=True)
+    return registry
 
 
 @pytest.fixture(scope="module")
