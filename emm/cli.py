@@ -276,8 +276,14 @@ def predict_cmd(
     run: EMM rebuilds the model from its bundle. Exit codes: 0 scored (rejects, if any, are reported); 2 a
     user error; 1 a crash.
     """
+    import atexit
+    import gc
+
     from emm.pipeline.predict import predict_stage
 
+    # The process ends after this command: frozen at exit, the objects still alive (torch's and pandas' modules
+    # above all) are not walked again by the interpreter's last collections, which is most of a short run's exit.
+    atexit.register(gc.freeze)
     report = predict_stage(model_uri, input, output, params)
     if report.headerless:
         console.print(f"{input} has no header row: read in the column order of the dataset's declaration")

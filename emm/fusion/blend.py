@@ -23,6 +23,11 @@ fold AUCs pick the strength by noise; a strong one then weights every donor by i
 noise donors included, and on the scarce benchmark that ranked test rows worse than the plain fit on every
 seed (README, "When fusion pays").
 
+Tree members (LightGBM, XGBoost: ``emm.models.trees``) cannot be decomposed, so they join here and only here:
+each is an ``OutputMember``, one more frozen donor after the plan's networks, whose logit enters its task's blend
+(every task's under ``cross_residual``) and so the stack, like any donor's. A fine-tune phase never thaws one (its
+leaf values are what the library fitted), and a tree no blend weighs is left out by pruning like any donor.
+
 Labels may be missing (NaN): every stack is fitted on the task's *labelled* held-out rows only
 (``labelled_rows``), and a task with none, or with a single class among them, is refused by name.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,8 +48,22 @@ from emm.fusion.decompose import Plan
 from emm.train import compare
 
 
+@dataclass(frozen=True)
+class OutputMember:
+    """A pool member that joins the fused model at the output only (a tree model): its frozen module, taking
+    ``(sparse, dense)`` and returning one logit per row, and what ``fused.json`` records of it (``file``: its
+    native file's name in ``pool/`` and ``fused/``, ``sha256``: that file's digest)."""
+
+    name: str
+    task: str
+    module: nn.Module
+    file: str
+    sha256: str
+
+
 class DonorPaths(nn.Module):
-    """Every pool model as decomposed (components then head), frozen: ``(sparse, dense) -> [B, n_models]``.
+    """Every pool model as decomposed (components then head), frozen, then the output members (``trees``, the
+    tree models, in pool order): ``(sparse, dense) -> [B, n_models + n_trees]``.
 
     They are deep copies of the plan's pieces, so the fused levels (which may re-initialise their
     own copies under the ``baseline``/``+mtm`` ablations) never change them; ``train()`` keeps them
@@ -56,12 +76,15 @@ class DonorPaths(nn.Module):
     placeholder, so the remaining state-dict names are the unpruned model's.
     """
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, outputs: Sequence[OutputMember] = ()) -> None:
         super().__init__()
         self.paths = nn.ModuleList(
             nn.ModuleList([*copy.deepcopy(plan.components[i]), copy.deepcopy(plan.heads[i])])
             for i in range(plan.num_models))
-        self.kept = list(range(plan.num_models))
+        if outputs:  # only then: a pool without trees keeps the state dict (and module tree) it always had
+            self.trees = nn.ModuleList(copy.deepcopy(m.module) for m in outputs)
+        self.n_paths = plan.num_models
+        self.kept = list(range(plan.num_models + len(outputs)))
         self.shares_first = False
         self.requires_grad_(False)
         self.eval()
@@ -77,6 +100,9 @@ class DonorPaths(nn.Module):
                            "them through the fused model, which hands them that level's outputs")
         out = []
         for i in self.kept:
+            if i >= self.n_paths:  # a tree: it reads the raw inputs, never a shared first piece
+                out.append(self.trees[i - self.n_paths](*inputs)[:, :1])
+                continue
             path = self.paths[i]
             h = first[i] if first is not None else path[0](*inputs)
             for piece in path[1:]:
@@ -141,10 +167,11 @@ class DonorEnsemble(nn.Module):
     Training-only: it is never part of the fused model, so nothing of it lands in ``fused/``.
     """
 
-    def __init__(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str]) -> None:
+    def __init__(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str],
+                 outputs: Sequence[OutputMember] = ()) -> None:
         super().__init__()
-        self.donors = DonorPaths(plan)
-        self.mean = DonorBlend(model_tasks, task_names)
+        self.donors = DonorPaths(plan, outputs)
+        self.mean = DonorBlend([*model_tasks, *(m.task for m in outputs)], task_names)
         self.requires_grad_(False)
         self.eval()
 

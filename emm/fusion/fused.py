@@ -35,6 +35,11 @@ Rebuilding: ``config_dict()`` is a JSON-able description; together with the plan
 the folder ``save_plan`` wrote) ``FusedModel.from_config(plan, config)`` rebuilds the same
 architecture, into which the saved ``state_dict`` loads.
 
+Tree members (``emm.models.trees``): a pool's LightGBM / XGBoost models are never decomposed; they come as
+``OutputMember``s and join the donor heads' blends after the plan's networks (``emm.fusion.blend``), named in
+``donor_names``. ``config_dict`` records each one's native file and digest and its ``TreeModel.layout()``, so
+``from_config`` rebuilds it with torch alone and its tensors load with the rest of the state dict.
+
 Pruned (``emm.fusion.prune``): the model ``fuse`` saves leaves out what adds exactly nothing (a task's residual
 tower whose last layer is exactly 0, and then possibly the whole AKF stack; donors no blend weighs) and computes
 AKF level 0 once for itself and the donors when those are the same modules. ``pruning`` says what; the config
@@ -52,7 +57,7 @@ from torch import Tensor, nn
 from emm.data.schema import Schema
 from emm.errors import EMMError
 from emm.fusion.akf import AKFLevel
-from emm.fusion.blend import DonorBlend, DonorPaths
+from emm.fusion.blend import DonorBlend, DonorPaths, OutputMember
 from emm.fusion.decompose import Plan
 from emm.fusion.options import ABLATIONS, AKFOptions
 from emm.fusion.plan_parts import (check_levels, check_tasks, embedding_only_level, flat_width, level_adapters,
@@ -61,6 +66,7 @@ from emm.fusion.prune import Dropped, Pruning, apply_pruning
 from emm.fusion.recipes import ATTENTIONS, ENTRIES, FUSION_GATES, OUTPUTS, Attention, FusionGate
 from emm.models.embedding import FeatureEmbedding
 from emm.models.single_task import Tower
+from emm.models.trees import TreeModel
 
 FUSED_FORMAT = "emm.fused/2"
 
@@ -77,14 +83,24 @@ class FusedModel(nn.Module):
         embedding: with ``embedding="retrain"``, the fresh ``FeatureEmbedding`` to train (``build_fused``
             builds one from the data schema); None derives its sizes from the plan's level-0 embedding.
             Must be None with ``embedding="reuse"``.
+        outputs: the pool members that join at the output (tree models), in pool order: donors after the plan's
+            networks, for an output head that keeps donors (``donor_residual``, ``cross_residual``).
     """
 
     def __init__(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], cfg: AKFOptions,
-                 embedding: FeatureEmbedding | None = None) -> None:
+                 embedding: FeatureEmbedding | None = None, outputs: Sequence[OutputMember] = ()) -> None:
         super().__init__()
         self.model_tasks = [str(t) for t in model_tasks]
         self.task_names = [str(t) for t in task_names]
         self.model_names = list(plan.names)
+        # every donor a blend column stands for: the plan's networks, then the output members
+        self.donor_names = [*self.model_names, *(m.name for m in outputs)]
+        self.output_members = [{"name": m.name, "task": m.task, "format": m.module.format, "file": m.file,
+                                "sha256": m.sha256, "layout": m.module.layout()} for m in outputs]
+        unknown = sorted({m.task for m in outputs} - set(self.task_names))
+        if unknown:
+            raise EMMError(f"tree model(s) {[m.name for m in outputs if m.task in unknown]} are for task(s) {unknown}, "
+                           f"which are not in task_names {self.task_names}; leave them out of the pool")
         cfg = AKFOptions.model_validate(cfg.model_dump(include=set(AKFOptions.model_fields)))
         self.cfg = cfg
         check_tasks(plan, self.model_tasks, self.task_names)
@@ -107,7 +123,10 @@ class FusedModel(nn.Module):
         self.towers = nn.ModuleList(Tower(self.width, list(cfg.tower)) for _ in self.task_names)
         self.donors: DonorPaths | None = None  # set by an output head that keeps the donors (donor_residual)
         self.blend: DonorBlend | None = None
-        for name, module in self.output_head.build(plan, self.model_tasks, self.task_names, self.towers).items():
+        # ``outputs`` only when there are any: a head written before tree members joined still builds without them
+        joins = {"outputs": outputs} if outputs else {}
+        for name, module in self.output_head.build(plan, self.model_tasks, self.task_names, self.towers,
+                                                   **joins).items():
             setattr(self, name, module)
         self.pruning = Pruning()  # nothing left out: ``emm.fusion.prune`` sets what a saved model leaves out
 
@@ -210,6 +229,7 @@ class FusedModel(nn.Module):
             "embedding": self.embedding_config,
             "replaces_level0": self.replaces_level0,
             "levels": [int(level.index) for level in self.levels],
+            **({"output_members": self.output_members} if self.output_members else {}),
             **({} if self.pruning.empty else {"pruned": self.pruning.config(self.task_names)}),
         }
 
@@ -228,7 +248,7 @@ class FusedModel(nn.Module):
             raise EMMError(f"fused-model config has an invalid 'options' section ({exc}); fuse again") from exc
         emb = config.get("embedding")
         embedding = FeatureEmbedding.from_config(emb) if emb else None
-        model = cls(plan, config["model_tasks"], config["task_names"], cfg, embedding)
+        model = cls(plan, config["model_tasks"], config["task_names"], cfg, embedding, output_members(config))
         if model.replaces_level0 != config.get("replaces_level0", model.replaces_level0):
             raise EMMError("the plan's level 0 is not what the fused model was built on; "
                            "load the plan it was fused from")
@@ -285,8 +305,18 @@ class FusedModel(nn.Module):
         return gates["fusion"].float().mean(dim=1).cpu()
 
 
+def output_members(config: dict[str, Any]) -> list[OutputMember]:
+    """The output members ``config_dict()`` recorded, each an empty ``TreeModel`` of its recorded layout (its
+    tensors come with the fused model's state dict)."""
+    try:
+        return [OutputMember(str(m["name"]), str(m["task"]), TreeModel.from_layout(m["layout"]), str(m["file"]),
+                             str(m["sha256"])) for m in config.get("output_members", [])]
+    except (KeyError, TypeError) as exc:
+        raise EMMError(f"fused-model config has an invalid 'output_members' section ({exc!r}); fuse again") from exc
+
+
 def build_fused(plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], cfg: AKFOptions,
-                schema: Schema) -> FusedModel:
+                schema: Schema, outputs: Sequence[OutputMember] = ()) -> FusedModel:
     """A ``FusedModel`` whose fresh embedding (``retrain``) is sized from the data schema."""
     shapes = [tuple(s) for s in plan.input_shapes]
     if shapes != [(schema.n_sparse,), (schema.n_dense,)]:
@@ -300,4 +330,4 @@ def build_fused(plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str
         raise EMMError(f"tasks {missing} are not tasks of dataset {schema.dataset!r} ({schema.task_names}); "
                        "fix fuse task names or re-ingest")
     embedding = ENTRIES.resolve(cfg.embedding).schema_embedding(plan, schema)
-    return FusedModel(plan, model_tasks, task_names, cfg, embedding)
+    return FusedModel(plan, model_tasks, task_names, cfg, embedding, outputs)

@@ -13,8 +13,8 @@ What is left out, each proved from the module structure and the weights, never b
     logit is its blend. When every task is so, no AKF work is left: the fresh embedding, every level and every
     tower are dropped (``stack_off``).
 ``donors_off`` (pool models)
-    a donor whose weight is exactly 0 in every task's blend (its column of ``weight * mask``): its path is not
-    run, and the blend reads the kept donors' columns only.
+    a donor whose weight is exactly 0 in every task's blend (its column of ``weight * mask``): its path (or, for a
+    tree member, its tree) is not run, and the blend reads the kept donors' columns only.
 ``shared_level0``
     while AKF level 0 stays, when each of its components is the very module (same class and code, same
     hyper-parameters, every tensor equal, frozen) that starts that donor's path, run on the same raw
@@ -132,7 +132,7 @@ def unweighted_donors(model: FusedModel) -> list[str]:
     if model.blend is None:
         return []
     weight = (model.blend.weight * model.blend.mask).detach()
-    return [name for i, name in enumerate(model.model_names) if not weight[:, i].any()]
+    return [name for i, name in enumerate(model.donor_names) if not weight[:, i].any()]
 
 
 def same_module(a: nn.Module, b: nn.Module) -> bool:
@@ -162,7 +162,7 @@ def level0_shareable(model: FusedModel, donors_off: tuple[str, ...] = ()) -> boo
     level = model.levels[0]
     if level.index != 0 or not level.frozen:
         return False
-    kept = [i for i in donors.kept if model.model_names[i] not in donors_off]
+    kept = [i for i in donors.kept if i < donors.n_paths and model.model_names[i] not in donors_off]
     return bool(kept) and all(level.pre[i] is None and same_module(level.components[i], donors.paths[i][0])
                               for i in kept)
 
@@ -180,10 +180,10 @@ def apply_pruning(model: FusedModel, pruning: Pruning) -> None:
     """Leave out of ``model`` (in place) what ``pruning`` names: the one structural transform, applied to a trained
     model's copy (``prune``) and to a freshly built one before its saved weights load (``FusedModel.from_config``)."""
     unknown = [t for t in pruning.residual_off if t not in model.task_names] + \
-              [m for m in pruning.donors_off if m not in model.model_names]
+              [m for m in pruning.donors_off if m not in model.donor_names]
     if unknown:
         raise EMMError(f"fused-model config prunes {unknown}, which the model does not have (tasks "
-                       f"{model.task_names}, pool models {model.model_names}); fuse again")
+                       f"{model.task_names}, pool models {model.donor_names}); fuse again")
     if (pruning.donors_off or pruning.shared_level0) and (model.donors is None or model.blend is None):
         raise EMMError(f"fused-model config prunes donors, but output {model.cfg.output!r} keeps none; fuse again")
     stack_off = pruning.stack_off(model.task_names)
@@ -197,14 +197,18 @@ def apply_pruning(model: FusedModel, pruning: Pruning) -> None:
         model.embedding = None
         model.levels = nn.ModuleList()
     if pruning.donors_off:
-        off = {model.model_names.index(m) for m in pruning.donors_off}
+        off = {model.donor_names.index(m) for m in pruning.donors_off}
         for i in off:
-            model.donors.paths[i] = nn.ModuleList()
+            if i < model.donors.n_paths:
+                model.donors.paths[i] = nn.ModuleList()
+            else:  # a tree member no blend weighs
+                model.donors.trees[i - model.donors.n_paths] = Dropped(REASONS["donors_off"])
         model.donors.kept = [i for i in model.donors.kept if i not in off]
         model.blend.columns = list(model.donors.kept)
     if pruning.shared_level0 and not model.donors.shares_first:
         for i in model.donors.kept:
-            model.donors.paths[i][0] = Dropped(REASONS["shared_level0"])
+            if i < model.donors.n_paths:  # a tree member reads the raw inputs: it has no first piece to share
+                model.donors.paths[i][0] = Dropped(REASONS["shared_level0"])
         model.donors.shares_first = True
     model.pruning = pruning
 

@@ -40,12 +40,32 @@ class NumericOptions(Options):
     sigma: float = Field(default=1.0, gt=0, description="periodic: init scale of the frequencies, on standardised values")
 
 
+def periodic_embeddings() -> type[nn.Module]:
+    """``rtdl_num_embeddings.PeriodicEmbeddings``, the package imported without scikit-learn when nothing loaded it yet.
+
+    Why: the package imports ``sklearn.tree`` when it is imported, for ``compute_bins``' tree bins, which EMM never
+    uses; scikit-learn (with SciPy) takes longer to import than ``emm predict`` takes to score a few rows. While the
+    package is imported, ``sklearn.tree`` is marked absent, which the package is written to accept (it keeps
+    ``sklearn_tree = None``); the mark is removed at once."""
+    import sys
+
+    if "rtdl_num_embeddings" not in sys.modules and "sklearn.tree" not in sys.modules:
+        sys.modules["sklearn.tree"] = None  # type: ignore[assignment] - None: "import sklearn.tree" fails
+        try:
+            import rtdl_num_embeddings  # noqa: F401
+        finally:
+            del sys.modules["sklearn.tree"]
+    from rtdl_num_embeddings import PeriodicEmbeddings
+
+    return PeriodicEmbeddings
+
+
 class PeriodicNumeric(nn.Module):
     """Standardise each dense value with fitted statistics, then PLR-embed it: ``[B, n] -> [B, n * dim]``."""
 
     def __init__(self, n_dense: int, opts: NumericOptions) -> None:
         super().__init__()
-        from rtdl_num_embeddings import PeriodicEmbeddings  # local: only periodic models need the package
+        PeriodicEmbeddings = periodic_embeddings()  # noqa: N806 - the package's class
 
         self.n_dense, self.dim, self.opts = n_dense, opts.dim, opts
         self.periodic = PeriodicEmbeddings(n_dense, opts.dim, n_frequencies=opts.frequencies,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,6 +45,10 @@ ZERO_THRESHOLD = 1e-35  # LightGBM's kZeroThreshold: |x| <= this is "zero" for m
 MAX_CODE = float(2**30)  # larger values cannot be categories (LightGBM casts to int); clamped before the cast
 MAX_TABLE = 2**26  # entries of the categorical table (one byte each)
 TOLERANCE = 1e-4  # relative: our logits vs the library's own, float32 sums of hundreds of leaves
+# a TreeModel's plain attributes that ``layout`` records (its tensors are its state dict)
+LAYOUT_SCALARS = ("name", "format", "features", "named", "reads", "leaves", "base", "has_categorical",
+                  "has_zero_missing", "sigmoid")
+LAYOUT_DTYPES = ("int64", "float32", "float64", "uint8", "bool")
 
 
 class LightGBMSpec(BaseModel):
@@ -183,6 +187,39 @@ class TreeModel(nn.Module):
         # and dtype callers read, as for any member: next(model.parameters()))
         self.value = nn.Parameter(torch.from_numpy(forest.value[leaf].copy()), requires_grad=False)
         self.sigmoid = forest.sigmoid
+
+    def layout(self) -> dict[str, Any]:
+        """What ``from_layout`` rebuilds this module's shell from: its scalars, its walk and its tensors' shapes and
+        dtypes (JSON; the tensors themselves are its state dict).
+
+        Why: a fused model with a tree member is saved as its state dict (the tree's tensors included) and a JSON
+        architecture; rebuilt from those alone, it scores with torch and no LightGBM/XGBoost installed, as the
+        registered bundle must (``emm.fusion.saved``)."""
+        return {**{k: getattr(self, k) for k in LAYOUT_SCALARS}, "schedule": [list(s) for s in self.schedule],
+                "tensors": {k: [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                            for k, t in self.state_dict().items()}}
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, Any]) -> TreeModel:
+        """An empty module of ``layout``'s shape (``layout()``), in eval mode: load its state dict to score."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        try:
+            for key in LAYOUT_SCALARS:
+                setattr(model, key, layout[key])
+            model.schedule = [(int(steps), int(done)) for steps, done in layout["schedule"]]
+            for key, (shape, dtype) in layout["tensors"].items():
+                if dtype not in LAYOUT_DTYPES:
+                    raise ValueError(f"tensor {key!r} has dtype {dtype!r}")
+                empty = torch.zeros([int(d) for d in shape], dtype=getattr(torch, dtype))
+                if key == "value":
+                    model.value = nn.Parameter(empty, requires_grad=False)
+                else:
+                    model.register_buffer(key, empty)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EMMError(f"tree model {layout.get('name')!r}: its recorded layout is invalid ({exc!r}); fuse "
+                           "again") from exc
+        return model.eval()
 
     @property
     def n_trees(self) -> int:

@@ -59,7 +59,7 @@ STAGES: dict[str, StageInputs] = {
     # registers to the same model as evaluate (alias fast) and records the fused version it compressed
     "compress": StageInputs("evaluate", ("compress", "tracking"),
                             ("emm/models", "emm/fusion", "emm/train", "emm/tracking", "emm/pipeline/compress.py",
-                             "emm/pipeline/evaluate.py", "emm/pipeline/export.py"), ("data", "fused", "eval"),
+                             "emm/pipeline/evaluate.py", "emm/pipeline/export.py"), ("data", "pool", "fused", "eval"),
                             "compact/compact.json"),
 }
 # One pool member, trained as its own Prefect task: the pretrain stage's inputs, one model's settings.

@@ -40,6 +40,7 @@ from emm.data.tensors import SplitTensors, load_split
 from emm.errors import EMMError
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, load_fused
 from emm.io import atomic_dir, digest, provenance, read_json, sha256_file, write_json
+from emm.models.pool import load_pool
 from emm.pipeline.evaluate import CI_CONFIDENCE, CI_RESAMPLES, CI_SEED, task_masks
 from emm.pipeline.export import check_rows_of, export_checked
 from emm.pipeline.layout import stage_dir
@@ -48,7 +49,7 @@ from emm.tracking import registry
 from emm.tracking.pyfunc import COMPACT_MODEL_BUILDER
 from emm.tracking.runs import open_run
 from emm.tracking.store import configure, registered_name
-from emm.train.compact import COST_ROWS, CompactResult, train_compact
+from emm.train.compact import COST_ROWS, CompactResult, build_compact, spec_for_budget, train_compact, warm_start
 from emm.train.compare import paired_auc_cis
 from emm.train.cost import model_cost
 from emm.train.metrics import check_scores, mean_auc, task_metrics
@@ -93,8 +94,8 @@ def fused_version(eval_dir: Path) -> str | None:
     return read_json(metrics).get("registered_version") if metrics.is_file() else None
 
 
-def compress(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, out_dir: Path, cfg: CompressConfig, *,
-             tracking: TrackingConfig | None = None, progress: bool = False) -> dict[str, Any]:
+def compress(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, eval_dir: Path, out_dir: Path,
+             cfg: CompressConfig, *, tracking: TrackingConfig | None = None, progress: bool = False) -> dict[str, Any]:
     """Distil ``fused/`` into a compact model, compare them on the test rows, write ``compact/``; with
     ``tracking`` and within the bound, register it (``register_compact``, inside the atomic folder as
     evaluate does: compact.json never names a registration that did not happen). Returns compact.json."""
@@ -114,14 +115,16 @@ def compress(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, out_
     teacher, _ = load_fused(fused_dir, schema)
     train, val, test = (load_split(data_dir, s, schema) for s in ("train", "val", "test"))
     masks = task_masks(schema, val, test)
-    result = train_compact(teacher, schema, train, val, cfg, progress=progress, on_spec=lambda spec, cost: log.info(
+    member, start_from = warm_start_member(pool_dir, fused_dir, schema, cfg, val)
+    result = train_compact(teacher, schema, train, val, cfg, start_from=start_from, progress=progress, on_spec=lambda spec, cost: log.info(
         "compact model: bottom %s, tower %s: %s FLOPs per row (budget %s)", spec.bottom, spec.tower,
         f"{cost.flops_per_row:,}", f"{cfg.flops_per_row:,}"))
     compact = check_scores(predict_proba(result.model, test), what="the compact model")
     fused = predict_proba(teacher, test)
     per_task = compare_with_fused(compact, fused, test, masks)
     within, reasons = gate(per_task, cfg.max_auc_loss)
-    record.update(describe(result, teacher, val, cfg), tasks_compared=per_task, max_auc_loss=cfg.max_auc_loss,
+    record.update(describe(result, teacher, val, cfg), tasks_compared=per_task,
+                  warm_start={"member": member, "copied": result.warm_started}, max_auc_loss=cfg.max_auc_loss,
                   within=within, reasons=reasons,
                   mean_test_auc=float(np.mean([r["compact_auc"] for r in per_task.values()])))
     with atomic_dir(out_dir) as tmp:
@@ -134,6 +137,43 @@ def compress(dataset: str, data_dir: Path, fused_dir: Path, eval_dir: Path, out_
             record.update(register_compact(dataset, data_dir, tmp, record, tracking))
             write_json(tmp / COMPACT_JSON, record)
     return record
+
+
+def warm_start_member(pool_dir: Path, fused_dir: Path, schema: Schema, cfg: CompressConfig,
+                      val: SplitTensors) -> tuple[str | None, Any]:
+    """(name, module) of the pool member the compact model starts from (``compress.warm_start``), or (None, None).
+
+    ``auto``: the members of the hardest task (the lowest validation AUC of the fused model, fused.json), in pool
+    order, the first whose embedding the compact model shares (``emm.train.compact.warm_start`` copies
+    something). Why the hardest task: the easy ones come within the bound from any start; the hardest one
+    decides whether the compact model is registered. A named member that is not in the pool, or whose
+    embedding the compact model does not share, is an ``EMMError``."""
+    if cfg.warm_start == "none":
+        return None, None
+    members = {entry.name: (entry, module) for entry, module in load_pool(pool_dir, schema)}
+    spec = spec_for_budget(schema, cfg, val)[0]
+
+    def shares_embedding(module: Any) -> bool:
+        return bool(warm_start(build_compact(spec, schema), module))
+
+    if cfg.warm_start != "auto":
+        if cfg.warm_start not in members:
+            raise EMMError(f"compress.warm_start names {cfg.warm_start!r}, which is not in the pool ({pool_dir}: "
+                           f"{', '.join(members)}): name one of them, or use auto or none")
+        if not shares_embedding(members[cfg.warm_start][1]):
+            raise EMMError(f"compress.warm_start: pool member {cfg.warm_start!r} does not have the compact model's "
+                           f"embedding (compress.embed_dim {cfg.embed_dim}, numeric {cfg.numeric.mode}): name a "
+                           "member that does, or use auto or none")
+        return cfg.warm_start, members[cfg.warm_start][1]
+    val_auc = read_json(Path(fused_dir) / FUSED_JSON).get("val", {})
+    tasks = sorted(schema.task_names, key=lambda t: val_auc.get(t, {}).get("auc", 1.0))
+    for task in tasks:
+        for name, (entry, module) in members.items():
+            if entry.task == task and shares_embedding(module):
+                log.info("compact model: starts from pool member %s (task %s, the hardest first)", name, task)
+                return name, module
+    log.info("compact model: no pool member shares its embedding; it starts from random weights")
+    return None, None
 
 
 def describe(result: CompactResult, teacher: Any, val: SplitTensors, cfg: CompressConfig) -> dict[str, Any]:
@@ -232,5 +272,5 @@ def compress_stage(dataset: str, params: Path | str | None = None, *, register: 
     """Compress ``fused/`` into ``compact/``; register it as ``emm-<dataset>`` @fast when within the bound
     (unless ``register`` is off)."""
     cfg = load_params(params)
-    dirs = [stage_dir(cfg, dataset, s) for s in ("data", "fused", "eval", "compact")]
+    dirs = [stage_dir(cfg, dataset, s) for s in ("data", "pool", "fused", "eval", "compact")]
     return compress(dataset, *dirs, cfg.compress, tracking=cfg.tracking if register else None, progress=progress)

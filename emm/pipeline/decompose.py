@@ -55,6 +55,14 @@ def output_order(entries: list[PoolEntry]) -> list[int]:
     return [i for i, e in enumerate(entries) if is_tree_spec(e.spec)]
 
 
+def fused_pool(entries: list[PoolEntry]) -> str:
+    """Which pool a fused model is fused from (``fused.json``'s ``made_from.pool``, the checkpoint's ``pool``):
+    every member's identity (``pool_digest``), the networks in plan order, then the tree members in pool order
+    (``output_order``). ``entries``: the whole pool, in pool order. A pool without trees gives the digest its
+    components record (``emm.pipeline.decompose``), as before trees could join."""
+    return pool_digest([entries[i] for i in plan_order(entries)] + [entries[i] for i in output_order(entries)])
+
+
 def output_members(entries: list[PoolEntry]) -> list[dict]:
     """What plan.json records of each output member: name, task, format and its file's digest."""
     return [{"name": entries[i].name, "task": entries[i].task, "format": entries[i].spec.format,

@@ -43,8 +43,8 @@ from emm.data.tensors import SplitTensors, load_split
 from emm.errors import EMMError
 from emm.fusion.saved import load_fused
 from emm.io import atomic_dir, write_json
-from emm.models.pool import PoolEntry, load_pool, pool_digest
-from emm.pipeline.decompose import plan_order, stage_pool_signatures
+from emm.models.pool import PoolEntry, load_pool
+from emm.pipeline.decompose import fused_pool, stage_pool_signatures
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import TrackingConfig, load_params
 from emm.pipeline.register import GAIN, LOSS, NO_GAIN, STACK_KEY, fused_minus_stack, register_fused
@@ -229,7 +229,7 @@ def plot_auc(per_task: dict[str, dict[str, Any]], path: Path) -> None:
 def check_fused_pool(meta: dict[str, Any], fused_dir: Path, pool: list[tuple[PoolEntry, nn.Module]]) -> None:
     """The fused model was fused from this pool (``fused.json``'s ``made_from``, in plan order as fuse has it)."""
     entries = [e for e, _ in pool]
-    now = pool_digest([entries[i] for i in plan_order(entries)])
+    now = fused_pool(entries)
     recorded = (meta.get("made_from") or {}).get("pool")
     if recorded is None:
         raise EMMError(f"fused model in {fused_dir} records no pool it was fused from (written by an older EMM), so "

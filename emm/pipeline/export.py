@@ -26,6 +26,11 @@ table, onnxruntime fails). ``UnseenGuard`` maps every index outside its column's
 (``offset_j .. offset_j + vocab_size_j - 1``) to that column's unseen index, ``offset_j``, which is what the
 encoder does with a value it never saw; in-range indices pass unchanged, so torch's scores still hold.
 
+Tree members (LightGBM, XGBoost) export with the rest: their ``TreeModel`` walk is plain tensor operations over
+the node arrays (gathers, comparisons, ``where`` on uint8 branches: ONNX Runtime has no ``Where`` over bools), one
+step per tree level, with the leaf values summed in float64 as in torch; so the file needs neither library and the
+same agreement check holds it (``tests/integration/test_fuse_trees.py``).
+
 On disk: ``artifacts/<dataset>/export/`` (atomic) with ``fused.onnx`` (its metadata names the tasks, the
 input columns and the schema fingerprint) and ``export.json`` (the check, the opset, where it came from).
 Logged: when a registered version is named (``--model-uri models:/emm-<dataset>/N`` or ``@alias``), or by
@@ -139,11 +144,17 @@ def export_onnx(model: nn.Module, path: Path, example: tuple[torch.Tensor, torch
 
 
 def onnx_session(path: Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session on ``path`` (``threads``: intra-op threads, default torch's count)."""
+    """An onnxruntime CPU session on ``path`` (``threads``: intra-op threads, default torch's count).
+
+    Denormal numbers are computed as zero: a trained network's products with weights near zero can fall below
+    float32's smallest normal number, and x86 CPUs compute with those many times slower than with any other
+    (harness/benchmarks/score_speed.py measures the session with and without); below 1.2e-38 they change no
+    score."""
     _, ort = _onnx()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for a bad file

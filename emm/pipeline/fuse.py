@@ -17,7 +17,12 @@ into ``fused/``.
 
 For the same reason the pool is checked and loaded (``load_pool_plan``: digests, signatures, finite
 weights), components cut from another pool are refused, and ``fused.json`` records the pool it was fused
-from (``made_from``), for evaluate to refuse a fused model that another pool left behind.
+from (``made_from``, ``fused_pool``: the networks and the tree members), for evaluate to refuse a fused model
+that another pool left behind.
+
+Tree members (LightGBM, XGBoost) are not in the components: they are loaded from ``pool/`` here
+(``load_output_members``) and join the fused model's blend as donors (``emm.fusion.blend.OutputMember``); their
+native files are copied into ``fused/`` beside the weights (``emm.fusion.saved.save_output_files``).
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ from emm.data.options import ScaleConfig
 from emm.data.schema import Schema
 from emm.data.stream import open_split
 from emm.errors import EMMError
+from emm.fusion.blend import OutputMember
 from emm.fusion.fused import FusedModel
 from emm.fusion.options import DecomposeConfig
 from emm.fusion.procedure import FusePlan, FuseRunner
 from emm.fusion.prune import cost_record, prune
-from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, architecture
+from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, architecture, save_output_files
 from emm.io import atomic_dir, digest, provenance, read_json, tree_digest, write_json
-from emm.models.pool import pool_digest
-from emm.pipeline.decompose import load_pool_plan, stage_pool_signatures
+from emm.models.pool import PoolEntry, load_tree_member, read_pool
+from emm.pipeline.decompose import fused_pool, load_pool_plan, output_order, stage_pool_signatures
 from emm.pipeline.layout import stage_dir, stage_tracker
 from emm.pipeline.params import FuseConfig, load_params
 from emm.tracker import NullTracker, Tracker
@@ -59,6 +65,16 @@ class FuseResult:
     test: dict[str, dict[str, float]]
     run_id: str | None
     saved: FusedModel | None = None  # what ``fused/`` holds: ``model`` pruned (the rank that writes only)
+
+
+def load_output_members(pool_dir: Path, schema: Schema, expected: dict[str, dict] | None = None
+                        ) -> tuple[list[PoolEntry], list[OutputMember]]:
+    """The whole pool's entries (checked, ``read_pool``) and its tree members, each loaded from its native file in
+    ``pool_dir`` (its sha256 checked as it is read), in pool order: the donors that join at the output."""
+    entries = read_pool(pool_dir, expected)
+    members = [OutputMember(e.name, e.task, load_tree_member(e, pool_dir, schema), e.weights, str(e.weights_sha256))
+               for e in (entries[i] for i in output_order(entries))]
+    return entries, members
 
 
 def fuse_made_from(pool: str, components_dir: Path, cfg: FuseConfig, dcfg: DecomposeConfig) -> dict:
@@ -83,21 +99,23 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
     tracker = tracker or NullTracker()
     schema = Schema.load(data_dir)
     plan, entries = load_pool_plan(data_dir, pool_dir, components_dir, dcfg, expected=expected)
-    pool = pool_digest(entries)  # in plan order, as decompose recorded it in the components
+    everything, outputs = load_output_members(pool_dir, schema, expected)
+    pool = fused_pool(everything)
     tasks_without_models = [t for t in schema.task_names if t not in {e.task for e in entries}]
     if tasks_without_models:
         raise EMMError(f"task(s) {tasks_without_models} have no model in the pool {[e.name for e in entries]}; "
                        f"add one to pretrain.pool.{dataset} and pretrain again")
     runner = FuseRunner(FusePlan.from_options(cfg), plan, [e.task for e in entries], schema,
                         work_dir=Path(work_dir), made_from=fuse_made_from(pool, components_dir, cfg, dcfg),
-                        tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}]")
+                        tracker=tracker, progress=progress, desc=f"fused[{cfg.ablation}]", outputs=outputs)
     model = runner.model
     # every rank fits on the same (whole) val rows
     blend = runner.prepare(lambda: open_split(data_dir, "val", schema, scale).head(STACK_ROWS))
     rank, world = ctx.shard
     train, val, test = (open_split(data_dir, s, schema, scale, rank=rank, world=world) for s in ("train", "val", "test"))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tracker.log_params({**cfg.akf.model_dump(), "levels": plan.num_levels, "pool": [e.name for e in entries],
+    tracker.log_params({**cfg.akf.model_dump(), "levels": plan.num_levels,
+                        "pool": [e.name for e in entries] + [m.name for m in outputs],
                         "trainable_params": n_trainable, "distill": cfg.distill, **cfg.train.model_dump()})
     fitted = runner.train(train, val, resume=resume)
     fit = fitted.fit
@@ -116,6 +134,7 @@ def fuse(dataset: str, data_dir: Path, pool_dir: Path, components_dir: Path, out
              saved.pruning.config(saved.task_names) if not saved.pruning.empty else "nothing")
     with atomic_dir(out_dir) as tmp:
         save_module(saved, tmp / FUSED_WEIGHTS)
+        save_output_files(saved, pool_dir, tmp)
         write_json(tmp / FUSED_JSON, {
             "dataset": dataset, "tasks": schema.task_names, "schema_fingerprint": schema.fingerprint(),
             "architecture": architecture([e.spec for e in entries], dcfg, saved), "trainable_params": n_trainable,

@@ -5,7 +5,7 @@ sensible dtype: CSV text, int64 / float Parquet columns, numeric strings. A CSV 
 of those names but has as many fields as the dataset's declaration (``emm/data/builtin/*.yaml`` or
 ``datasets:`` in params.yaml) is read as a headerless raw file in the declaration's column order (the UCI
 Census files are such files). Every value is scored from its text form, as ingestion read it, so the
-same value gives the same score whatever its dtype (``emm.tracking.pyfunc.raw_text``).
+same value gives the same score whatever its dtype (``emm.tracking.scorer.raw_text``).
 
 Rows that cannot be scored (a required value missing, a dense value that is not a number: the pyfunc's
 ``Scorer.validate``) are never silently scored: they go to ``<output>.rejected.csv`` with the reason, and the
@@ -43,7 +43,7 @@ from emm.errors import EMMError
 from emm.io import atomic_file
 from emm.pipeline.params import load_params
 from emm.tracking.loading import load_scorer
-from emm.tracking.pyfunc import Scorer, raw_text, refuse_repeated_columns
+from emm.tracking.scorer import Scorer, raw_text, refuse_repeated_columns
 
 # Rows read, scored and written at a time: what bounds memory, whatever the input size. Why not more: the model
 # scores a chunk in one batch, and its activations grow with the batch (a fused model's dominate the peak);

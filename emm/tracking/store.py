@@ -8,9 +8,10 @@ import os
 import threading
 from pathlib import Path
 
-import mlflow
-
 from emm.errors import EMMError
+
+# mlflow is imported by the functions that use it: ``tracking_uri`` is all ``emm predict`` needs to find a model in
+# the project's own store (``emm.tracking.loading``), and importing MLflow takes longer than scoring a few rows.
 
 _EXPERIMENT_LOCK = threading.Lock()
 
@@ -26,6 +27,8 @@ def tracking_uri(store: Path) -> str:
 
 def configure(store: Path) -> str:
     """Point MLflow at the project's store (created on first use)."""
+    import mlflow
+
     uri = tracking_uri(store)
     if uri.startswith("sqlite:///"):
         Path(store).mkdir(parents=True, exist_ok=True)
@@ -39,6 +42,8 @@ def use_experiment(dataset: str, store: Path) -> str:
     """Create (once) and select the experiment ``emm-<dataset>``; artifacts go under the store.
 
     Locked: concurrent pool trainings (threads) must not both try to create the experiment."""
+    import mlflow
+
     with _EXPERIMENT_LOCK:
         configure(store)
         name = registered_name(dataset)
@@ -63,7 +68,9 @@ def is_transient(exc: BaseException) -> bool:
     text = str(exc).lower()
     if "database is locked" in text or "temporarily unavailable" in text:
         return True
-    if isinstance(exc, mlflow.exceptions.MlflowException):
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
         return exc.error_code in {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED",
                                   "RESOURCE_EXHAUSTED"}
     return False

@@ -1,7 +1,38 @@
-"""How is any model trained and scored? One trainer, sklearn metrics."""
+"""How is any model trained and scored? One trainer, sklearn metrics.
 
-from emm.train.metrics import auc, mean_auc, task_metrics
-from emm.train.predict import predict_proba
-from emm.train.trainer import FitResult, Trainer, pick_device
+The names below are loaded on first use (PEP 562), not when the package is: importing any ``emm.train``
+module runs this file first, and an eager ``metrics`` import would load scikit-learn (and SciPy) into every
+process that only scores, ``emm predict`` among them, for metrics it never computes.
+"""
 
-__all__ = ["FitResult", "Trainer", "auc", "mean_auc", "pick_device", "predict_proba", "task_metrics"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from emm.train.metrics import auc, mean_auc, task_metrics
+    from emm.train.predict import predict_proba
+    from emm.train.trainer import FitResult, Trainer, pick_device
+
+# exported name -> the module that defines it
+_EXPORTS = {
+    "FitResult": "emm.train.trainer",
+    "Trainer": "emm.train.trainer",
+    "pick_device": "emm.train.trainer",
+    "auc": "emm.train.metrics",
+    "mean_auc": "emm.train.metrics",
+    "task_metrics": "emm.train.metrics",
+    "predict_proba": "emm.train.predict",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name's module on first use, then keep the name here."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -52,12 +52,13 @@ log = logging.getLogger(__name__)
 WIDTH_STEP = 8        # every bottom width is a multiple of this (see the module docstring)
 COST_ROWS = 256       # real rows the FLOPs of a candidate are counted on
 SPEC_FORMAT = "emm.compact/1"
+TINY_WEIGHT = 1e-20   # weights below this are set to 0 after training (``flush_tiny_weights``)
 
 
 class CompactOptions(Options):
     """How the compact model is sized and trained (params.yaml's ``compress`` section adds the gate)."""
 
-    flops_per_row: int = Field(default=300_000, gt=0, description="budget: the widest bottom whose measured "
+    flops_per_row: int = Field(default=270_000, gt=0, description="budget: the widest bottom whose measured "
                                "FLOPs per row (emm.train.cost) fit it")
     layers: int = Field(default=2, ge=1, le=6, description="bottom layers, each half as wide as the one before")
     max_width: int = Field(default=4096, ge=WIDTH_STEP, description="widest first bottom layer considered")
@@ -67,6 +68,9 @@ class CompactOptions(Options):
         default_factory=lambda: NumericOptions(mode="periodic"),
         description="the dense features' encoding (emm.models.embedding): periodic, as the built-in pool models, "
                     "by default; minmax is cheaper to run and resolves heavy-tailed columns worse")
+    warm_start: str = Field(default="auto", description="auto: start the embedding and the first bottom layer from "
+                            "the pool member of the hardest task (lowest fused val AUC) that has the same "
+                            "embedding (``warm_start``); a member's name: that one; none: random weights")
     train: TrainConfig = TrainConfig()
 
 
@@ -146,20 +150,59 @@ def soft_targets(teacher: nn.Module, data: SplitTensors, batch_size: int = 65536
 
 
 @torch.no_grad()
-def flush_denormals(model: nn.Module) -> int:
-    """Set every weight smaller in magnitude than float32's smallest normal number to 0; returns how many.
+def flush_tiny_weights(model: nn.Module, below: float = TINY_WEIGHT) -> int:
+    """Set every weight (and float buffer) smaller in magnitude than ``below`` to 0; returns how many.
 
-    Why: weight decay leaves the weights of units that stopped learning there (denormal numbers), and x86 CPUs
-    multiply by a denormal many times slower than by any other number, in torch and onnxruntime alike, so a few
-    such weights in a layer slow every row through it. Their value (below 1.2e-38) changes no score."""
-    tiny = torch.finfo(torch.float32).tiny
+    Why: weight decay drives the weights of units that stopped learning toward zero without ever reaching it,
+    and multiplied by an activation such a weight gives a denormal number, which x86 CPUs compute with many
+    times slower than with any other, in torch and onnxruntime alike: a few thousand of them slow every row
+    through the layer. Why this bound changes no score: the product of such a weight with any activation lies
+    far below the float32 resolution of the sum it joins (a layer's output of order one), so the sums, and the
+    scores, come out the same."""
     flushed = 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.is_floating_point():
-            small = (tensor != 0) & (tensor.abs() < tiny)
+            small = (tensor != 0) & (tensor.abs() < below)
             flushed += int(small.sum())
             tensor[small] = 0
     return flushed
+
+
+def first_linear(module: nn.Module, in_features: int, max_out: int) -> nn.Linear | None:
+    """The first ``nn.Linear`` of ``module`` (registration order) that reads ``in_features`` values and has at most
+    ``max_out`` units: in a pool member with the compact model's embedding, its first layer over the embedded row."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear) and sub.in_features == in_features and sub.out_features <= max_out:
+            return sub
+    return None
+
+
+@torch.no_grad()
+def warm_start(model: SharedBottom, member: nn.Module) -> list[str]:
+    """Start ``model`` from what a trained pool member already learned; returns the compact tensors copied.
+
+    Copied: every tensor of the compact model's embedding that the member has under the same name and shape
+    (a built-in member encodes rows exactly as the compact model does), and, when the member has a first layer
+    over that embedded row (``first_linear``), its units into the first rows of the bottom's first layer (the
+    rest keep their random start). Nothing is copied unless the whole embedding matches: a first layer is only
+    meaningful over the embedding it was trained on.
+
+    Why: from random weights the compact model spends most of its epochs relearning an input representation the
+    pool already holds; started from the member's, it reaches the fused model's scores in far fewer epochs. The
+    member is only a starting point: every weight is trained on the fused model's probabilities afterwards."""
+    ours, theirs = model.state_dict(), member.state_dict()
+    embedding = [k for k in ours if k.startswith("embedding.")]
+    if not embedding or any(k not in theirs or theirs[k].shape != ours[k].shape for k in embedding):
+        return []
+    updates = {k: theirs[k].clone() for k in embedding}
+    name, first = next((n, m) for n, m in model.bottom.named_modules() if isinstance(m, nn.Linear))
+    layer = first_linear(member, first.in_features, first.out_features)
+    if layer is not None and layer.bias is not None:
+        weight, bias = first.weight.detach().clone(), first.bias.detach().clone()
+        weight[:layer.out_features], bias[:layer.out_features] = layer.weight, layer.bias
+        updates.update({f"bottom.{name}.weight": weight, f"bottom.{name}.bias": bias})
+    model.load_state_dict({**ours, **updates})
+    return sorted(updates)
 
 
 @dataclass
@@ -168,24 +211,27 @@ class CompactResult:
     spec: CompactSpec
     cost: ModelCost
     fit: FitResult
+    warm_started: list[str]
 
 
 def train_compact(teacher: nn.Module, schema: Schema, train: SplitTensors, val: SplitTensors, opts: CompactOptions,
-                  *, tracker: Tracker | None = None, progress: bool = False,
+                  *, start_from: nn.Module | None = None, tracker: Tracker | None = None, progress: bool = False,
                   on_spec: Callable[[CompactSpec, ModelCost], None] | None = None) -> CompactResult:
     """Size the compact model by the budget, then train it on the teacher's probabilities over ``train``,
     early-stopping on the labels of ``val`` (the best epoch's weights are kept). ``on_spec`` hears the
-    chosen architecture before training starts (to report it)."""
+    chosen architecture before training starts (to report it). ``start_from``: a trained pool member to
+    ``warm_start`` from."""
     spec, cost = spec_for_budget(schema, opts, val)
     if on_spec is not None:
         on_spec(spec, cost)
     soft = soft_targets(teacher, train, opts.train.eval_batch_size)
     torch.manual_seed(opts.train.seed)  # the initial weights: the same run gives the same model
     model = build_compact(spec, schema)
+    copied = warm_start(model, start_from) if start_from is not None else []
     fit = Trainer(model, opts.train, fingerprint=schema.fingerprint(),
                   made_from={"compact": spec.model_dump(mode="json")}, tracker=tracker, progress=progress,
                   desc="compact").fit(soft, val)
-    flushed = flush_denormals(model)
+    flushed = flush_tiny_weights(model)
     if flushed:
-        log.info("compact model: %d denormal weights set to 0 (they only slow scoring down)", flushed)
-    return CompactResult(model.eval(), spec, cost, fit)
+        log.info("compact model: %d weights below %g set to 0 (they only slow scoring down)", flushed, TINY_WEIGHT)
+    return CompactResult(model.eval(), spec, cost, fit, copied)

@@ -24,13 +24,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.stats import bootstrap
-from sklearn.linear_model import LogisticRegression
 
 from emm.errors import EMMError
+
+if TYPE_CHECKING:  # imported where used: SciPy and scikit-learn load slowly, and scoring never needs them
+    import scipy.sparse as sp
+    from sklearn.linear_model import LogisticRegression
 
 
 Pair = tuple[np.ndarray, np.ndarray]  # (score_a, score_b) on the same rows
@@ -91,6 +93,8 @@ class WeightedAUC:
         bucket[neg] = np.where(tied, 2 * k + below, np.where(below < k, k + below, 3 * k))
         keep = bucket < 3 * k                                  # drops negatives above every positive
         rows = np.flatnonzero(keep)
+        import scipy.sparse as sp
+
         groups = sp.csr_matrix((np.ones(len(rows), np.int32), (bucket[keep], rows)), shape=(3 * k, len(score)))
         return cls(groups, k)
 
@@ -173,6 +177,8 @@ def paired_auc_cis(labels: np.ndarray, comparisons: Mapping[str, Sequence[Pair]]
     def statistic(rows: np.ndarray, axis: int = -1) -> np.ndarray:
         return summarise(aucs(_counts(rows, n)))
 
+    from scipy.stats import bootstrap
+
     full = aucs(np.ones((n, 1), np.int32))
     point = summarise(full)[:, 0]
     res = bootstrap((np.arange(n),), statistic, paired=True, vectorized=True, n_resamples=n_resamples,
@@ -213,6 +219,8 @@ def fit_stack(val_logits: np.ndarray, val_labels: np.ndarray, *, C: float | None
         raise EMMError(f"donor stack: {len(x)} rows of logits for {len(y)} labels; give both for the same rows")
     if C is not None and not C > 0:
         raise EMMError(f"donor stack: C must be > 0 (the inverse L2 strength), got {C}")
+    from sklearn.linear_model import LogisticRegression
+
     return LogisticRegression(max_iter=1000, **({} if C is None else {"C": float(C)})).fit(x, y)
 
 

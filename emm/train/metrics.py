@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import log_loss, roc_auc_score
 
 from emm.errors import EMMError
 
@@ -49,6 +48,8 @@ def auc(y_true: np.ndarray, y_score: np.ndarray, *, what: str = "the model", tas
     y_true, y_score = _labelled(y_true, y_score)
     if len(y_true) == 0 or y_true.min() == y_true.max():
         return math.nan
+    from sklearn.metrics import roc_auc_score  # here: scikit-learn loads slowly, and scoring never needs it
+
     return float(roc_auc_score(y_true, y_score))
 
 
@@ -57,6 +58,8 @@ def logloss(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     y_true, y_prob = _labelled(y_true, y_prob)
     if len(y_true) == 0:
         return math.nan
+    from sklearn.metrics import log_loss
+
     return float(log_loss(y_true, np.clip(np.asarray(y_prob, dtype=np.float64), 1e-7, 1 - 1e-7), labels=[0, 1]))
 
 

@@ -4,7 +4,7 @@ Design choices, and why:
 - Whole splits live as tensors; a batch is an index slice of a shuffled permutation. No per-row Python,
   no dict per sample: this is what makes two CPU cores enough (see harness/benchmarks/train_throughput.py).
 - Multi-task from day one: the model returns ``[B, T]`` logits, the loss is the sum of the T binary
-  cross-entropies, early stopping watches the mean validation AUC over tasks.
+  cross-entropies, early stopping watches the mean validation AUC over tasks (``emm.train.stopping``).
 - Labels may be missing (NaN, per row and task): each task's cross-entropy is the mean over the batch's rows
   labelled for it (a task with none contributes 0, and no gradient), summed over tasks (``masked_bce``).
   With every label present this is the mean over the ``B x T`` entries times ``T``, the loss it always was.

@@ -38,7 +38,7 @@ from tests.integration.test_mlflow_ui_promote import DATASET, MODEL, emm, tiny_r
 
 pytestmark = pytest.mark.slow  # end to end through the CLI on a registry the CLI built
 BUDGET = 20_000
-COMPRESS = {"flops_per_row": BUDGET, "max_auc_loss": 1.0,
+COMPRESS = {"flops_per_row": BUDGET, "max_auc_loss": 1.0, "numeric": {"mode": "minmax"},  # the tiny pool's encoding
             "train": {"lr": 0.01, "batch_size": 256, "max_epochs": 3, "patience": 2, "seed": 2026, "device": "cpu"}}
 
 
@@ -80,6 +80,11 @@ def test_compress_writes_the_compact_model_and_registers_it_as_fast(compressed):
     assert record["cost"]["flops_per_row"] < record["fused_cost"]["flops_per_row"]
     assert record["made_from"]["fused_sha256"] == sha256_file(c.art / "fused" / "fused.safetensors")
     assert record["made_from"]["fused_version"] == "2"
+    start = record["warm_start"]  # auto: a member of the hardest task that shares the compact model's embedding
+    members = {m["name"]: m["task"] for m in read_json(c.art / "pool" / "pool.json")["models"]}
+    hardest = min(record["tasks_compared"], key=lambda t: read_json(c.art / "fused" / "fused.json")["val"][t]["auc"])
+    assert start["member"] in members and members[start["member"]] == hardest, (start, members)
+    assert "bottom.blocks.0.0.weight" in start["copied"] and any(k.startswith("embedding.") for k in start["copied"])
     schema = Schema.load(c.reg.data_dir)
     test = load_split(c.reg.data_dir, "test", schema)
     for task, row in record["tasks_compared"].items():
@@ -149,6 +154,19 @@ def test_registering_the_same_compact_weights_again_reuses_their_version(compres
     again = register_compact(DATASET, c.reg.data_dir, c.art / "compact", c.record, TrackingConfig(store=c.reg.store))
     assert again["registered_version"] == "3" and again["registered_reused"]
     assert sorted(int(v.version) for v in c.client.search_model_versions(f"name = '{MODEL}'")) == [1, 2, 3]
+
+
+def test_a_warm_start_member_not_in_the_pool_is_refused_and_compact_is_untouched(compressed):
+    c = compressed
+    profile = yaml.safe_load(c.params.read_text())
+    profile["compress"]["warm_start"] = "no-such-member"
+    params = c.reg.project / "compress-bad-start.yaml"
+    params.write_text(yaml.safe_dump(profile))
+    before = sha256_file(c.art / "compact" / COMPACT_WEIGHTS)
+    said = cli(["compress", DATASET, "--params", str(params)], c.reg, expect=2)
+    assert "compress.warm_start names 'no-such-member', which is not in the pool" in said, said
+    assert "income-mlp" in said  # the members it could name
+    assert sha256_file(c.art / "compact" / COMPACT_WEIGHTS) == before
 
 
 def test_a_compact_model_outside_the_bound_is_not_registered(compressed, monkeypatch):

@@ -12,9 +12,12 @@ from torch import nn
 
 from emm.data.tensors import SplitTensors
 from emm.errors import EMMError
+from emm.models.embedding import NumericOptions
+from emm.models.single_task import ModelSpec, build_model
 from emm.pipeline.compress import gate
 from emm.train.compact import (WIDTH_STEP, CompactOptions, CompactSpec, bottom_widths, build_compact,
-                               build_from_config, flush_denormals, soft_targets, spec_for_budget, train_compact)
+                               build_from_config, flush_tiny_weights, soft_targets, spec_for_budget, train_compact,
+                               warm_start)
 from emm.train.cost import model_cost
 from emm.train.options import TrainConfig
 from tests.unit.test_akf import batch, make_schema
@@ -74,15 +77,17 @@ def test_the_compact_model_rebuilds_from_its_recorded_spec() -> None:
         assert torch.equal(model(data.sparse, data.dense), again(data.sparse, data.dense))
 
 
-def test_denormal_weights_are_set_to_zero_and_nothing_else_changes() -> None:
-    layer = nn.Linear(4, 3)
-    with torch.no_grad():
-        layer.weight[0, 0], layer.weight[1, 2], layer.bias[2] = 1e-40, -3e-39, 2e-38  # the last one is normal
-    before = {k: v.clone() for k, v in layer.state_dict().items()}
-    assert flush_denormals(layer) == 2
-    assert layer.weight[0, 0] == 0 and layer.weight[1, 2] == 0 and layer.bias[2] == before["bias"][2]
-    changed = (layer.weight != before["weight"]).sum() + (layer.bias != before["bias"]).sum()
-    assert int(changed) == 2 and flush_denormals(layer) == 0
+def test_tiny_weights_are_set_to_zero_and_the_scores_stay_the_same() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():  # what weight decay leaves on units that stopped learning: denormal and tiny normal values
+        model[0].weight[0, :3] = torch.tensor([1e-40, -3e-39, 1e-25])
+        model[2].weight[1, 5], model[2].bias[1] = -1e-30, 1e-19  # the bias is above TINY_WEIGHT: kept
+    x = torch.rand(512, 6) * 100
+    before = model(x).detach()
+    assert flush_tiny_weights(model) == 4
+    assert int((model[0].weight[0, :3] == 0).sum()) == 3 and model[2].weight[1, 5] == 0 and model[2].bias[1] == 1e-19
+    assert torch.equal(model(x).detach(), before) and flush_tiny_weights(model) == 0
 
 
 class Teacher(nn.Module):
@@ -147,3 +152,46 @@ def test_promote_refuses_a_compact_version(monkeypatch) -> None:
     with pytest.raises(EMMError, match=r"version 3 of 'emm-x' is a compact model .* models:/emm-x@fast"):
         register.promote("x", "unused-store", "3")
     assert moved == []
+
+
+def member(arch: str = "mlp", embed_dim: int = 8, mode: str = "periodic", seed: int = 5) -> nn.Module:
+    torch.manual_seed(seed)
+    spec = ModelSpec(name=f"a-{arch}", task="a", arch=arch, hidden=[16, 8], embed_dim=embed_dim, cross_layers=1,
+                     numeric=NumericOptions(mode=mode))
+    model = build_model(spec, SCHEMA)
+    with torch.no_grad():  # "trained": weights no fresh model has
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcn"])
+def test_warm_start_copies_the_members_embedding_and_first_layer_and_nothing_else(arch: str) -> None:
+    spec, _ = spec_for_budget(SCHEMA, CompactOptions(flops_per_row=20_000), rows())
+    torch.manual_seed(0)
+    model = build_compact(spec, SCHEMA)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    donor = member(arch)
+    copied = warm_start(model, donor)
+    after, theirs = model.state_dict(), donor.state_dict()
+    embedding = [k for k in after if k.startswith("embedding.")]
+    assert set(copied) == {*embedding, "bottom.blocks.0.0.weight", "bottom.blocks.0.0.bias"}
+    assert all(torch.equal(after[k], theirs[k]) for k in embedding)
+    first = next(m for m in donor.modules() if isinstance(m, nn.Linear) and m.in_features == after["bottom.blocks.0.0.weight"].shape[1]
+                 and m.out_features <= spec.bottom[0])
+    rows_copied = first.out_features
+    assert torch.equal(after["bottom.blocks.0.0.weight"][:rows_copied], first.weight)
+    assert torch.equal(after["bottom.blocks.0.0.weight"][rows_copied:], before["bottom.blocks.0.0.weight"][rows_copied:])
+    assert torch.equal(after["bottom.blocks.0.0.bias"][:rows_copied], first.bias)
+    assert all(torch.equal(after[k], before[k]) for k in after if k not in copied)
+    data = rows()
+    assert torch.equal(model.embedding(data.sparse, data.dense), donor.embedding(data.sparse, data.dense))
+
+
+@pytest.mark.parametrize("embed_dim, mode", [(4, "periodic"), (8, "minmax")])
+def test_warm_start_from_a_member_with_another_embedding_changes_nothing(embed_dim: int, mode: str) -> None:
+    spec, _ = spec_for_budget(SCHEMA, CompactOptions(flops_per_row=20_000), rows())
+    model = build_compact(spec, SCHEMA)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert warm_start(model, member(embed_dim=embed_dim, mode=mode)) == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -33,7 +33,7 @@ import torch
 from emm.data.schema import Schema
 from emm.data.tensors import SplitTensors
 from emm.errors import EMMError
-from emm.fusion.blend import DonorEnsemble
+from emm.fusion.blend import DonorEnsemble, OutputMember
 from emm.fusion.decompose import Plan
 from emm.fusion.fused import FusedModel, build_fused
 from emm.fusion.procedure.plan import FusePlan, Phase
@@ -69,11 +69,14 @@ class FuseRunner:
         made_from: what the checkpoints are made from besides the train settings and the schema (the Trainer's
             ``made_from``: upstream digests, the architecture).
         tracker, progress, desc: the Trainer's.
+        outputs: the pool members that join at the output (tree models, ``emm.fusion.blend.OutputMember``): donors
+            of the model's blend and of a distillation teacher, never trained.
     """
 
     def __init__(self, plan: FusePlan, decomposition: Plan, model_tasks: Sequence[str], schema: Schema, *,
                  work_dir: Path | None = None, made_from: Mapping[str, Any] | None = None,
-                 tracker: Tracker | None = None, progress: bool = True, desc: str = "fused") -> None:
+                 tracker: Tracker | None = None, progress: bool = True, desc: str = "fused",
+                 outputs: Sequence[OutputMember] = ()) -> None:
         self.plan = plan
         self.work_dir = Path(work_dir) if work_dir is not None else None
         self.made_from = made_from
@@ -81,9 +84,10 @@ class FuseRunner:
         self.progress = progress
         self.desc = desc
         self.fingerprint = schema.fingerprint()
-        self._teacher = lambda: DonorEnsemble(decomposition, model_tasks, schema.task_names)
+        self._teacher = lambda: DonorEnsemble(decomposition, model_tasks, schema.task_names, outputs)
         torch.manual_seed(plan.train.seed)
-        self.model: FusedModel = build_fused(decomposition, model_tasks, schema.task_names, plan.architecture, schema)
+        self.model: FusedModel = build_fused(decomposition, model_tasks, schema.task_names, plan.architecture, schema,
+                                             outputs)
         self.trainer: Trainer | None = None  # the last phase's, once trained: it scores the final model
 
     def prepare(self, rows: Callable[[], SplitTensors]) -> dict[str, dict[str, float]] | None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from emm.errors import EMMError
-from emm.fusion.blend import DonorBlend, DonorPaths, fit_stack
+from emm.fusion.blend import DonorBlend, DonorPaths, OutputMember, fit_stack
 from emm.fusion.decompose import Plan
 from emm.fusion.recipes.base import Recipe, Registry
 
@@ -40,9 +40,14 @@ class OutputHead(Recipe):
     prepares: ClassVar[bool] = False
     scores_at_start: ClassVar[bool] = False
 
-    def build(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str],
-              towers: nn.ModuleList) -> dict[str, nn.Module]:
-        """The head's own modules, by the attribute name the model keeps them under (may adjust ``towers``)."""
+    def build(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], towers: nn.ModuleList,
+              outputs: Sequence[OutputMember] = ()) -> dict[str, nn.Module]:
+        """The head's own modules, by the attribute name the model keeps them under (may adjust ``towers``);
+        ``outputs``: the members that join at the output (tree models), which only a donor head can take."""
+        if outputs:
+            raise EMMError(f"pool model(s) {[m.name for m in outputs]} are tree models, which join the fused model as "
+                           f"donors in its tasks' blends, and output {self.name!r} keeps no donors; set fuse.output "
+                           "to donor_residual (or cross_residual), or leave the tree models out of the pool")
         return {}
 
     def logits(self, model: Any, towers: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
@@ -92,9 +97,10 @@ class DonorResidualOutput(OutputHead):
     scores_at_start: ClassVar[bool] = True
     cross: ClassVar[bool] = False  # may every donor enter every task's blend (``DonorBlend(cross=...)``)?
 
-    def build(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str],
-              towers: nn.ModuleList) -> dict[str, nn.Module]:
-        modules = {"donors": DonorPaths(plan), "blend": DonorBlend(model_tasks, task_names, cross=self.cross)}
+    def build(self, plan: Plan, model_tasks: Sequence[str], task_names: Sequence[str], towers: nn.ModuleList,
+              outputs: Sequence[OutputMember] = ()) -> dict[str, nn.Module]:
+        tasks = [*model_tasks, *(m.task for m in outputs)]  # the trees' columns after the networks'
+        modules = {"donors": DonorPaths(plan, outputs), "blend": DonorBlend(tasks, task_names, cross=self.cross)}
         for tower in towers:  # the residual starts at zero: at step 0 the model is the donors' blend
             nn.init.zeros_(tower.net[-1].weight)
             nn.init.zeros_(tower.net[-1].bias)
@@ -111,7 +117,8 @@ class DonorResidualOutput(OutputHead):
         return model.donors(sparse, dense, first=level0)
 
     def pool_modules(self, model: Any) -> list[nn.Module]:
-        return [model.donors]
+        """The donors' network paths: a tree member's leaf values are what its library fitted, never fine-tuned."""
+        return [model.donors.paths]
 
     def start_state(self, model: Any) -> dict[str, Tensor]:
         """The blend's weights and bias (the donors are frozen, so with them they are the whole step-0 model)."""
@@ -145,7 +152,7 @@ class DonorResidualOutput(OutputHead):
             y = labels_np[:, t]
             weights, bias, extra = self.fit_task(logits[:, members], y, task)
             blend.set_task(t, weights, bias)
-            fitted[task] = {**{model.model_names[i]: float(w) for i, w in zip(members, weights)}, "bias": bias,
+            fitted[task] = {**{model.donor_names[i]: float(w) for i, w in zip(members, weights)}, "bias": bias,
                             "labelled_rows": int((~np.isnan(y)).sum()), **extra}
         return fitted
 
