@@ -105,6 +105,12 @@ def test_saved_and_bundled_it_scores_as_fused(fused_project, census_small_data, 
     assert isinstance(scorer.model.donors.trees[0], TreeModel)  # rebuilt from its layout: torch alone
     with torch.no_grad():
         assert torch.equal(scorer.model(test.sparse, test.dense), model(test.sparse, test.dense))
+    [member] = meta["architecture"]["fused"]["output_members"]
+    tree_file = bundle / member["file"]  # the bundle carries the tree's native file, and checks it on load
+    assert sha256_file(tree_file) == member["sha256"]
+    tree_file.write_bytes(tree_file.read_bytes() + b"\n")
+    with pytest.raises(EMMError, match=f"tree member 'marital-lgbm': its native file {tree_file}"):
+        Scorer(bundle)
 
 
 def test_the_fused_model_with_a_tree_exports_to_onnx(fused_project):
