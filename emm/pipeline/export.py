@@ -146,15 +146,14 @@ def export_onnx(model: nn.Module, path: Path, example: tuple[torch.Tensor, torch
 def onnx_session(path: Path, threads: int | None = None) -> Any:
     """An onnxruntime CPU session on ``path`` (``threads``: intra-op threads, default torch's count).
 
-    Denormal numbers are computed as zero: a trained network's products with weights near zero can fall below
-    float32's smallest normal number, and x86 CPUs compute with those many times slower than with any other
-    (harness/benchmarks/score_speed.py measures the session with and without); below 1.2e-38 they change no
-    score."""
+    Not ``session.set_denormal_as_zero``, although it scores faster when a model's products fall below float32's
+    smallest normal number: onnxruntime sets it on the calling thread for the rest of the process, so every torch
+    computation after the session (a flow runs its stages in one process) would flush denormals too. The compact
+    model's tiny weights are zeroed at the source instead (``emm.train.compact.flush_tiny_weights``)."""
     _, ort = _onnx()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for a bad file
