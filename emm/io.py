@@ -160,6 +160,19 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def pinned_sha256(path: Path, pin: str | None, *, owner: str, key: str, pin_key: str) -> str:
+    """The sha256 of a file a user named in a config entry (``owner``, e.g. "pool model 'x'"), under ``key``;
+    an ``EMMError`` when the file is missing, or differs from the digest the user pinned under ``pin_key``."""
+    if not path.is_file():
+        raise EMMError(f"{owner}: {key} file {path} does not exist (relative paths are read from {Path.cwd()}); "
+                       f"point `{key}:` at the file your training wrote")
+    sha = sha256_file(path)
+    if pin and pin != sha:
+        raise EMMError(f"{owner}: {path} has sha256 {sha}, not the pinned {pin_key} {pin}; the file changed: update "
+                       "the pin or restore the file")
+    return sha
+
+
 def git_commit(cwd: Path | None = None) -> str | None:
     """The checkout's commit, or None outside a git checkout (recorded, never required)."""
     try:

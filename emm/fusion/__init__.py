@@ -12,8 +12,7 @@ system sets here as soon as any module imports ``emm.fusion.decompose``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from emm.fusion.decompose import (
     LayerSignature,
@@ -26,6 +25,7 @@ from emm.fusion.decompose import (
     plan_from_traces,
     trace_model,
 )
+from emm.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from emm.fusion.akf import AKFLevel, MultiTaskMerge
@@ -49,10 +49,4 @@ __all__ = sorted([*_LAZY, "LayerSignature", "Level", "ModelTrace", "Plan", "Span
                   "plan_from_traces", "trace_model"])
 
 
-def __getattr__(name: str) -> Any:
-    """Import a lazily exported name's module on first use, then keep the name here."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)

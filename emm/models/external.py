@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from emm.data.batches import encoding_differences, to_dict
 from emm.data.schema import Schema
 from emm.errors import EMMError
-from emm.io import sha256_file
+from emm.io import pinned_sha256
 from emm.models.names import MemberName
 from emm.models.single_task import ModelSpec
 from emm.models.trees import LightGBMSpec, TreeFileMember
@@ -129,14 +129,8 @@ def source_of(member: Member) -> str:
 # ---- factory + weights --------------------------------------------------------------------------------------
 def pin_weights(member: FactoryMember) -> FactoryMember:
     """The entry with ``weights_sha256`` filled in (checked against the file when the user pinned it)."""
-    path = Path(member.weights)
-    if not path.is_file():
-        raise EMMError(f"pool model {member.name!r}: weights file {path} does not exist (relative paths are read from "
-                       f"{Path.cwd()}); point `weights:` at the file your training wrote")
-    sha = sha256_file(path)
-    if member.weights_sha256 and member.weights_sha256 != sha:
-        raise EMMError(f"pool model {member.name!r}: {path} has sha256 {sha}, not the pinned weights_sha256 "
-                       f"{member.weights_sha256}; the file changed: update the pin or restore the file")
+    sha = pinned_sha256(Path(member.weights), member.weights_sha256, owner=f"pool model {member.name!r}",
+                        key="weights", pin_key="weights_sha256")
     return member.model_copy(update={"weights_sha256": sha})
 
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from emm.data.schema import Schema
 from emm.errors import EMMError
-from emm.io import sha256_file
+from emm.io import pinned_sha256, sha256_file
 from emm.models.names import MemberName
 from emm.models.tree_files import FORMATS, MISSING_NAN, MISSING_ZERO, Forest, read_forest
 
@@ -123,14 +123,8 @@ class TreeFileMember(BaseModel):
 
 def pin_tree_file(member: TreeFileMember) -> TreeFileMember:
     """The entry with ``sha256`` filled in (checked against the file when the user pinned it)."""
-    path = member.path
-    if not path.is_file():
-        raise EMMError(f"pool model {member.name!r}: {member.format} file {path} does not exist (relative paths are "
-                       f"read from {Path.cwd()}); point `{member.format}:` at the file your training wrote")
-    sha = sha256_file(path)
-    if member.sha256 and member.sha256 != sha:
-        raise EMMError(f"pool model {member.name!r}: {path} has sha256 {sha}, not the pinned sha256 {member.sha256}; "
-                       "the file changed: update the pin or restore the file")
+    sha = pinned_sha256(member.path, member.sha256, owner=f"pool model {member.name!r}", key=member.format,
+                        pin_key="sha256")
     return member.model_copy(update={"sha256": sha})
 
 

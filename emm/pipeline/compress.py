@@ -49,7 +49,8 @@ from emm.tracking import registry
 from emm.tracking.pyfunc import COMPACT_MODEL_BUILDER
 from emm.tracking.runs import open_run
 from emm.tracking.store import configure, registered_name
-from emm.train.compact import COST_ROWS, CompactResult, build_compact, spec_for_budget, train_compact, warm_start
+from emm.train.compact import (COST_ROWS, WIDTH_STEP, CompactResult, CompactSpec, build_compact, shared_embedding,
+                               train_compact)
 from emm.train.compare import paired_auc_cis
 from emm.train.cost import model_cost
 from emm.train.metrics import check_scores, mean_auc, task_metrics
@@ -115,7 +116,7 @@ def compress(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, eval
     teacher, _ = load_fused(fused_dir, schema)
     train, val, test = (load_split(data_dir, s, schema) for s in ("train", "val", "test"))
     masks = task_masks(schema, val, test)
-    member, start_from = warm_start_member(pool_dir, fused_dir, schema, cfg, val)
+    member, start_from = warm_start_member(pool_dir, fused_dir, schema, cfg)
     result = train_compact(teacher, schema, train, val, cfg, start_from=start_from, progress=progress, on_spec=lambda spec, cost: log.info(
         "compact model: bottom %s, tower %s: %s FLOPs per row (budget %s)", spec.bottom, spec.tower,
         f"{cost.flops_per_row:,}", f"{cfg.flops_per_row:,}"))
@@ -139,22 +140,22 @@ def compress(dataset: str, data_dir: Path, pool_dir: Path, fused_dir: Path, eval
     return record
 
 
-def warm_start_member(pool_dir: Path, fused_dir: Path, schema: Schema, cfg: CompressConfig,
-                      val: SplitTensors) -> tuple[str | None, Any]:
+def warm_start_member(pool_dir: Path, fused_dir: Path, schema: Schema, cfg: CompressConfig) -> tuple[str | None, Any]:
     """(name, module) of the pool member the compact model starts from (``compress.warm_start``), or (None, None).
 
     ``auto``: the members of the hardest task (the lowest validation AUC of the fused model, fused.json), in pool
-    order, the first whose embedding the compact model shares (``emm.train.compact.warm_start`` copies
-    something). Why the hardest task: the easy ones come within the bound from any start; the hardest one
-    decides whether the compact model is registered. A named member that is not in the pool, or whose
+    order, the first whose embedding the compact model shares (``emm.train.compact.shared_embedding``). Why the
+    hardest task: the easy ones come within the bound from any start; the hardest one decides whether the compact
+    model is registered. A named member that is not in the pool, or whose
     embedding the compact model does not share, is an ``EMMError``."""
     if cfg.warm_start == "none":
         return None, None
     members = {entry.name: (entry, module) for entry, module in load_pool(pool_dir, schema)}
-    spec = spec_for_budget(schema, cfg, val)[0]
+    narrowest = build_compact(CompactSpec(bottom=[WIDTH_STEP], tower=list(cfg.tower), embed_dim=cfg.embed_dim,
+                                          numeric=cfg.numeric), schema)  # its embedding is every width's
 
     def shares_embedding(module: Any) -> bool:
-        return bool(warm_start(build_compact(spec, schema), module))
+        return bool(shared_embedding(narrowest, module))
 
     if cfg.warm_start != "auto":
         if cfg.warm_start not in members:

@@ -177,6 +177,17 @@ def first_linear(module: nn.Module, in_features: int, max_out: int) -> nn.Linear
     return None
 
 
+def shared_embedding(model: SharedBottom, member: nn.Module) -> list[str]:
+    """The names of ``model``'s embedding tensors when ``member`` has every one of them under the same name and
+    shape (it encodes rows as the compact model does), else []. The embedding does not depend on the bottom's
+    widths, so any compact model of the same ``embed_dim`` and ``numeric`` answers for all of them."""
+    ours, theirs = model.state_dict(), member.state_dict()
+    embedding = [k for k in ours if k.startswith("embedding.")]
+    if not embedding or any(k not in theirs or theirs[k].shape != ours[k].shape for k in embedding):
+        return []
+    return embedding
+
+
 @torch.no_grad()
 def warm_start(model: SharedBottom, member: nn.Module) -> list[str]:
     """Start ``model`` from what a trained pool member already learned; returns the compact tensors copied.
@@ -190,10 +201,10 @@ def warm_start(model: SharedBottom, member: nn.Module) -> list[str]:
     Why: from random weights the compact model spends most of its epochs relearning an input representation the
     pool already holds; started from the member's, it reaches the fused model's scores in far fewer epochs. The
     member is only a starting point: every weight is trained on the fused model's probabilities afterwards."""
-    ours, theirs = model.state_dict(), member.state_dict()
-    embedding = [k for k in ours if k.startswith("embedding.")]
-    if not embedding or any(k not in theirs or theirs[k].shape != ours[k].shape for k in embedding):
+    embedding = shared_embedding(model, member)
+    if not embedding:
         return []
+    ours, theirs = model.state_dict(), member.state_dict()
     updates = {k: theirs[k].clone() for k in embedding}
     name, first = next((n, m) for n, m in model.bottom.named_modules() if isinstance(m, nn.Linear))
     layer = first_linear(member, first.in_features, first.out_features)
