@@ -114,3 +114,4 @@ def check_output_files(model: FusedModel, folder: Path, schema: Schema) -> None:
             raise EMMError(f"fused model in {folder}: tree member {member['name']!r}: its tensors in {FUSED_WEIGHTS} "
                            f"are not the ones its native file {path} gives; the folder mixes two fuse runs: run "
                            "`emm fuse` again")
+        loaded.native = built.native  # the checked file scores it with its library where installed (tree_native)

@@ -4,7 +4,9 @@ adapter that presents them as EMM models.
 A ``pretrain.pool.<dataset>`` entry is one of these kinds, told apart by its keys:
 - built-in ``{name, task, arch, ...}`` (``emm.models.single_task.ModelSpec``), trained by ``emm pretrain``;
 - MLflow ``{name, task, uri, ...}`` (``UriMember``): ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or
-  ``runs:/RUN_ID/PATH``, a model logged with ``mlflow.pytorch.log_model`` (loaded in ``emm.tracking``);
+  ``runs:/RUN_ID/PATH``, a model logged with ``mlflow.pytorch.log_model``, or a LightGBM / XGBoost model logged
+  with ``mlflow.lightgbm`` / ``mlflow.xgboost`` (a tree member, ``emm.tracking.external_trees``), loaded in
+  ``emm.tracking``;
 - factory ``{name, task, factory: "pkg.module:build", kwargs, weights}`` (``FactoryMember``): EMM imports
   and calls ``build(**kwargs)``, then loads a safetensors file (or a ``.pt`` state dict, read with
   ``weights_only=True``) into it;
@@ -64,12 +66,14 @@ class ExternalMember(BaseModel):
 
 
 class UriMember(ExternalMember):
-    """A model logged with ``mlflow.pytorch.log_model`` (or a built-in pool model EMM registered)."""
+    """A model logged with ``mlflow.pytorch.log_model``, ``mlflow.lightgbm.log_model`` or ``mlflow.xgboost.log_model``
+    (a tree member: ``emm.tracking.external_trees``), or a built-in pool model EMM registered."""
 
     uri: str = Field(description="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH")
     trust_pickle: bool = Field(
-        default=False, description="allow unpickling this model: mlflow.pytorch's pickle format runs code from the "
-        "artifact store when loaded, so only set this for a store and a model you trust")
+        default=False, description="allow loading a model stored as a Python object: mlflow.pytorch's pickle format "
+        "and mlflow.lightgbm's scikit-learn wrapper (skops or pickle) build objects the artifact store chose when "
+        "loaded, so only set this for a store and a model you trust")
 
     @field_validator("uri")
     @classmethod

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from emm.errors import EMMError
+from emm.models.lightgbm_text import LINEAR, check_lightgbm_text
 
 MISSING_NONE, MISSING_ZERO, MISSING_NAN = 0, 1, 2  # LightGBM's missing types, by the same numbers
 LIGHTGBM_MISSING = {"None": MISSING_NONE, "Zero": MISSING_ZERO, "NaN": MISSING_NAN}
@@ -154,13 +155,15 @@ def _binary_kind(raw: bytes) -> str | None:
 
 # ---- LightGBM ----------------------------------------------------------------------------------------------
 def read_lightgbm(text: str, path: Path, name: str) -> Forest:
-    """A LightGBM text model through LightGBM's own reader (``Booster(model_str=...).dump_model()``)."""
+    """A LightGBM text model through LightGBM's own reader (``Booster(model_str=...).dump_model()``), once its
+    structure is checked (``emm.models.lightgbm_text``: a damaged file would end the process inside LightGBM)."""
     try:
         import lightgbm as lgb
     except ImportError as exc:
         raise EMMError(f"pool model {name!r}: reading a LightGBM model needs the `lightgbm` package: "
                        "pip install -e '.[baselines]'") from exc
     where = f"pool model {name!r} ({path})"
+    check_lightgbm_text(text, where)
     try:
         booster = lgb.Booster(model_str=text)
         dump = booster.dump_model()
@@ -199,8 +202,7 @@ def _lightgbm_tree(root: dict[str, Any], where: str) -> list[Node]:
             setattr(nodes[parent], "left" if side == 0 else "right", i)
         if "leaf_value" in raw or "split_feature" not in raw:
             if "leaf_coeff" in raw:
-                raise EMMError(f"{where} is a linear-tree model (linear_tree=True): its leaves are linear models, "
-                               "which EMM does not score; train it with linear_tree=False")
+                raise EMMError(f"{where} {LINEAR}")
             nodes.append(Node(value=float(raw.get("leaf_value", 0.0))))
             continue
         node = Node(feature=int(raw["split_feature"]), default_left=bool(raw.get("default_left", False)),

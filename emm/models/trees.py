@@ -37,6 +37,7 @@ from emm.data.schema import Schema
 from emm.errors import EMMError
 from emm.io import pinned_sha256, sha256_file
 from emm.models.names import MemberName
+from emm.models.tree_native import NativeScorer, native_logits
 from emm.models.tree_files import FORMATS, MISSING_NAN, MISSING_ZERO, Forest, read_forest
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class TreeModel(nn.Module):
         # and dtype callers read, as for any member: next(model.parameters()))
         self.value = nn.Parameter(torch.from_numpy(forest.value[leaf].copy()), requires_grad=False)
         self.sigmoid = forest.sigmoid
+        self.native: NativeScorer | None = None  # the library's booster, when built from a file (load_tree)
 
     def layout(self) -> dict[str, Any]:
         """What ``from_layout`` rebuilds this module's shell from: its scalars, its walk and its tensors' shapes and
@@ -202,6 +204,7 @@ class TreeModel(nn.Module):
             for key in LAYOUT_SCALARS:
                 setattr(model, key, layout[key])
             model.schedule = [(int(steps), int(done)) for steps, done in layout["schedule"]]
+            model.native = None  # attached from the native file by whoever checks it (emm.fusion.saved)
             for key, (shape, dtype) in layout["tensors"].items():
                 if dtype not in LAYOUT_DTYPES:
                     raise ValueError(f"tensor {key!r} has dtype {dtype!r}")
@@ -230,6 +233,14 @@ class TreeModel(nn.Module):
 
     def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
         x = self.inputs(sparse, dense)
+        fast = native_logits(self.native, x, self.sigmoid, dense.dtype, sparse, dense)
+        if fast is not None:  # the library's own predictor (emm.models.tree_native): same margins, faster
+            return fast
+        return self.walk(x).to(dense.dtype)
+
+    def walk(self, x: Tensor) -> Tensor:
+        """The logits ``[B, 1]`` (float64) of the booster's input matrix ``x`` by walking the trees in torch: the
+        definition the library's own predictions are checked against (``check_tree``), and what export traces."""
         code = torch.nan_to_num(x, nan=-1.0, posinf=-1.0, neginf=-1.0).clamp(-1.0, MAX_CODE).trunc() + 1
         x = torch.cat([x, torch.nan_to_num(x, nan=0.0), code], dim=1)
         node = self.roots + torch.zeros_like(x[:, :1], dtype=torch.long)  # [B, T], shape-free for torch.fx
@@ -239,7 +250,7 @@ class TreeModel(nn.Module):
                 node = self.child[node] + self.goes_right(x.gather(1, self.feature[node]), node)
             total = total + self.value[self.leaf_slot[node[:, :finished]]].sum(dim=1)
             node = node[:, finished:]
-        return (total + self.base).unsqueeze(1).to(dense.dtype)
+        return (total + self.base).unsqueeze(1)
 
     def goes_right(self, v: Tensor, node: Tensor) -> Tensor:
         """Each (row, tree)'s decision at its current node, ``v`` the node's input (see the class docstring)."""
@@ -331,7 +342,10 @@ def load_tree(path: Path, fmt: str, schema: Schema, name: str, *, sha256: str | 
         if found != sha256:
             raise EMMError(f"pool model {name!r}: {path} has sha256 {found}, not the recorded {sha256}: the file "
                            "changed since it was recorded; rerun `emm pretrain`")
-    return TreeModel(read_forest(Path(path), fmt, name), schema, name).eval()
+    forest = read_forest(Path(path), fmt, name)
+    model = TreeModel(forest, schema, name).eval()
+    model.native = NativeScorer.from_file(Path(path), fmt, list(forest.features) if forest.named else None)
+    return model
 
 
 def library_margins(path: Path, fmt: str, x: np.ndarray, features: list[str] | None) -> np.ndarray | None:
@@ -352,7 +366,7 @@ def library_margins(path: Path, fmt: str, x: np.ndarray, features: list[str] | N
 def check_tree(model: TreeModel, path: Path, sparse: Tensor, dense: Tensor) -> None:
     """Run the member on real rows and hold its logits against the library's own predictions of the same rows
     (``sigmoid`` x raw score): a file feature EMM reads wrongly must fail here, not score quietly."""
-    out = model(sparse, dense)
+    out = model.walk(model.inputs(sparse, dense)).to(dense.dtype)  # the walk itself, never the library's path
     if tuple(out.shape) != (sparse.shape[0], 1) or not torch.isfinite(out).all():
         raise EMMError(f"pool model {model.name!r}: {path} gave {list(out.shape)} logits, "
                        f"{int((~torch.isfinite(out)).sum())} not finite, for {sparse.shape[0]} validation rows")

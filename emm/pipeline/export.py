@@ -58,6 +58,7 @@ from emm.data.tensors import SplitTensors, load_split
 from emm.errors import EMMError
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, load_fused
 from emm.io import atomic_dir, digest, provenance, read_json, sha256_file, write_json
+from emm.models.trees import TreeModel
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import load_params
 
@@ -121,6 +122,10 @@ def export_onnx(model: nn.Module, path: Path, example: tuple[torch.Tensor, torch
         raise EMMError(f"the export example needs at least 2 rows, got {len(sparse)}")
     batch = torch.export.Dim("batch")
     model.eval()
+    # onnxscript's optimizer pattern-matches every node against its rewrite rules: on a tree member's walk,
+    # unrolled into hundreds of thousands of nodes, that takes minutes and gains nothing onnxruntime's own graph
+    # optimisations at session load do not; networks alone keep it
+    has_trees = any(isinstance(m, TreeModel) for m in model.modules())
     # torch.onnx warns about every torchvision op it cannot register; onnxscript's optimizer logs each rewrite
     noisy = [logging.getLogger(n) for n in ("torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir")]
     levels = [n.level for n in noisy]
@@ -131,7 +136,7 @@ def export_onnx(model: nn.Module, path: Path, example: tuple[torch.Tensor, torch
             warnings.simplefilter("ignore", (FutureWarning, UserWarning))  # the exporter's own deprecation notes
             program = torch.onnx.export(model, (sparse, dense), dynamo=True, input_names=list(INPUTS),
                                         output_names=[OUTPUT], dynamic_shapes=({0: batch}, {0: batch}),
-                                        optimize=True, verbose=False)
+                                        optimize=not has_trees, verbose=False)
     finally:
         for logger, level in zip(noisy, levels):
             logger.setLevel(level)

@@ -10,7 +10,8 @@ For each ``uri:`` or ``factory:`` entry of ``pretrain.pool.<dataset>`` (``emm.mo
 5. score val and test AUC with the same metrics as built-in members, and write its work folder
    (``pool-work/<name>/``: entry.json, weights.safetensors) for the pool to be assembled from.
 A registered built-in member (``uri:`` pointing at ``emm-<dataset>-<task>``) skips 3-4: it is rebuilt from
-its spec. Provenance (source URI or factory, resolved version, the source file's sha256, the encoding
+its spec; an MLflow LightGBM / XGBoost model leaves after 2 for ``pool_trees.import_logged_tree``, checked and
+kept as a tree file is. Provenance (source URI or factory, resolved version, the source file's sha256, the encoding
 check) goes into the entry and the member's MLflow run.
 """
 
@@ -22,23 +23,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from emm.data.batches import encoding_path, read_encoding
-from emm.data.labels import require_labelled, unlabelled_message
 from emm.data.options import ScaleConfig
 from emm.data.schema import Schema
-from emm.data.stream import ParquetStream, open_split
-from emm.data.tensors import SplitTensors, load_split
+from emm.data.tensors import load_split
 from emm.errors import EMMError
 from emm.io import inside, read_json, remove_tree, sha256_file, write_json
 from emm.models.external import (
     ExternalAdapter,
     FactoryMember,
-    Member,
     UriMember,
     build_factory_model,
     check_encoding,
@@ -49,28 +46,28 @@ from emm.models.external import (
 from emm.models.pool import ExternalOrigin, PoolEntry, PortableSpec
 from emm.models.portable import make_portable
 from emm.models.single_task import ModelSpec, build_model
+from emm.pipeline.pool_score import CHECK_ROWS, import_signature, score, task_rows
+from emm.pipeline.pool_trees import import_logged_tree
 from emm.tracker import NullTracker, Tracker
-from emm.train.metrics import task_metrics
-from emm.train.predict import predict_proba, predict_stream
 from emm.weights import load_module, save_module
 
+if TYPE_CHECKING:
+    from emm.tracking.external_trees import TreeArtifact
+
 log = logging.getLogger(__name__)
-CHECK_ROWS = 256  # validation rows the checks and the trace run on (plus a second, smaller batch)
+__all__ = ["CHECK_ROWS", "Loaded", "import_member", "import_signature", "load_member", "score", "task_rows"]
 
 
 @dataclass
 class Loaded:
-    """An outside member, loaded: a torch module to adapt, or (a registered built-in) a spec + weights file."""
+    """An outside member, loaded: a torch module to adapt, (a registered built-in) a spec + weights file, or
+    (an MLflow LightGBM / XGBoost model) a tree's native text."""
 
     origin: ExternalOrigin
     module: nn.Module | None = None
     spec: ModelSpec | None = None
     weights: Path | None = None
-
-
-def import_signature(member: Member, fingerprint: str) -> dict[str, Any]:
-    """What an imported result was made from: the entry (weights pinned by sha256) and the data schema."""
-    return {"member": member.model_dump(mode="json"), "fingerprint": fingerprint}
+    tree: TreeArtifact | None = None
 
 
 @contextlib.contextmanager
@@ -103,7 +100,7 @@ def load_member(member: FactoryMember | UriMember, schema: Schema, store: Path) 
                                f"not {member.task!r}; fix `task:` or point `uri:` at a model of that task")
             yield Loaded(origin, spec=spec, weights=got.weights)
         else:
-            yield Loaded(origin, module=got.module)
+            yield Loaded(origin, module=got.module, tree=got.tree)
 
 
 def import_member(member: FactoryMember | UriMember, data_dir: Path, work_dir: Path, *, store: Path,
@@ -127,6 +124,9 @@ def import_member(member: FactoryMember | UriMember, data_dir: Path, work_dir: P
         return PoolEntry.model_validate(read_json(work / "entry.json")["entry"])
     example = load_split(data_dir, "val", schema).head(CHECK_ROWS)
     with load_member(member, schema, store) as loaded:
+        if loaded.tree is not None:  # an MLflow LightGBM / XGBoost model: a tree member, checked as a tree file
+            return import_logged_tree(member, loaded.tree, loaded.origin, data_dir, work_dir, tracker=tracker,
+                                      write=write)
         if loaded.spec is not None:
             model: nn.Module = build_model(loaded.spec, schema)
             load_module(model, loaded.weights, what=f"pool model {member.name!r}", fix="register it again")
@@ -159,34 +159,3 @@ def import_member(member: FactoryMember | UriMember, data_dir: Path, work_dir: P
         write_json(work / "entry.json", {"signature": signature, "entry": entry.model_dump(mode="json")})
     log.info("%s (%s, imported): test AUC %.5f (val %.5f)", member.name, entry.source, test_m["auc"], val_m["auc"])
     return entry
-
-
-def task_rows(data: SplitTensors | ParquetStream, task: str, split: str, schema: Schema,
-              what: str) -> SplitTensors | ParquetStream:
-    """``data``'s rows labelled for ``task``, that task's column alone: what a single-task member trains,
-    early-stops and is scored on. Why not all rows: an unlabelled row carries nothing for a one-task model,
-    and its NaN label must never reach a loss or an AUC. An error (``require_labelled``) names the task and
-    split when none is labelled or they hold one class."""
-    data = data.select_tasks([task])
-    if isinstance(data, ParquetStream):  # the split is not read here: the schema's counts say what it holds
-        problem = unlabelled_message(task, split, what, schema.labelled_rows(task, split),
-                                     schema.task(task).positives.get(split, 0))
-        if problem:
-            raise EMMError(problem)
-        return data if schema.labelled_rows(task, split) == schema.rows[split] else data.labelled(task)
-    require_labelled(data.labels[:, 0], task, split, what)
-    return data.labelled(task)
-
-
-@torch.no_grad()
-def score(model: nn.Module, data_dir: Path, split: str, schema: Schema, task: str,
-          scale: ScaleConfig | None, *, what: str = "the model") -> dict[str, float]:
-    """AUC and logloss of a member on a whole split's rows labelled for ``task`` (streamed when ``scale``
-    says so), as for built-in ones; ``what`` names it when it scores NaN on some row (the checks before only
-    ran it on the first rows)."""
-    data = task_rows(open_split(data_dir, split, schema, scale), task, split, schema, what)
-    if isinstance(data, ParquetStream):
-        probs, labels = predict_stream(model, data)
-    else:
-        probs, labels = predict_proba(model, data), data.labels.numpy()
-    return task_metrics(labels, probs, [task], what=what)[task]

@@ -1,25 +1,30 @@
-"""The pretrain stage's tree half: a built-in LightGBM member trained, a LightGBM / XGBoost file imported.
+"""The pretrain stage's tree half: a built-in LightGBM member trained, a LightGBM / XGBoost file or MLflow model
+imported.
 
 Both end as every member does: a work folder ``pool-work/<name>/`` holding ``entry.json`` (signature +
 entry) and the member's file, here the library's native file (``weights.txt`` / ``weights.json``, copied to
 ``pool/<name>.txt`` / ``.json`` with its sha256 in pool.json), and val/test AUCs taken the way every
-member's are (``pool_import.score``), on the ``TreeModel`` read from that very file, so the AUCs recorded
+member's are (``pool_score.score``), on the ``TreeModel`` read from that very file, so the AUCs recorded
 are those of what the fused model will run.
 
 A built-in ``{arch: lightgbm}`` trains as EMM's LightGBM baseline does (``emm.train.lightgbm_row``: sparse
 features as categorical, quantile buckets left out, early stopping on the task's labelled validation rows)
 on the task's labelled train rows, seeded by ``pretrain.train.seed``. A file member is checked like a
 factory member: the encoding record beside it (``save_encoding``), its feature names and count against the
-schema, a forward pass on validation rows held against the library's own predictions.
+schema, a forward pass on validation rows held against the library's own predictions. A ``uri:`` member whose
+MLflow model is a LightGBM / XGBoost one (``emm.tracking.external_trees``) goes through the same checks on its
+native text, its encoding taken from its run as for a PyTorch ``uri:`` member (``pool_import.load_member``), and
+records the resolved URI and the downloaded file's sha256.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,7 +35,7 @@ from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
 from emm.io import inside, read_json, remove_tree, sha256_file, write_json
-from emm.models.external import check_encoding
+from emm.models.external import UriMember, check_encoding
 from emm.models.pool import ExternalOrigin, PoolEntry
 from emm.models.trees import (
     TREE_SUFFIX,
@@ -43,10 +48,13 @@ from emm.models.trees import (
     pin_tree_file,
 )
 from emm.pipeline.params import PretrainConfig
-from emm.pipeline.pool_import import CHECK_ROWS, import_signature, score
+from emm.pipeline.pool_score import CHECK_ROWS, import_signature, score
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
 from emm.train.lightgbm_row import DEFAULT_PARAMS, lightgbm_features
+
+if TYPE_CHECKING:
+    from emm.tracking.external_trees import TreeArtifact
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,10 @@ def member_work_file(work: Path, member: Any) -> Path:
     spec = member.spec if isinstance(member, PoolEntry) else member
     if is_tree_spec(spec) or isinstance(spec, TreeFileMember):
         return work_file(work, spec.format)
+    if isinstance(spec, UriMember):  # what the URI holds is known once imported: the file it left
+        found = [work_file(work, f) for f in TREE_SUFFIX if work_file(work, f).is_file()]
+        if found and not (Path(work) / "weights.safetensors").is_file():
+            return found[0]
     return Path(work) / "weights.safetensors"
 
 
@@ -148,18 +160,46 @@ def import_tree_member(member: TreeFileMember, data_dir: Path, work_dir: Path, *
                             trained_fingerprint=record.get("fingerprint") if record else None)
     entry = _tree_entry(member.name, member.task, None, member.path, member.format, data_dir, schema, tracker,
                         source="file", origin=origin, started=started, rounds=(0, 0))
-    if write:  # only a member that passed every check gets a work folder
-        remove_tree(work, work_dir)  # a guard, as above
-        inside(work, work_dir).mkdir(parents=True)
-        copy = work_file(work, member.format)
-        shutil.copyfile(member.path, copy)
-        if {entry.weights_sha256, sha256_file(copy)} != {member.sha256}:  # what was checked is what is kept
-            raise EMMError(f"pool model {member.name!r}: {member.path} changed while it was being imported; "
-                           "run `emm pretrain` again")
-        write_json(work / "entry.json", {"signature": signature, "entry": entry.model_dump(mode="json")})
+    if write:
+        _keep(entry, member.path, member.sha256, work, work_dir, signature, member.format)
     log.info("%s (%s file, imported): test AUC %.5f (val %.5f)", member.name, member.format, entry.test_auc,
              entry.val_auc)
     return entry
+
+
+def import_logged_tree(member: UriMember, tree: TreeArtifact, origin: ExternalOrigin, data_dir: Path,
+                       work_dir: Path, *, tracker: Tracker | None = None, write: bool = True) -> PoolEntry:
+    """Import a ``uri:`` member whose MLflow model is a LightGBM / XGBoost one (``tree``: its native text, the
+    encoding already checked into ``origin``) into ``work_dir/<name>/``, with the checks of a tree file."""
+    tracker = tracker or NullTracker()
+    started = time.perf_counter()
+    schema = Schema.load(data_dir)
+    signature = import_signature(member, schema.fingerprint())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = work_file(Path(tmp), tree.format)  # the suffix XGBoost's reader goes by
+        path.write_text(tree.text, encoding="utf-8")
+        sha = sha256_file(path)
+        log.info("pool model %r: %s, from %s", member.name, tree.note, origin.resolved_uri)
+        entry = _tree_entry(member.name, member.task, None, path, tree.format, data_dir, schema, tracker,
+                            source="mlflow", origin=origin, started=started, rounds=(0, 0))
+        if write:
+            _keep(entry, path, sha, Path(work_dir) / member.name, work_dir, signature, tree.format)
+    log.info("%s (%s from MLflow, imported): test AUC %.5f (val %.5f)", member.name, tree.format, entry.test_auc,
+             entry.val_auc)
+    return entry
+
+
+def _keep(entry: PoolEntry, path: Path, sha: str, work: Path, work_dir: Path, signature: dict, fmt: str) -> None:
+    """Write a checked tree member's work folder: its native file (the bytes that were checked) and entry.json.
+    Only a member that passed every check gets one."""
+    remove_tree(work, work_dir)  # a guard, though names are checked at parse time: never outside pool-work/
+    inside(work, work_dir).mkdir(parents=True)
+    copy = work_file(work, fmt)
+    shutil.copyfile(path, copy)
+    if {entry.weights_sha256, sha256_file(copy)} != {sha}:  # what was checked is what is kept
+        raise EMMError(f"pool model {entry.name!r}: {path} changed while it was being imported; run `emm pretrain` "
+                       "again")
+    write_json(work / "entry.json", {"signature": signature, "entry": entry.model_dump(mode="json")})
 
 
 def _tree_entry(name: str, task: str, spec: LightGBMSpec | None, path: Path, fmt: str, data_dir: Path,

@@ -12,6 +12,10 @@ A ``uri:`` pool entry is one of two things once its MLflow folder is downloaded:
 
 The ``pt2`` (torch.export) format is refused: its graph is flattened to aten operations with no layers
 left, so decomposition could not cut it.
+
+A model logged with ``mlflow.lightgbm`` / ``mlflow.xgboost`` is a tree member: its native text is taken from
+the download (``emm.tracking.external_trees``), its encoding from the run as for a PyTorch model. A model of
+any other flavour is refused, naming the flavours it has.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn
 from emm.data.batches import ENCODING_FORMAT, encoding_record, read_encoding
 from emm.errors import EMMError
 from emm.io import sha256_file
+from emm.tracking.external_trees import TreeArtifact, is_tree_model, read_tree_model
 from emm.tracking.store import configure, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,8 @@ def log_encoding(data_dir: Path | str, run_id: str | None = None) -> None:
 
 @dataclass
 class LoadedUri:
-    """What a ``uri:`` entry resolved to: a torch module (``mlflow.pytorch``) or an EMM spec + weights."""
+    """What a ``uri:`` entry resolved to: a torch module (``mlflow.pytorch``), an EMM spec + weights, or a tree
+    model's native text (``mlflow.lightgbm`` / ``mlflow.xgboost``)."""
 
     resolved_uri: str
     run_id: str | None
@@ -67,6 +73,7 @@ class LoadedUri:
     module: nn.Module | None = None
     spec: dict[str, Any] | None = None
     weights: Path | None = None
+    tree: TreeArtifact | None = field(default=None, repr=False)
     folder: Path | None = field(default=None, repr=False)
 
 
@@ -118,7 +125,13 @@ def load_uri(uri: str, name: str, store: Path, *, trust_pickle: bool) -> Iterato
         if bundle is not None:
             yield _load_bundle(bundle, resolved, run_id)
             return
-        yield _load_pytorch(folder, name, resolved, run_id, trust_pickle=trust_pickle)
+        flavors = _flavors(folder, name, resolved)
+        if is_tree_model(flavors):
+            tree = read_tree_model(folder, flavors, name, resolved, trust_pickle=trust_pickle)
+            encoding, where = _run_encoding(run_id)
+            yield LoadedUri(resolved, run_id, sha256_file(tree.source), encoding, where, tree=tree, folder=folder)
+            return
+        yield _load_pytorch(folder, flavors, name, resolved, run_id, trust_pickle=trust_pickle)
 
 
 def _emm_bundle(folder: Path) -> Path | None:
@@ -142,16 +155,21 @@ def _load_bundle(bundle: Path, resolved: str, run_id: str | None) -> LoadedUri:
                      spec=meta["config"], weights=weights, folder=bundle)
 
 
-def _load_pytorch(folder: Path, name: str, resolved: str, run_id: str | None, *, trust_pickle: bool) -> LoadedUri:
+def _flavors(folder: Path, name: str, resolved: str) -> dict[str, Any]:
     from mlflow.models import Model
 
     try:
-        flavors = Model.load(str(folder)).flavors
+        return Model.load(str(folder)).flavors
     except Exception as exc:
         raise EMMError(f"pool model {name!r}: {resolved} has no readable MLmodel file ({exc})") from exc
+
+
+def _load_pytorch(folder: Path, flavors: dict[str, Any], name: str, resolved: str, run_id: str | None, *,
+                  trust_pickle: bool) -> LoadedUri:
     if "pytorch" not in flavors:
-        raise EMMError(f"pool model {name!r}: {resolved} is not a PyTorch model (flavors {sorted(flavors)}); log it "
-                       "with mlflow.pytorch.log_model, or use a factory + weights entry")
+        raise EMMError(f"pool model {name!r}: {resolved} is neither a PyTorch nor a LightGBM / XGBoost model (flavors "
+                       f"{sorted(flavors)}); log it with mlflow.pytorch.log_model, mlflow.lightgbm.log_model or "
+                       "mlflow.xgboost.log_model, or use a factory + weights or a tree-file entry")
     data = folder / flavors["pytorch"].get("model_data", "data")
     pickled = data / "model.pth"
     if not pickled.is_file():

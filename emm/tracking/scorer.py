@@ -173,12 +173,10 @@ class Scorer:
         self.encoder = Encoder.load(folder, self.schema)
         self.model = builder(config, self.schema)
         load_module(self.model, folder / "weights.safetensors", what="logged model", fix="log the model again")
-        members = getattr(self.model, "output_members", [])  # a fused model's trees: their files unchanged
-        if members:
-            from emm.fusion.saved import output_file  # here: only a fused model with trees needs it
+        if getattr(self.model, "output_members", []):  # a fused model's trees: their files unchanged, scored by
+            from emm.fusion.saved import check_output_files  # their library where installed (emm.models.tree_native)
 
-            for member in members:
-                output_file(folder, member)
+            check_output_files(self.model, folder, self.schema)
         self.model.eval()
         self.outputs = outputs
 

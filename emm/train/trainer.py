@@ -52,6 +52,7 @@ from emm.io import atomic_file, digest
 from emm.models.embedding import fit_numeric, unfitted_numeric
 from emm.tracker import NullTracker, Tracker
 from emm.train import distributed as ddp
+from emm.train.denormals import flush_denormals
 from emm.train.distill import Distillation
 from emm.train.metrics import mean_auc, task_metrics
 from emm.train.modes import eval_mode
@@ -137,6 +138,10 @@ class Trainer:
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, train: Data, val: Data, *, resume: bool = False) -> FitResult:
+        with flush_denormals():  # epochs keep the first one's speed as weights decay (emm.train.denormals)
+            return self._fit(train, val, resume=resume)
+
+    def _fit(self, train: Data, val: Data, *, resume: bool) -> FitResult:
         cfg = self.cfg
         if min(ddp.all_gather_ints(len(train), self.dist)) == 0 or min(ddp.all_gather_ints(len(val), self.dist)) == 0:
             raise EMMError(f"{self.desc}: empty training or validation split"

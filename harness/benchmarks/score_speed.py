@@ -75,6 +75,7 @@ TUNED_CONFIG = {"session.set_denormal_as_zero": "1"}
 COMPACT_GOAL_X, COMPACT_GOAL_ROWS, COMPACT_MOONSHOT_ROWS = 5.0, 300_000, 1_000_000  # issue 25: vs LightGBM x2
 PRUNED_GOAL_X = 2.0  # issue 25: the pruned fused model vs the unpruned one
 LGB, LLEAVES = "LightGBM x2", "lleaves x2"
+TREES, TREES_WALK = "fused's trees", "fused's trees walk"  # the fused model's tree members alone
 
 
 # ---- the scorers --------------------------------------------------------------------------------------------
@@ -157,6 +158,8 @@ def unpruned_fused(saved: nn.Module, meta: dict[str, Any], schema: Schema, work_
     initial values. See the module docstring."""
     arch = meta["architecture"]
     model = build_from_config({**arch, "fused": {k: v for k, v in arch["fused"].items() if k != "pruned"}}, schema)
+    for built, loaded in zip(model.donors.trees, saved.donors.trees):
+        built.native = loaded.native  # tree members score as in the saved model (their library, where installed)
     checkpoint = Path(work_dir) / "checkpoint" / CHECKPOINT
     if checkpoint.is_file():
         try:
@@ -189,6 +192,20 @@ def fused_onnx(cfg: Any, dataset: str, model: nn.Module, schema: Schema,
             return export_dir / ONNX_FILE, f"{export_dir / ONNX_FILE} (emm export)"
     export_onnx(UnseenGuard(model, schema), tmp / ONNX_FILE, example)
     return tmp / ONNX_FILE, "exported here (no export/ of these fused weights)"
+
+
+class TreesOnly(nn.Module):
+    """The fused model's tree members alone, ``[B, n_trees]`` logits: their share of the fused model's time.
+    ``walk``: score them by the torch walk (what the ONNX file runs, and a bundle without the library) rather
+    than by their library (``emm.models.tree_native``)."""
+
+    def __init__(self, fused: nn.Module, walk: bool) -> None:
+        super().__init__()
+        self.trees, self.use_walk = list(fused.donors.trees), walk
+
+    def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.walk(t.inputs(sparse, dense)).to(dense.dtype) if self.use_walk else t(sparse, dense)
+                          for t in self.trees], dim=1)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -256,6 +273,11 @@ def main() -> None:
             path, where = fused_onnx(cfg, args.dataset, fused, schema, example, tmp)
             sides |= {"fused torch": torch_side(fused), "fused onnx": onnx_side(tuned_session(path, threads))}
             notes.append(f"fused ONNX file: {where}")
+            if fused.donors.trees:
+                sides |= {TREES: torch_side(TreesOnly(fused, walk=False)),
+                          TREES_WALK: torch_side(TreesOnly(fused, walk=True))}
+                notes.append(f"fused model's tree members: {[t.name for t in fused.donors.trees]} "
+                             f"({', '.join(str(t.n_trees) for t in fused.donors.trees)} trees)")
             unpruned, trained = unpruned_fused(fused, meta, schema, stage_dir(cfg, args.dataset, "fused-work"))
             if unpruned.pruning != fused.pruning:
                 export_onnx(UnseenGuard(unpruned, schema), tmp / "unpruned.onnx", example)
@@ -315,6 +337,11 @@ def report(n: int, enc: float, med: dict[str, float], outputs: dict[str, Any], n
     if "fused torch" in med:
         print(f"fused: onnxruntime vs torch eager {med['fused torch'] / med['fused onnx']:.2f}x faster; max abs "
               f"probability difference {diff('fused onnx', 'fused torch')}")
+    if TREES in med:
+        lib, walk = med[TREES], med[TREES_WALK]
+        print(f"fused's tree members: {lib / med['fused torch']:.0%} of the fused model's torch time (scored by their "
+              f"library); by the torch walk (the ONNX graph, a bundle without the library) {walk / lib:.1f}x slower "
+              f"than by the library, {walk / med['fused onnx']:.0%} of the fused ONNX time")
     if "unpruned" in extra:
         fused, unpruned, trained, meta = extra["unpruned"]
         cost, full = model_cost(fused, *probe), model_cost(unpruned, *probe)

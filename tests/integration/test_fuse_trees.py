@@ -102,7 +102,9 @@ def test_saved_and_bundled_it_scores_as_fused(fused_project, census_small_data, 
     write_bundle(bundle, builder="emm.fusion.saved:build_from_config", config=meta["architecture"],
                  outputs=meta["tasks"], weights=fused_dir / "fused.safetensors", data_dir=census_small_data)
     scorer = Scorer(bundle)
-    assert isinstance(scorer.model.donors.trees[0], TreeModel)  # rebuilt from its layout: torch alone
+    assert isinstance(scorer.model.donors.trees[0], TreeModel)  # rebuilt from its layout: torch alone can score it
+    for tree in (scorer.model.donors.trees[0], model.donors.trees[0]):  # the checked file, scored by LightGBM here
+        assert tree.native is not None and tree.native.available
     with torch.no_grad():
         assert torch.equal(scorer.model(test.sparse, test.dense), model(test.sparse, test.dense))
     [member] = meta["architecture"]["fused"]["output_members"]

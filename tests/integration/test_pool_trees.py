@@ -126,8 +126,8 @@ def test_tree_model_logits_are_the_boosters_raw_predictions(tree_project, census
     sparse, dense = test.sparse, test.dense.clone()
     dense[::3, [f.name for f in schema.dense].index("age")] = float("nan")  # the learnt missing-value branches
     entry, model = next((e, m) for e, m in load_pool(pool_dir(tree_project), schema) if e.name == name)
-    with torch.no_grad():
-        ours = model(sparse, dense)[:, 0].double().numpy()
+    with torch.no_grad():  # the torch walk (a bundle scored without the library); model() itself calls the library
+        ours = model.walk(model.inputs(sparse, dense))[:, 0].float().double().numpy()
     x = model.inputs(sparse, dense).double().numpy()
     path = pool_dir(tree_project) / entry.weights
     if name == "income-xgb":
@@ -156,9 +156,8 @@ def test_categorical_and_missing_rules_match_lightgbm_on_any_value(census_small_
     x[::3, 0], x[1::3, 1], x[2::3, 2], x[::4, 3] = np.nan, -1, 2.7, 1e9  # category columns
     x[::2, features.index("weeks_worked")] = np.nan
     x[1::2, features.index("age")] = 0.0
-    model.inputs = lambda sparse, dense: torch.tensor(x, dtype=torch.float32)  # the booster's matrix as is
-    with torch.no_grad():
-        ours = model(torch.zeros(len(x), schema.n_sparse, dtype=torch.long), torch.zeros(len(x), 1))
+    with torch.no_grad():  # the walk on the booster's matrix as is
+        ours = model.walk(torch.tensor(x, dtype=torch.float32)).float()
     np.testing.assert_allclose(ours[:, 0].double().numpy(), booster.predict(x, raw_score=True), rtol=0, atol=1e-5)
 
 
