@@ -64,7 +64,8 @@ class BenchmarkProfile(Options):
         "recipe with the default on the seeds it ran")
     recipes: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="name -> fuse settings (overrides of params.yaml `fuse`): extra fused "
-        "models trained on each seed's pool, compared in recipes.md")
+        "models trained on each seed's pool, compared in recipes.md; `members: networks` fuses the pool's networks "
+        "alone (a recipe whose output keeps no donors, `output: tower`, cannot take tree members)")
     numeric: NumericOptions | None = Field(
         default=None, description="the dense-feature encoding of every pool model and baseline alike (the fused "
         "model follows its pool); None = as each pool entry says (minmax unless set)")

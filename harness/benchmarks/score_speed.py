@@ -158,7 +158,7 @@ def unpruned_fused(saved: nn.Module, meta: dict[str, Any], schema: Schema, work_
     initial values. See the module docstring."""
     arch = meta["architecture"]
     model = build_from_config({**arch, "fused": {k: v for k, v in arch["fused"].items() if k != "pruned"}}, schema)
-    for built, loaded in zip(model.donors.trees, saved.donors.trees):
+    for built, loaded in zip(tree_members(model), tree_members(saved)):
         built.native = loaded.native  # tree members score as in the saved model (their library, where installed)
     checkpoint = Path(work_dir) / "checkpoint" / CHECKPOINT
     if checkpoint.is_file():
@@ -194,6 +194,11 @@ def fused_onnx(cfg: Any, dataset: str, model: nn.Module, schema: Schema,
     return tmp / ONNX_FILE, "exported here (no export/ of these fused weights)"
 
 
+def tree_members(fused: nn.Module) -> list[nn.Module]:
+    """The fused model's tree members (none for an output head without donors)."""
+    return list(fused.donors.trees) if getattr(fused, "donors", None) is not None else []
+
+
 class TreesOnly(nn.Module):
     """The fused model's tree members alone, ``[B, n_trees]`` logits: their share of the fused model's time.
     ``walk``: score them by the torch walk (what the ONNX file runs, and a bundle without the library) rather
@@ -201,7 +206,7 @@ class TreesOnly(nn.Module):
 
     def __init__(self, fused: nn.Module, walk: bool) -> None:
         super().__init__()
-        self.trees, self.use_walk = list(fused.donors.trees), walk
+        self.trees, self.use_walk = nn.ModuleList(tree_members(fused)), walk
 
     def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         return torch.cat([t.walk(t.inputs(sparse, dense)).to(dense.dtype) if self.use_walk else t(sparse, dense)
@@ -273,11 +278,11 @@ def main() -> None:
             path, where = fused_onnx(cfg, args.dataset, fused, schema, example, tmp)
             sides |= {"fused torch": torch_side(fused), "fused onnx": onnx_side(tuned_session(path, threads))}
             notes.append(f"fused ONNX file: {where}")
-            if fused.donors.trees:
+            if tree_members(fused):
                 sides |= {TREES: torch_side(TreesOnly(fused, walk=False)),
                           TREES_WALK: torch_side(TreesOnly(fused, walk=True))}
-                notes.append(f"fused model's tree members: {[t.name for t in fused.donors.trees]} "
-                             f"({', '.join(str(t.n_trees) for t in fused.donors.trees)} trees)")
+                notes.append(f"fused model's tree members: {[t.name for t in tree_members(fused)]} "
+                             f"({', '.join(str(t.n_trees) for t in tree_members(fused))} trees)")
             unpruned, trained = unpruned_fused(fused, meta, schema, stage_dir(cfg, args.dataset, "fused-work"))
             if unpruned.pruning != fused.pruning:
                 export_onnx(UnseenGuard(unpruned, schema), tmp / "unpruned.onnx", example)

@@ -4,6 +4,8 @@
 - ``jobs``: one training run each (a pool model, a baseline, LightGBM, a fused variant), run in worker
   processes and cached on disk, so an interrupted benchmark resumes where it stopped;
 - ``runner``: schedules the jobs over the seeds, decomposes each seed's pool, logs to MLflow;
+- ``members``: which of a seed's pool members a fused job fuses (the whole pool, tree members joining at the
+  output, or its networks alone);
 - ``report``: tables (markdown + CSV), plots, the fusion-gate selection heat maps;
 - ``paper``: the published numbers printed beside ours;
 - ``relatedness*``: the planted-relatedness sweep (``emm relatedness``) on the same jobs.

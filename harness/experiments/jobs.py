@@ -5,9 +5,12 @@ Every job trains on the shared ``Trainer`` with early stopping on validation AUC
 test AUC per task. Jobs that train a network also store their per-row scores beside the result json
 (``<result>.test.npy``, float32, [rows, tasks]; pool, fused and LightGBM jobs also ``.val.npy``, which
 the stacks are fitted on; pool models store logits rather than probabilities, which the donor ensemble
-and stack are built from): the report pairs them row by row for
-paired bootstrap CIs. Why worker processes with one torch thread each: the models are small, and two
-single-threaded processes train ~1.7x faster on 2 cores than one process using both (measured).
+and stack are built from, a LightGBM member its margins): the report pairs them row by row for
+paired bootstrap CIs. Decompose and fused jobs run on a view of the seed's pool (``members``: the whole
+pool, tree members joining at the output, or its networks alone), each view in its own folders.
+
+Why worker processes with one torch thread each: the models are small, and two single-threaded processes
+train ~1.7x faster on 2 cores than one process using both (measured).
 """
 
 from __future__ import annotations
@@ -29,17 +32,21 @@ from emm.fusion.options import DecomposeConfig
 from emm.io import atomic_file, digest, inside, read_json, remove_tree, write_json
 from emm.train.lightgbm_row import lightgbm_per_task
 from emm.models.baselines.registry import build_baseline
-from emm.models.pool import PoolEntry
-from emm.models.single_task import ModelSpec, build_model
+from emm.models.pool import PoolEntry, member_spec
+from emm.models.single_task import build_model
+from emm.models.trees import LightGBMSpec, is_tree_spec, load_tree
 from emm.pipeline.decompose import decompose_pool
 from emm.pipeline.fuse import fuse
 from emm.pipeline.params import FuseConfig, PretrainConfig
+from emm.pipeline.pool_trees import member_work_file, train_lightgbm_member
 from emm.pipeline.pretrain import assemble_pool, train_pool_model
 from emm.runtime import set_quiet_env
 from emm.train.options import TrainConfig
 from emm.train.predict import predict_logits, predict_proba
 from emm.train.trainer import Trainer
 from emm.weights import load_module
+
+from harness.experiments.members import view_of
 
 log = logging.getLogger(__name__)
 Kind = Literal["pool", "decompose", "baseline", "lightgbm", "fused", "recipe"]
@@ -143,30 +150,39 @@ def _scores(val: dict, test: dict) -> dict[str, dict[str, float]]:
 
 
 def _run_pool(job: Job, resume: bool) -> dict[str, Any]:
-    spec = ModelSpec.model_validate(job.config["spec"])
+    """A pool member trained as ``emm pretrain`` trains it: a network (its weights) or a built-in LightGBM
+    (its native file, read back as the frozen ``TreeModel`` the fused model runs); both store margins."""
+    spec = member_spec(job.config["spec"])
+    data_dir = Path(job.data_dir)
     work = job.work_dir.parent / "pool-work"
-    entry = train_pool_model(spec, Path(job.data_dir), work, PretrainConfig(train=_train_cfg(job)), resume=resume,
-                             progress=False)
-    schema = Schema.load(Path(job.data_dir))
-    model = build_model(spec, schema)
-    load_module(model, work / spec.name / "weights.safetensors", what=f"pool model {spec.name!r}",
-                fix="delete the benchmark's raw/ folder for this profile and run it again")
+    cfg = PretrainConfig(train=_train_cfg(job))
+    schema = Schema.load(data_dir)
+    if isinstance(spec, LightGBMSpec):
+        entry = train_lightgbm_member(spec, data_dir, work, cfg, resume=resume)
+        model = load_tree(member_work_file(work / spec.name, entry), spec.format, schema, spec.name,
+                          sha256=entry.weights_sha256)  # the file its AUCs were taken on
+    else:
+        entry = train_pool_model(spec, data_dir, work, cfg, resume=resume, progress=False)
+        model = build_model(spec, schema)
+        load_module(model, work / spec.name / "weights.safetensors", what=f"pool model {spec.name!r}",
+                    fix="delete the benchmark's raw/ folder for this profile and run it again")
     eval_batch = _train_cfg(job).eval_batch_size
-    scores = {s: save_scores(job, s, predict_logits(model, load_split(Path(job.data_dir), s, schema), eval_batch))
+    scores = {s: save_scores(job, s, predict_logits(model, load_split(data_dir, s, schema), eval_batch))
               for s in ("val", "test")}
     return {"tasks": {entry.task: {"val_auc": entry.val_auc, "test_auc": entry.test_auc,
                                    "test_logloss": entry.test_logloss}},
             "entry": entry.model_dump(mode="json"), "params": entry.params, "epochs_run": entry.epochs_run,
             "best_epoch": entry.best_epoch, "seconds": entry.seconds,
+            "member": "tree" if is_tree_spec(spec) else "network",
             "scores": scores, "score_kind": "logit", "score_tasks": [entry.task]}
 
 
 def _run_decompose(job: Job, resume: bool) -> dict[str, Any]:
     seed_dir = Path(job.seed_dir)
     entries = [PoolEntry.model_validate(read_json(Path(p))["result"]["entry"]) for p in job.config["pool_results"]]
-    assemble_pool(entries, seed_dir / "work" / "pool-work", seed_dir / "pool",
-                  PretrainConfig(train=_train_cfg(job)))
-    plan, _ = decompose_pool(Path(job.data_dir), seed_dir / "pool", seed_dir / "components",
+    pool_dir, components_dir = view_of(job.config).folders(seed_dir)  # this view's pool results, in its folders
+    assemble_pool(entries, seed_dir / "work" / "pool-work", pool_dir, PretrainConfig(train=_train_cfg(job)))
+    plan, _ = decompose_pool(Path(job.data_dir), pool_dir, components_dir,
                              DecomposeConfig.model_validate(job.config["decompose"]))
     return {"tasks": {}, "levels": plan.num_levels, "report": plan.report()}
 
@@ -201,7 +217,8 @@ def _run_lightgbm(job: Job, resume: bool) -> dict[str, Any]:
 def _run_fused(job: Job, resume: bool) -> dict[str, Any]:
     seed_dir = Path(job.seed_dir)
     cfg = FuseConfig.model_validate(job.config["fuse"])
-    res = fuse(job.dataset, Path(job.data_dir), seed_dir / "pool", seed_dir / "components", job.work_dir / "fused",
+    pool_dir, components_dir = view_of(job.config).folders(seed_dir)
+    res = fuse(job.dataset, Path(job.data_dir), pool_dir, components_dir, job.work_dir / "fused",
                job.work_dir / "train", cfg, DecomposeConfig.model_validate(job.config["decompose"]),
                resume=resume, progress=False)
     schema = Schema.load(Path(job.data_dir))

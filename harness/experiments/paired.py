@@ -24,10 +24,14 @@ import pyarrow.parquet as pq
 from emm.train.compare import ensemble_logits, paired_auc_cis, stack
 from emm.train.metrics import auc
 
+from harness.experiments.members import NETWORKS_EMM, is_tree_result
+
 ENSEMBLE, STACK = "donor ensemble (mean of logits)", "donor stack (logistic regression on validation logits)"
 HYBRID = "hybrid: EMM + LightGBM (stack on validation scores)"
 DONOR_HYBRID = "hybrid: donors + LightGBM (stack on validation scores)"
 EMM, LIGHTGBM = "fused:full", "lightgbm:lightgbm"
+NETWORKS = f"fused:{NETWORKS_EMM}"  # EMM on the pool's networks alone, run when the pool has tree members
+TREE_EMM = "EMM with tree donors"  # EMM's name in Table I when its pool has tree members (they join at the output)
 HYBRID_KEY, DONOR_HYBRID_KEY = "hybrid:emm+lightgbm", "hybrid:donors+lightgbm"
 BUILT = {ENSEMBLE: "donors:ensemble", STACK: "donors:stack", HYBRID: HYBRID_KEY, DONOR_HYBRID: DONOR_HYBRID_KEY}
 N_RESAMPLES, CONFIDENCE, SEED = 1000, 0.95, 0
@@ -37,12 +41,19 @@ N_RESAMPLES, CONFIDENCE, SEED = 1000, 0.95, 0
 class Scores:
     """One task set's per-row scores. ``test[seed][task][key]`` are test-row scores [n] for the model
     ``key`` = ``kind:method`` (``donors:ensemble`` / ``donors:stack`` are built here); ``val_auc[task][key]``
-    the validation AUC of each seed, which is what "best" is chosen by."""
+    the validation AUC of each seed, which is what "best" is chosen by; ``trees``: the keys of the pool's tree
+    members (LightGBM, joining EMM at the output), donors like the networks."""
 
     tasks: list[str]
     y_test: np.ndarray
     test: dict[int, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
     val_auc: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    trees: set[str] = field(default_factory=set)
+
+    @property
+    def emm_name(self) -> str:
+        """What EMM is called in the comparisons: the fused whole pool is "EMM with tree donors" when it has any."""
+        return TREE_EMM if self.trees else "EMM"
 
 
 def _labels(data_dir: str, split: str, tasks: list[str]) -> np.ndarray:
@@ -77,6 +88,8 @@ def collect(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> S
     val: dict[int, dict[str, dict[str, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))  # logits
     for r in scored:
         test, key = _stored(r, "test"), f"{r['kind']}:{r['method']}"
+        if is_tree_result(r):
+            out.trees.add(key)
         val_scores = _stored(r, "val")
         for j, task in enumerate(r["score_tasks"]):
             out.test.setdefault(r["seed"], {}).setdefault(task, {})[key] = test[:, j]
@@ -120,6 +133,7 @@ def donor_aucs(scores: Scores | None) -> dict[str, dict[str, list[float]]]:
 
 @dataclass
 class PairedRow:
+    title: str           # how the comparison reads: "EMM − donor stack", "EMM with tree donors − LightGBM", ...
     comparison: str      # e.g. "best donor by validation AUC"
     subject: str         # the model key on the left of the difference: EMM, or the hybrid
     task: str
@@ -147,8 +161,9 @@ def seed_pairs(scores: Scores, task: str, subject: str, against: str) -> list[tu
 
 
 def paired_rows(scores: Scores | None) -> list[PairedRow]:
-    """EMM − best donor, − donor ensemble, − donor stack, − LightGBM, − best baseline, per task; and the
-    hybrid (EMM + LightGBM) − LightGBM and − the donors' hybrid (donors + LightGBM)."""
+    """EMM − best donor, − donor ensemble, − donor stack, − LightGBM, − best baseline, − EMM on the networks
+    alone (a pool with tree members), per task; and the hybrid (EMM + LightGBM) − LightGBM and − the donors'
+    hybrid (donors + LightGBM). The best donor is chosen among every pool member, tree members included."""
     if scores is None:
         return []
     rows = []
@@ -157,6 +172,7 @@ def paired_rows(scores: Scores | None) -> list[PairedRow]:
                   "donor ensemble": (EMM, "donors:ensemble"), "donor stack": (EMM, "donors:stack"),
                   "LightGBM": (EMM, LIGHTGBM),
                   "best baseline by validation AUC": (EMM, best_key(scores, task, "baseline:")),
+                  "EMM networks only": (EMM, NETWORKS),
                   "hybrid − LightGBM": (HYBRID_KEY, LIGHTGBM),
                   "hybrid − donors' hybrid": (HYBRID_KEY, DONOR_HYBRID_KEY)}
         pairs = {label: found for label, (subject, key) in wanted.items()
@@ -168,15 +184,11 @@ def paired_rows(scores: Scores | None) -> list[PairedRow]:
         for label, ci in cis.items():
             per_seed = [auc(y, a) - auc(y, b) for a, b in pairs[label]]
             subject, against = wanted[label]
-            rows.append(PairedRow(label, subject, task, against, ci["diff"], ci["low"], ci["high"],
+            title = f"{scores.emm_name} − {label}" if subject == EMM else label
+            rows.append(PairedRow(title, label, subject, task, against, ci["diff"], ci["low"], ci["high"],
                                   float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0, len(per_seed),
                                   ci["n_resamples"]))
     return rows
-
-
-def _title(r: PairedRow) -> str:
-    """How a comparison reads: "EMM − donor stack", or the hybrid's own label."""
-    return r.comparison if r.subject != EMM else f"EMM − {r.comparison}"
 
 
 def _name(key: str, display: Mapping[str, str]) -> str:
@@ -199,6 +211,10 @@ def ci_section(rows: list[PairedRow], tasks: list[str], display: Mapping[str, st
              "rather than the first seed's: it is the interval of exactly the number shown and uses every seed. "
              "The bootstrap covers test-row noise only, not training randomness, which the seed std shows. "
              "\"Best\" donor and baseline are chosen by mean validation AUC, never by test AUC."
+             + (f" EMM here is **{TREE_EMM}**: the whole pool fused, each tree member joining its task's blend at "
+                "the output; the best donor is chosen among the networks and the tree members alike (`vs` names "
+                "it), and \"EMM networks only\" is the same recipe fused on the pool's networks alone."
+                if any(r.title.startswith(TREE_EMM) for r in rows) else "")
              + ("" if any(r.comparison == "LightGBM" for r in rows) else
                 " LightGBM has no CI: it was not run in this profile, or its per-row scores were not stored."), "",
              "The hybrid rows compare EMM stacked with LightGBM (a logistic regression on both validation scores) "
@@ -213,7 +229,7 @@ def ci_section(rows: list[PairedRow], tasks: list[str], display: Mapping[str, st
             r = by.get((label, t))
             cells += (["—", "", ""] if r is None else
                       [f"{r.diff:+.5f} [{r.low:+.5f}, {r.high:+.5f}]", f"{r.seed_std:.5f}", _name(r.against, display)])
-        title = _title(next(r for r in rows if r.comparison == label))
+        title = next(r for r in rows if r.comparison == label).title
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -224,13 +240,13 @@ def ci_verdict(rows: list[PairedRow], display: Mapping[str, str]) -> list[str]:
     for r in rows:
         word = "above it" if r.low > 0 else "below it" if r.high < 0 else "not distinguishable at 95%"
         name = _name(r.against, display)
-        out.append(f"- {r.task}: {_title(r)}{f' ({name})' if name else ''} = {r.diff:+.5f}, "
+        out.append(f"- {r.task}: {r.title}{f' ({name})' if name else ''} = {r.diff:+.5f}, "
                    f"95% CI [{r.low:+.5f}, {r.high:+.5f}]: {word}.")
     return out
 
 
 def csv_rows(rows: list[PairedRow], display: Mapping[str, str]) -> list[dict[str, Any]]:
-    return [{"model": _title(r), "kind": "paired_ci", "task": r.task, "seeds": r.seeds,
+    return [{"model": r.title, "kind": "paired_ci", "task": r.task, "seeds": r.seeds,
              "against": _name(r.against, display), "diff": f"{r.diff:.6f}", "ci_low": f"{r.low:.6f}",
              "ci_high": f"{r.high:.6f}", "diff_seed_std": f"{r.seed_std:.6f}", "n_resamples": r.n_resamples}
             for r in rows if not math.isnan(r.diff)]

@@ -18,11 +18,13 @@ from emm.data.schema import Schema
 from emm.fusion.options import ABLATIONS
 
 from harness.experiments import paired, paper
+from harness.experiments.members import NETWORKS_EMM, is_tree_result
 from harness.experiments.plotting import pyplot
 from harness.experiments.selection import write_selection
 
 DISPLAY = {"shared_bottom": "SharedBottom", "mmoe": "MMoE", "ple": "PLE", "aitm": "AITM", "adatt": "AdaTT",
-           "lightgbm": "LightGBM (one per task)", **{a.name: a.label for a in ABLATIONS.values()}}
+           "lightgbm": "LightGBM (one per task)", NETWORKS_EMM: "EMM (fused, networks only)",
+           **{a.name: a.label for a in ABLATIONS.values()}}
 SINGLE_MEAN, BEST_DONOR = "single-task mean", "best single-task donor"
 FEW_POSITIVES = 100  # below this many positive test rows an AUC is too noisy to rank methods
 
@@ -54,9 +56,10 @@ class Cell:
 @dataclass
 class Row:
     name: str
-    kind: str                     # pool | reference | donors | baseline | lightgbm | emm | ablation
+    kind: str                     # pool | tree | reference | donors | baseline | lightgbm | emm | networks | hybrid
     cells: dict[str, Cell]        # task -> test AUC over seeds
     paper_key: str | None = None
+    short: str = ""               # how the verdict names the row ("EMM" for EMM's), else its name
 
 
 def _aucs(results: list[dict[str, Any]], task_set: str, kind: str, method: str) -> dict[str, Cell]:
@@ -77,21 +80,32 @@ def _methods(results: list[dict[str, Any]], task_set: str, kind: str) -> list[st
 
 
 def _donor_summary(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> tuple[Row, Row]:
-    """Per seed, the mean and the best of the pool models of each task; then mean ± std over seeds."""
+    """Per seed, the mean of the pool's networks (the paper's single-task models: a tree member is left out of
+    the Gains' reference) and the best of every pool model of each task; then mean ± std over seeds."""
     per_seed: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    networks: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         if r["task_set"] == task_set and r["kind"] == "pool":
             for task, m in r["tasks"].items():
                 per_seed[r["seed"]][task].append(float(m["test_auc"]))
-    mean_cells = {t: Cell([float(np.mean(s[t])) for s in per_seed.values() if s.get(t)]) for t in tasks}
+                if not is_tree_result(r):
+                    networks[r["seed"]][task].append(float(m["test_auc"]))
+    mean_cells = {t: Cell([float(np.mean(s[t])) for s in networks.values() if s.get(t)]) for t in tasks}
     best_cells = {t: Cell([float(np.max(s[t])) for s in per_seed.values() if s.get(t)]) for t in tasks}
     return Row(SINGLE_MEAN, "reference", mean_cells, "single-task mean"), Row(BEST_DONOR, "reference", best_cells)
+
+
+def tree_members(results: list[dict[str, Any]], task_set: str) -> list[str]:
+    """The pool's tree members (LightGBM, joining EMM at the output) in ``task_set``, in job order."""
+    return list(dict.fromkeys(r["method"] for r in results if r["task_set"] == task_set and is_tree_result(r)))
 
 
 def table1_rows(results: list[dict[str, Any]], task_set: str, tasks: list[str],
                 scores: paired.Scores | None = None) -> list[Row]:
     """``scores``: the task set's stored per-row scores (``paired.collect``), read here when not given."""
-    rows = [Row(m, "pool", _aucs(results, task_set, "pool", m)) for m in _methods(results, task_set, "pool")]
+    trees = tree_members(results, task_set)
+    rows = [Row(m, "tree" if m in trees else "pool", _aucs(results, task_set, "pool", m))
+            for m in _methods(results, task_set, "pool")]
     rows += list(_donor_summary(results, task_set, tasks))
     built = paired.donor_aucs(scores or paired.collect(results, task_set, tasks))
     hybrids = {paired.HYBRID, paired.DONOR_HYBRID}
@@ -101,7 +115,11 @@ def table1_rows(results: list[dict[str, Any]], task_set: str, tasks: list[str],
              for m in _methods(results, task_set, "baseline")]
     if _methods(results, task_set, "lightgbm"):
         rows.append(Row(DISPLAY["lightgbm"], "lightgbm", _aucs(results, task_set, "lightgbm", "lightgbm")))
-    rows.append(Row(DISPLAY["full"], "emm", _aucs(results, task_set, "fused", "full"), "emm"))
+    networks = _aucs(results, task_set, "fused", NETWORKS_EMM)
+    if networks:  # tree members: EMM with them beside the same recipe on the networks alone (the paper's EMM)
+        rows.append(Row(DISPLAY[NETWORKS_EMM], "networks", networks, "emm"))
+    emm = _aucs(results, task_set, "fused", "full")
+    rows.append(Row(paired.TREE_EMM, "emm", emm) if trees else Row(DISPLAY["full"], "emm", emm, "emm", short="EMM"))
     rows += [Row(name, "hybrid", {t: Cell(v) for t, v in built[name].items()})  # not neural-only: reported apart
              for name in (paired.DONOR_HYBRID, paired.HYBRID) if built.get(name)]
     return rows
@@ -138,7 +156,7 @@ def write_table1(dataset: str, rows: list[Row], tasks: list[str], header: str, o
     lines = [f"# Table I: {dataset}", "", header, "",
              "Test AUC, mean ± sample std over seeds. Gain = AUC − single-task mean (the paper's definition). "
              "`paper` = the paper's Table I. The donor ensemble and stack are built per seed from that seed's "
-             "pool models.", "",
+             "pool models.", "", *trees_note(rows),
              "| model | " + " | ".join(f"{t} AUC | {t} Gain | {t} paper" for t in tasks) + " | mean AUC |",
              "|---|" + "---:|---:|---:|" * len(tasks) + "---:|"]
     csv_rows = []
@@ -149,7 +167,7 @@ def write_table1(dataset: str, rows: list[Row], tasks: list[str], header: str, o
             if cell is None:
                 cells += ["—", "", ""]
                 continue
-            gain = None if row.kind in ("pool", "reference") else cell.mean - ref.cells[t].mean
+            gain = None if row.kind in ("pool", "tree", "reference") else cell.mean - ref.cells[t].mean
             p = paper.table1(row.paper_key, dataset, t) if row.paper_key else None
             cells += [cell.text(), _fmt(gain, sign=True), _fmt(p)]
             csv_rows.append({"model": row.name, "kind": row.kind, "task": t, "auc_mean": _fmt(cell.mean),
@@ -168,30 +186,45 @@ def write_table1(dataset: str, rows: list[Row], tasks: list[str], header: str, o
     return md, csv_path
 
 
+def trees_note(rows: list[Row]) -> list[str]:
+    """What Table I's EMM rows are when the pool has tree members (nothing without them)."""
+    trees = [r.name for r in rows if r.kind == "tree"]
+    if not trees:
+        return []
+    return [f"Tree members {', '.join(f'`{t}`' for t in trees)} (LightGBM, `arch: lightgbm`, trained on each seed "
+            "as `emm pretrain` trains them) cannot be cut: they join the fused model at the output, each one more "
+            f"donor in its task's blend. **{paired.TREE_EMM}** fuses the whole pool; **{DISPLAY[NETWORKS_EMM]}** is "
+            "the same recipe on the pool's networks alone (the paper's EMM: its `paper` column). The single-task mean, "
+            "the Gains' reference, is the networks' (the paper's single-task models); the best donor, the donor "
+            "ensemble and the donor stack take the tree members too.", ""]
+
+
 def verdict(rows: list[Row], tasks: list[str]) -> list[str]:
     """Plain sentences: does EMM beat every baseline, its best donor, LightGBM? By how much, if not?"""
     emm = next((r for r in rows if r.kind == "emm"), None)
     if emm is None or not emm.cells:
         return ["EMM did not produce a result."]
     out = ["## Verdict", ""]
+    who = emm.short or emm.name
     emm_mean = _mean_over_tasks(emm, tasks)
     for r in rows:
         if r.kind in ("baseline", "lightgbm"):
             diff = emm_mean - _mean_over_tasks(r, tasks)
             per_task = ", ".join(f"{t} {emm.cells[t].mean - r.cells[t].mean:+.5f}" for t in tasks if t in r.cells)
             word = "beats" if diff > 0 else "loses to"
-            out.append(f"- EMM {word} {r.name} on the mean of the tasks by {abs(diff):.5f} ({per_task}).")
+            out.append(f"- {who} {word} {r.name} on the mean of the tasks by {abs(diff):.5f} ({per_task}).")
     donor = next(r for r in rows if r.name == BEST_DONOR)
     for t in tasks:
         diff = emm.cells[t].mean - donor.cells[t].mean
-        out.append(f"- {t}: EMM is {'above' if diff >= 0 else 'below'} its best single-task donor by {abs(diff):.5f}.")
+        side = "above" if diff >= 0 else "below"
+        out.append(f"- {t}: {who} is {side} its best single-task donor by {abs(diff):.5f}.")
     return out
 
 
 def table2_seeds(results: list[dict[str, Any]], task_set: str) -> list[int]:
     """The seeds every Table II variant ran on (a profile may run the ablations on fewer seeds than EMM):
     the table compares the variants on these alone, so a gain is never a difference of seed sets."""
-    variants = _methods(results, task_set, "fused")
+    variants = [a for a in _methods(results, task_set, "fused") if a in ABLATIONS]
     ran = [{r["seed"] for r in results if r["task_set"] == task_set and r["kind"] == "fused" and r["method"] == a}
            for a in variants]
     return sorted(set.intersection(*ran)) if ran else []
@@ -201,13 +234,15 @@ def write_table2(dataset: str, results: list[dict[str, Any]], task_set: str, tas
                  out_dir: Path) -> Path:
     ablations = [a for a in ABLATIONS if a in _methods(results, task_set, "fused")]
     seeds = table2_seeds(results, task_set)
-    every_seed = sorted({r["seed"] for r in results if r["task_set"] == task_set and r["kind"] == "fused"})
+    every_seed = sorted({r["seed"] for r in results if r["task_set"] == task_set and r["kind"] == "fused"
+                         and r["method"] in ABLATIONS})
     on_seeds = [r for r in results if r["seed"] in seeds]
     cells = {a: _aucs(on_seeds, task_set, "fused", a) for a in ablations}
     base = cells.get("baseline")
     seed_note = ([f"**Seeds {', '.join(map(str, seeds))} only** (the profile's `ablation_seeds`): every variant on "
                   f"the same seeds, so EMM's row here is not Table I's mean over {len(every_seed)} seeds.", ""]
                  if seeds != every_seed else [])
+    names = {**DISPLAY, "full": paired.TREE_EMM} if tree_members(results, task_set) else DISPLAY
     lines = [f"# Table II: ablation, {dataset}", "", header, "", *seed_note,
              "baseline = the fused architecture with random, trainable components and no MTM; +MTM adds the "
              "attention; +p uses the trained, frozen pool components without MTM; EMM = both. Gain = AUC − "
@@ -222,7 +257,7 @@ def write_table2(dataset: str, results: list[dict[str, Any]], task_set: str, tas
             c = cells[a].get(t, Cell([]))
             gain = None if base is None or a == "baseline" else c.mean - base[t].mean
             row += [c.text(), _fmt(gain, sign=True), _fmt(paper.table2(a, dataset, t))]
-        lines.append(f"| {DISPLAY[a]} | " + " | ".join(row) + " |")
+        lines.append(f"| {names[a]} | " + " | ".join(row) + " |")
     path = out_dir / "table2.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -235,7 +270,8 @@ def plot_table1(rows: list[Row], tasks: list[str], path: Path, title: str) -> Pa
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 0.42 * len(rows) + 1.6), squeeze=False)
     colors = {"pool": "#adb5bd", "reference": "#6c757d", "donors": "#495057", "baseline": "#4c6ef5",
-              "lightgbm": "#2b8a3e", "emm": "#d9480f", "hybrid": "#e8590c"}
+              "lightgbm": "#2b8a3e", "tree": "#8ce99a", "emm": "#d9480f", "networks": "#ffa94d",
+              "hybrid": "#e8590c"}
     for ax, task in zip(axes[0], tasks):
         shown = [r for r in rows if task in r.cells and r.cells[task].n]
         means = [r.cells[task].mean for r in shown]
@@ -257,7 +293,7 @@ def plot_table1(rows: list[Row], tasks: list[str], path: Path, title: str) -> Pa
 
 
 def figure3_rows(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> list[Row]:
-    rows = [r for r in table1_rows(results, task_set, tasks) if r.kind != "pool" and r.name != BEST_DONOR]
+    rows = [r for r in table1_rows(results, task_set, tasks) if r.kind not in ("pool", "tree") and r.name != BEST_DONOR]
     return [r for r in rows if r.cells]
 
 

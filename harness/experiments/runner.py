@@ -1,7 +1,9 @@
 """Schedule the benchmark's jobs over worker processes, reuse finished ones, log everything to MLflow.
 
 The job graph per task set and seed: pool models -> decompose (assemble ``pool/``, cut components) ->
-fused variants (Table II ablations; ``full`` is EMM). Baselines and LightGBM depend on nothing. The
+fused variants (Table II ablations; ``full`` is EMM). A pool with tree members (``arch: lightgbm``) is fused
+whole (the trees join at the output) and, for Table I's "EMM (fused, networks only)", on its networks alone:
+two views of the pool (``members``), each decomposed by a job of its own. Baselines and LightGBM depend on nothing. The
 scheduler keeps ``workers`` jobs in flight and always starts the ready job on the critical path first
 (decompose, then fused, then pool models), so the long fused trainings do not queue behind baselines.
 """
@@ -22,6 +24,7 @@ from emm.errors import EMMError
 from emm.fusion.options import ABLATIONS
 from emm.models.external import parse_member
 from emm.models.single_task import ModelSpec
+from emm.models.trees import LightGBMSpec
 from emm.pipeline.layout import stage_tracker
 from emm.pipeline.params import FuseConfig
 from emm.pipeline.pool_specs import default_pool, with_numeric
@@ -29,6 +32,8 @@ from emm.runtime import cpu_cores
 
 from harness.experiments.data import prepare_task_set, task_set_key
 from harness.experiments.jobs import PRIORITY, Job, cached_result, describe, init_worker, run_job
+from harness.experiments.members import (NETWORKS_EMM, VIEWS, WHOLE, PoolView, check_recipes, job_config, resolve,
+                                         split_recipe)
 from harness.experiments.recipes import write_recipes
 from harness.experiments.report import write_reports
 from harness.params import BASELINE_NAMES, BenchmarkProfile, HarnessParams, load_harness_params
@@ -63,12 +68,14 @@ def benchmark_pool(dataset: str, cfg: HarnessParams, schema: Schema) -> list[dic
     return configured + (default_pool(missing, spine) if missing else [])
 
 
-def parse_builtin(raw: dict[str, Any], where: str) -> ModelSpec:
-    """A benchmark pool entry, checked like ``emm pretrain`` checks it (name, fields), built-in only."""
+def parse_builtin(raw: dict[str, Any], where: str) -> ModelSpec | LightGBMSpec:
+    """A benchmark pool entry, checked like ``emm pretrain`` checks it (name, fields), built-in only: a network
+    or a LightGBM (``arch: lightgbm``, joining the fused model at the output)."""
     member = parse_member(raw, where)
-    if not isinstance(member, ModelSpec):
+    if not isinstance(member, (ModelSpec, LightGBMSpec)):
         raise EMMError(f"{where} ({member.name!r}) is an outside model; the benchmark trains every pool member "
-                       "itself on each seed, so its pool takes built-in entries (`arch:`) only")
+                       "itself on each seed, so its pool takes built-in entries (`arch:`, `arch: lightgbm` "
+                       "included) only")
     return member
 
 
@@ -104,8 +111,8 @@ def plan_jobs(dataset: str, cfg: HarnessParams, prof: BenchmarkProfile, data_dir
         ablations = [a for a in ABLATIONS if a in prof.ablations or a == "full"] if is_main else ["full"]
         specs = [parse_builtin(with_numeric(s, cfg.pretrain), f"pretrain.pool.{dataset}[{i}]")
                  for i, s in enumerate(benchmark_pool(dataset, cfg, schema))]
-        if prof.numeric:  # the profile's encoding for every model alike
-            specs = [s.model_copy(update={"numeric": prof.numeric}) for s in specs]
+        if prof.numeric:  # the profile's encoding for every model alike (a tree reads the dense values as they are)
+            specs = [s.model_copy(update={"numeric": prof.numeric}) if isinstance(s, ModelSpec) else s for s in specs]
         encoding = prof.numeric or cfg.pretrain.numeric
         # minmax is every builder's default: left out, so baseline jobs keep the signatures they had before it existed
         numeric = {"numeric": encoding.model_dump(mode="json")} if encoding.mode != "minmax" else {}
@@ -117,27 +124,45 @@ def plan_jobs(dataset: str, cfg: HarnessParams, prof: BenchmarkProfile, data_dir
             pool_jobs = [Job("pool", s.name, config={"spec": s.model_dump(mode="json"),
                                                       "train": train_cfg(cfg.pretrain.train, seed)}, **common)
                          for s in specs]
-            decompose = Job("decompose", "pool", config={
-                "pool_results": [str(j.result_path) for j in pool_jobs], "train": train_cfg(cfg.pretrain.train, seed),
-                "decompose": cfg.decompose.model_dump(mode="json")}, needs=tuple(j.key for j in pool_jobs), **common)
-            fused = [Job("fused", ab, config={
-                "fuse": fuse_job_config(cfg.fuse.model_copy(update={"ablation": ab, "train": cfg.fuse.train.model_copy(
-                    update=train_cfg(cfg.fuse.train, seed))})),
-                "decompose": cfg.decompose.model_dump(mode="json")}, needs=(decompose.key,), **common)
-                for ab in seed_ablations]
+            decomposes: dict[str, Job] = {}  # one per view of the pool the seed's fused jobs read
+
+            def decompose(view: PoolView) -> Job:
+                if view.name not in decomposes:
+                    kept = [j for j, s in zip(pool_jobs, specs) if view.keeps(s)]
+                    decomposes[view.name] = Job("decompose", view.decompose_method, config={
+                        "pool_results": [str(j.result_path) for j in kept],
+                        "train": train_cfg(cfg.pretrain.train, seed),
+                        "decompose": cfg.decompose.model_dump(mode="json"), **job_config(view)},
+                        needs=tuple(j.key for j in kept), **common)
+                return decomposes[view.name]
+
+            def fused_job(kind: str, method: str, fuse: FuseConfig, view: PoolView) -> Job:
+                return Job(kind, method, needs=(decompose(view).key,), config={
+                    "fuse": fuse_job_config(fuse), "decompose": cfg.decompose.model_dump(mode="json"),
+                    **job_config(view)}, **common)
+
+            whole = VIEWS[WHOLE]
+            seed_fuse = cfg.fuse.model_copy(update={"train": cfg.fuse.train.model_copy(
+                update=train_cfg(cfg.fuse.train, seed))})
+            fused = [fused_job("fused", ab, seed_fuse.model_copy(update={"ablation": ab}), whole)
+                     for ab in seed_ablations]
+            networks = resolve("networks", specs, f"pretrain.pool.{dataset}")
+            if is_main and networks is not whole:  # tree members: EMM with them (above) and on the networks alone
+                fused.append(fused_job("fused", NETWORKS_EMM, seed_fuse.model_copy(update={"ablation": "full"}),
+                                       networks))
             others = [Job("baseline", b, config={"train": train_cfg(cfg.pretrain.train, seed), "kwargs": {**(
                 size if b != "shared_bottom" else {"tower": size["tower"]}), **numeric}}, **common)
                       for b in baselines]
             if is_main:
-                others += [Job("recipe", name, config={
-                    "fuse": fuse_job_config(FuseConfig.model_validate({**cfg.fuse.model_dump(mode="json"), **overrides,
-                                                                       "train": {**train_cfg(cfg.fuse.train, seed),
-                                                                                 **overrides.get("train", {})}})),
-                    "decompose": cfg.decompose.model_dump(mode="json")}, needs=(decompose.key,), **common)
-                    for name, overrides in seed_recipes.items()]
+                for name, settings in seed_recipes.items():
+                    members, overrides = split_recipe(name, settings)
+                    fuse = FuseConfig.model_validate({**cfg.fuse.model_dump(mode="json"), **overrides,
+                                                      "train": {**train_cfg(cfg.fuse.train, seed),
+                                                                **overrides.get("train", {})}})
+                    others.append(fused_job("recipe", name, fuse, resolve(members, specs, f"recipe {name!r}")))
             if prof.lightgbm:
                 others.append(Job("lightgbm", "lightgbm", config={"threads": 1}, **common))
-            jobs += [*pool_jobs, decompose, *fused, *others]
+            jobs += [*pool_jobs, *decomposes.values(), *fused, *others]
     return jobs
 
 
@@ -221,6 +246,7 @@ def run_benchmark(dataset: str, params: Path | str | None = None, *, config: Pat
     cfg = load_harness_params(params, config)
     profile = profile or cfg.benchmark.profile
     prof = cfg.benchmark.pick(profile)
+    check_recipes(prof.recipes)
     spec = resolve_dataset(dataset, cfg.datasets)
     out_dir = output_dir(cfg, dataset, profile)
     work = cfg.benchmark.out / dataset / "raw" / cfg.benchmark.store(profile)

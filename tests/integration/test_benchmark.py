@@ -5,6 +5,7 @@ Figure 3, the selection heat map and one MLflow parent run, and a second run reu
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from sklearn.metrics import roc_auc_score
 from emm.data.schema import Schema
 from emm.data.tensors import load_split
 from emm.errors import EMMError
+from emm.io import read_json
 from emm.models.baselines.registry import build_baseline
+from harness.experiments.members import NETWORKS_EMM
 from harness.params import BASELINE_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,9 +55,9 @@ def test_each_baseline_loss_falls_on_real_rows(name: str, census_small_data: Pat
 
 
 def tiny_project(tmp_path: Path, census_small_raw: Path, extra_profiles: dict | None = None,
-                 **profile_overrides) -> tuple[Path, Path]:
-    """A params.yaml pointing every output into tmp_path, and a harness config beside it with a 2-seed tiny
-    benchmark profile: (params, config)."""
+                 trees: list[dict] | None = None, **profile_overrides) -> tuple[Path, Path]:
+    """A params.yaml pointing every output into tmp_path (``trees``: tree members added to its pool), and a harness
+    config beside it with a 2-seed tiny benchmark profile: (params, config)."""
     raw_root = tmp_path / "raw"
     raw_root.mkdir(parents=True)
     (raw_root / "census-income").symlink_to(census_small_raw)
@@ -65,8 +68,9 @@ def tiny_project(tmp_path: Path, census_small_raw: Path, extra_profiles: dict | 
         "pretrain": {"train": {"batch_size": 512, "max_epochs": 2, "lr": 0.01}, "pool": {"census-income": [
             {"name": "income-mlp", "task": "income", "arch": "mlp", **small},
             {"name": "income-dcn", "task": "income", "arch": "dcn", "cross_layers": 1, **small},
-            {"name": "marital-mlp", "task": "marital", "arch": "mlp", **small}]}},
-        "fuse": {"train": {"batch_size": 512, "max_epochs": 2, "lr": 0.01}},  # tiny data: few steps
+            {"name": "marital-mlp", "task": "marital", "arch": "mlp", **small}, *(trees or [])]}},
+        "fuse": {"train": {"batch_size": 512, "max_epochs": 2, "lr": 0.01},  # tiny data: few steps
+                 **({"output": "donor_residual"} if trees else {})},  # tree members join a donor head's blend
     }
     harness = {
         "benchmark": {"out": str(tmp_path / "results"), "workers": 2, "profile": "tiny", "profiles": {"tiny": {
@@ -221,20 +225,31 @@ def check_donor_rows_and_paired_cis(run, out: Path, table1: str, rows: list[dict
 
 def test_emm_benchmark_quick_is_the_harness_command_on_emms_cli(tmp_path: Path, census_small_raw: Path) -> None:
     """`emm benchmark DATASET --quick` reaches the harness through emm's CLI (the `emm.commands` entry point):
-    --quick runs the config's `quick` profile into results/<dataset>/quick/; an old params file that still
-    carries the `benchmark:` section is refused with where it went."""
+    --quick runs the config's `quick` profile into results/<dataset>/quick/, here on a pool with a LightGBM member
+    (Table I's "EMM with tree donors" beside EMM on the networks alone, with their paired CIs); an old params file
+    that still carries the `benchmark:` section is refused with where it went."""
     from typer.testing import CliRunner
 
     from emm.cli import app
 
     quick = {"seeds": [1], "raw_rows": 3000, "max_epochs": 1, "baselines": ["mmoe"], "ablations": ["full"],
-             "lightgbm": False}
-    params, config = tiny_project(tmp_path, census_small_raw, extra_profiles={"quick": quick})
+             "lightgbm": True}
+    params, config = tiny_project(tmp_path, census_small_raw, extra_profiles={"quick": quick},
+                                  trees=[{"name": "income-lgbm", "task": "income", "arch": "lightgbm"}])
     out = CliRunner().invoke(app, ["benchmark", "census-income", "--quick", "--no-track", "--params", str(params),
                                    "--config", str(config)])
     assert out.exit_code == 0, out.output
-    assert "| **EMM (fused)** |" in out.output and "| MMoE |" in out.output
+    for row in ["**EMM with tree donors**", "EMM (fused, networks only)", "income-lgbm", "MMoE",
+                "EMM with tree donors − EMM networks only", "EMM with tree donors − LightGBM",
+                "EMM with tree donors − best donor by validation AUC"]:
+        assert f"| {row} |" in out.output, row
     assert (tmp_path / "results" / "census-income" / "quick" / "table1.md").exists()
+    seed = tmp_path / "results" / "census-income" / "raw" / "quick" / "income+marital" / "seed-1"
+    assert (seed / "pool" / "income-lgbm.txt").is_file() and not (seed / "pool-networks" / "income-lgbm.txt").exists()
+    fused = read_json(seed / "work" / "fused-full" / "fused" / "fused.json")
+    alone = read_json(seed / "work" / f"fused-{NETWORKS_EMM}" / "fused" / "fused.json")
+    assert "income-lgbm" in fused["blend_init"]["income"]  # the tree is one more column of income's donor blend
+    assert "income-lgbm" not in json.dumps(alone)
 
     old = tmp_path / "old-params.yaml"
     old.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()), **yaml.safe_load(config.read_text())}))
