@@ -33,6 +33,7 @@ from emm.fusion.options import DecomposeConfig
 from emm.io import read_json, sha256_file
 from emm.models.pool import PortableSpec, build_member, member_spec
 from emm.models.single_task import ModelSpec
+from emm.models.tree_native import NativeScorer
 from emm.models.trees import load_tree
 from emm.weights import load_module
 
@@ -95,6 +96,20 @@ def save_output_files(model: FusedModel, source_dir: Path, folder: Path) -> None
     for member in model.output_members:
         shutil.copyfile(Path(source_dir) / member["file"], Path(folder) / member["file"])
         output_file(folder, member)
+
+
+def attach_output_files(model: FusedModel, folder: Path) -> None:
+    """Each kept tree member scores from its native file in ``folder`` (its sha256 the recorded one) through its
+    library where installed (``emm.models.tree_native``).
+
+    Why not ``check_output_files`` here: rebuilding every forest from its file to compare tensors costs seconds
+    per booster, which a served bundle pays at every start. With the library the file is what scores, and the
+    file is pinned; the tensors only score where the library is absent."""
+    for j, member in enumerate(model.output_members):
+        path = output_file(folder, member)  # every file the bundle lists, pruned or not, is the recorded one
+        if model.donor_names.index(member["name"]) in model.donors.kept:  # a pruned tree does not run
+            tree = model.donors.trees[j]
+            tree.native = NativeScorer.from_file(path, member["format"], tree.features if tree.named else None)
 
 
 def check_output_files(model: FusedModel, folder: Path, schema: Schema) -> None:

@@ -174,9 +174,9 @@ class Scorer:
         self.model = builder(config, self.schema)
         load_module(self.model, folder / "weights.safetensors", what="logged model", fix="log the model again")
         if getattr(self.model, "output_members", []):  # a fused model's trees: their files unchanged, scored by
-            from emm.fusion.saved import check_output_files  # their library where installed (emm.models.tree_native)
+            from emm.fusion.saved import attach_output_files  # their library where installed (emm.models.tree_native)
 
-            check_output_files(self.model, folder, self.schema)
+            attach_output_files(self.model, folder)
         self.model.eval()
         self.outputs = outputs
 

@@ -18,8 +18,8 @@ def repo_copy(tmp_path, census_small_raw) -> Path:
     dst = dvc_project(tmp_path / "repo", census_small_raw)
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["pretrain"]["train"].update(max_epochs=2, lr=0.005, batch_size=512)
-    for spec in params["pretrain"]["pool"]["census-income"]:
-        spec["hidden"] = [16, 8, 4]
+    for spec in params["pretrain"]["pool"]["census-income"]:  # the default pool, small: networks and trees
+        spec.update({"rounds": 30, "early_stop": 5} if spec["arch"] == "lightgbm" else {"hidden": [16, 8, 4]})
     params["tracking"]["log_models"] = False
     params["compress"].update(flops_per_row=20_000)  # the stage runs; its size and length are not what is tested
     params["compress"]["train"].update(max_epochs=2, batch_size=512)
