@@ -228,7 +228,8 @@ def ci_section(rows: list[PairedRow], tasks: list[str], display: Mapping[str, st
         for t in tasks:
             r = by.get((label, t))
             cells += (["—", "", ""] if r is None else
-                      [f"{r.diff:+.5f} [{r.low:+.5f}, {r.high:+.5f}]", f"{r.seed_std:.5f}", _name(r.against, display)])
+                      [f"{r.diff:+.5f} [{r.low:+.5f}, {r.high:+.5f}]", f"{r.seed_std:.5f}" if r.seeds > 1 else "— (1 seed)",
+                       _name(r.against, display)])
         title = next(r for r in rows if r.comparison == label).title
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return lines + [""]

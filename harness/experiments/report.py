@@ -314,6 +314,10 @@ def write_figure3(dataset: str, results: list[dict[str, Any]], task_sets: dict[s
             lines.append(f"| {r.name} | " + " | ".join(r.cells[t].text() if t in r.cells else "—" for t in tasks)
                          + f" | {_fmt(_mean_over_tasks(r, tasks))} |")
         lines.append("")
+        pairs = paired.paired_rows(paired.collect(results, ts, tasks))
+        if pairs:  # the same bars as Table I's, on this task set's seeds and test rows
+            lines += [("#" + line if line.startswith("## ") else line)
+                      for line in paired.ci_section(pairs, tasks, DISPLAY)]
         for j in range(width):
             ax = axes[i][j]
             if j >= len(tasks):

@@ -59,13 +59,37 @@ def output_dir(cfg: HarnessParams, dataset: str, profile: str) -> Path:
 
 
 def benchmark_pool(dataset: str, cfg: HarnessParams, schema: Schema) -> list[dict[str, Any]]:
-    """The configured pool for the tasks it covers, plus two default models for any task it does not
-    (the 3- and 4-task runs add tasks the 2-task pool has no model for)."""
-    configured = [s for s in cfg.pretrain.pool.get(dataset, []) if s["task"] in schema.task_names]
+    """The configured pool for the tasks it covers, plus, for any task it does not (the 3- and 4-task runs add
+    tasks the 2-task pool has no model for), two default networks and a copy of each of the configured pool's
+    tree kinds (``tree_kinds``): a pool given LightGBM donors keeps them on every task of Figure 3."""
+    everything = cfg.pretrain.pool.get(dataset, [])
+    configured = [s for s in everything if s["task"] in schema.task_names]
     covered = {s["task"] for s in configured}
     missing = [t for t in schema.task_names if t not in covered]
+    if not missing:
+        return configured
     spine = next((s["hidden"] for s in configured if s.get("hidden")), None)  # share layers with the rest
-    return configured + (default_pool(missing, spine) if missing else [])
+    kinds = tree_kinds(everything)
+    return configured + default_pool(missing, spine) + [
+        {**settings, "name": f"{task}-{suffix}", "task": task} for task in missing for suffix, settings in kinds]
+
+
+def tree_kinds(pool: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The configured pool's built-in tree entries (``arch: lightgbm``) as (name suffix, settings), one per distinct
+    setting: ``income-lgbm-codes`` -> ``("lgbm-codes", {arch: lightgbm, categorical: false})``. A name that does
+    not start with its task is used whole as the suffix."""
+    kinds: dict[str, tuple[str, dict[str, Any]]] = {}
+    for entry in pool:
+        if not (isinstance(entry, dict) and entry.get("arch") == "lightgbm"):
+            continue
+        settings = {k: v for k, v in entry.items() if k not in ("name", "task")}
+        name, task = str(entry["name"]), str(entry["task"])
+        suffix = name[len(task) + 1:] if name.startswith(task + "-") else name
+        key = repr(sorted(settings.items()))
+        if key not in kinds:
+            used = {s for s, _ in kinds.values()}
+            kinds[key] = (suffix if suffix not in used else f"{suffix}-{len(kinds) + 1}", settings)
+    return list(kinds.values())
 
 
 def parse_builtin(raw: dict[str, Any], where: str) -> ModelSpec | LightGBMSpec:
@@ -147,7 +171,7 @@ def plan_jobs(dataset: str, cfg: HarnessParams, prof: BenchmarkProfile, data_dir
             fused = [fused_job("fused", ab, seed_fuse.model_copy(update={"ablation": ab}), whole)
                      for ab in seed_ablations]
             networks = resolve("networks", specs, f"pretrain.pool.{dataset}")
-            if is_main and networks is not whole:  # tree members: EMM with them (above) and on the networks alone
+            if networks is not whole:  # tree members: EMM with them (above) and on the networks alone
                 fused.append(fused_job("fused", NETWORKS_EMM, seed_fuse.model_copy(update={"ablation": "full"}),
                                        networks))
             others = [Job("baseline", b, config={"train": train_cfg(cfg.pretrain.train, seed), "kwargs": {**(

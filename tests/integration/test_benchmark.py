@@ -120,6 +120,11 @@ def test_tiny_benchmark_writes_tables_plots_and_one_mlflow_parent(tmp_path: Path
 
     figure3 = (out / "figure3.md").read_text()
     assert "3 tasks: income, marital, sex" in figure3 and "| MMoE |" in figure3 and "| EMM (fused) |" in figure3
+    # each task set's own paired CIs (its seed, its test rows), after its table: EMM against its best donor and MMoE
+    three = figure3.split("## 3 tasks", 1)[1]
+    assert "### EMM against the bars it must clear: paired 95% CIs" in three
+    assert "| EMM − best donor by validation AUC | " in three and "| sex diff [95% CI] |" in three
+    assert "— (1 seed)" in three  # one seed has no seed spread: said, not printed as 0
     selection = (out / "selection.md").read_text()
     assert "| sex picks" in selection or "sex picks" in selection
     for png in ["table1.png", "figure3.png", "selection.png"]:

@@ -72,3 +72,46 @@ def test_an_unknown_members_view_is_refused_before_any_work(tmp_path: Path, cens
     assert not (tmp_path / "results").exists()
     with pytest.raises(EMMError, match="outside model"):  # a tree file is trained once, not per seed: refused
         parse_builtin({"name": "income-file", "task": "income", "lightgbm": "m.txt"}, "pretrain.pool.x[0]")
+
+
+def test_figure3_task_sets_give_their_new_tasks_the_pools_tree_kinds(census_small_data: Path, census_three_task_schema,
+                                                                     tmp_path: Path) -> None:
+    """A task the 2-task pool has no model for (Figure 3's sex) gets two default networks and a copy of each
+    LightGBM kind of the configured pool (categories, integer codes), and EMM on the networks alone beside EMM."""
+    three = tmp_path / "three"  # planning reads a task set's schema only
+    census_three_task_schema.save(three)
+    cfg = load_harness_params(REPO / "params.yaml")  # the repo's default pool: two LightGBM kinds per task
+    prof = BenchmarkProfile.model_validate({"seeds": [1, 2], "baselines": [], "ablations": ["full"],
+                                            "task_sets": {"census-income": [["income", "marital", "sex"]]},
+                                            "task_set_methods": [], "lightgbm": True})
+    jobs = plan_jobs("census-income", cfg, prof, {MAIN: census_small_data, "income+marital+sex": three}, MAIN,
+                     tmp_path / "raw")
+    extra = {(j.kind, j.method): j for j in jobs if j.task_set == "income+marital+sex"}
+    assert {j.seed for j in jobs if j.task_set == "income+marital+sex"} == {1}  # task_set_seeds: the first seed
+    sex = {m: j.config["spec"] for (k, m), j in extra.items() if k == "pool" and m.startswith("sex-")}
+    assert set(sex) == {"sex-mlp", "sex-dcn", "sex-lgbm", "sex-lgbm-codes"}, sex
+    assert sex["sex-lgbm"]["arch"] == sex["sex-lgbm-codes"]["arch"] == "lightgbm"
+    assert sex["sex-lgbm"]["categorical"] is not False and sex["sex-lgbm-codes"]["categorical"] is False
+    assert sex["sex-lgbm"]["task"] == "sex"
+    assert ("fused", "full") in extra and ("fused", NETWORKS_EMM) in extra and ("lightgbm", "lightgbm") in extra
+    assert extra[("fused", NETWORKS_EMM)].config["members"] == "networks"
+    # the 2-task set plans what it plans without the extra task sets: its finished jobs are reused
+    alone = plan_jobs("census-income", cfg, prof.model_copy(update={"task_sets": {}}), {MAIN: census_small_data},
+                      MAIN, tmp_path / "raw")
+    assert {j.key: j.signature("d") for j in alone} == {
+        j.key: j.signature("d") for j in jobs if j.task_set == MAIN}
+
+
+def test_tree_kinds_are_distinct_settings_under_distinct_names() -> None:
+    from harness.experiments.runner import tree_kinds
+
+    pool = [{"name": "income-mlp", "task": "income", "arch": "mlp", "hidden": [8]},
+            {"name": "income-lgbm", "task": "income", "arch": "lightgbm"},
+            {"name": "marital-lgbm", "task": "marital", "arch": "lightgbm"},  # the same kind: once
+            {"name": "marital-lgbm-codes", "task": "marital", "arch": "lightgbm", "categorical": False},
+            {"name": "my-trees", "task": "income", "arch": "lightgbm", "rounds": 50},  # no task prefix: whole name
+            {"name": "sex-lgbm", "task": "sex", "arch": "lightgbm", "learning_rate": 0.1}]  # "lgbm" is taken
+    assert tree_kinds(pool) == [("lgbm", {"arch": "lightgbm"}),
+                                ("lgbm-codes", {"arch": "lightgbm", "categorical": False}),
+                                ("my-trees", {"arch": "lightgbm", "rounds": 50}),
+                                ("lgbm-4", {"arch": "lightgbm", "learning_rate": 0.1})]
