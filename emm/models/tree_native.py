@@ -6,7 +6,8 @@ LightGBM's or XGBoost's own C++ predictor on the same rows. Every stage that sco
 fuse stage's epochs, evaluate, compress's soft targets, ``emm predict``, REST) runs where the library is
 usually installed, so there the member's margins come from the library, reading the same native file whose
 sha256 the pool and the fused model pin. The walk stays the definition the library is checked against
-(``check_tree``), what ONNX export and torch.fx see, and the fallback wherever the library is absent.
+(``check_tree``), what torch.fx sees (ONNX export writes each member as a TreeEnsemble node built from the same
+tensors, ``emm.models.tree_onnx``), and the fallback wherever the library is absent.
 
 The two agree to float32 rounding of the margin (the library sums leaf values in double; the walk sums them in
 float64 too, then both are cast to the batch's dtype), which ``tests/unit/test_tree_native.py`` checks.

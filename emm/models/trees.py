@@ -240,7 +240,8 @@ class TreeModel(nn.Module):
 
     def walk(self, x: Tensor) -> Tensor:
         """The logits ``[B, 1]`` (float64) of the booster's input matrix ``x`` by walking the trees in torch: the
-        definition the library's own predictions are checked against (``check_tree``), and what export traces."""
+        definition the library's own predictions are checked against (``check_tree``), and the rule the ONNX export's
+        TreeEnsemble nodes are built to (``emm.models.tree_onnx``)."""
         code = torch.nan_to_num(x, nan=-1.0, posinf=-1.0, neginf=-1.0).clamp(-1.0, MAX_CODE).trunc() + 1
         x = torch.cat([x, torch.nan_to_num(x, nan=0.0), code], dim=1)
         node = self.roots + torch.zeros_like(x[:, :1], dtype=torch.long)  # [B, T], shape-free for torch.fx

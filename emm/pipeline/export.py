@@ -26,10 +26,10 @@ table, onnxruntime fails). ``UnseenGuard`` maps every index outside its column's
 (``offset_j .. offset_j + vocab_size_j - 1``) to that column's unseen index, ``offset_j``, which is what the
 encoder does with a value it never saw; in-range indices pass unchanged, so torch's scores still hold.
 
-Tree members (LightGBM, XGBoost) export with the rest: their ``TreeModel`` walk is plain tensor operations over
-the node arrays (gathers, comparisons, ``where`` on uint8 branches: ONNX Runtime has no ``Where`` over bools), one
-step per tree level, with the leaf values summed in float64 as in torch; so the file needs neither library and the
-same agreement check holds it (``tests/integration/test_fuse_trees.py``).
+Tree members (LightGBM, XGBoost) are not traced: each becomes one ``ai.onnx.ml`` ``TreeEnsemble`` node built from
+its ``TreeModel``'s own tensors (``emm.models.tree_onnx``: the walk's rule, NaN/zero/categorical codes included, the
+leaves summed in double), spliced into the graph torch exported around it. onnxruntime scores it natively, so the
+file is fast, needs neither library, and the same agreement check holds it (``tests/integration/test_fuse_trees.py``).
 
 On disk: ``artifacts/<dataset>/export/`` (atomic) with ``fused.onnx`` (its metadata names the tasks, the
 input columns and the schema fingerprint) and ``export.json`` (the check, the opset, where it came from).
@@ -58,6 +58,7 @@ from emm.data.tensors import SplitTensors, load_split
 from emm.errors import EMMError
 from emm.fusion.saved import FUSED_JSON, FUSED_WEIGHTS, load_fused
 from emm.io import atomic_dir, digest, provenance, read_json, sha256_file, write_json
+from emm.models.tree_onnx import DESCRIPTION as TREES_AS, splice_trees, trees_as_inputs
 from emm.models.trees import TreeModel
 from emm.pipeline.layout import stage_dir
 from emm.pipeline.params import load_params
@@ -122,25 +123,26 @@ def export_onnx(model: nn.Module, path: Path, example: tuple[torch.Tensor, torch
         raise EMMError(f"the export example needs at least 2 rows, got {len(sparse)}")
     batch = torch.export.Dim("batch")
     model.eval()
-    # onnxscript's optimizer pattern-matches every node against its rewrite rules: on a tree member's walk,
-    # unrolled into hundreds of thousands of nodes, that takes minutes and gains nothing onnxruntime's own graph
-    # optimisations at session load do not; networks alone keep it
-    has_trees = any(isinstance(m, TreeModel) for m in model.modules())
     # torch.onnx warns about every torchvision op it cannot register; onnxscript's optimizer logs each rewrite
     noisy = [logging.getLogger(n) for n in ("torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir")]
     levels = [n.level for n in noisy]
     for logger in noisy:
         logger.setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
+    try:  # tree members leave the trace as graph inputs/outputs, then join as TreeEnsemble nodes (splice_trees)
+        with torch.no_grad(), warnings.catch_warnings(), trees_as_inputs(model) as trees:
             warnings.simplefilter("ignore", (FutureWarning, UserWarning))  # the exporter's own deprecation notes
-            program = torch.onnx.export(model, (sparse, dense), dynamo=True, input_names=list(INPUTS),
-                                        output_names=[OUTPUT], dynamic_shapes=({0: batch}, {0: batch}),
-                                        optimize=not has_trees, verbose=False)
+            logits, tree_inputs = trees.names() if trees is not None else ([], [])
+            args = (sparse, dense, *(trees.example(len(sparse)) if trees is not None else ()))
+            shapes = ({0: batch}, {0: batch}, *([tuple({0: batch} for _ in logits)] if logits else []))  # *logits
+            program = torch.onnx.export(trees if trees is not None else model, args, dynamo=True,
+                                        input_names=[*INPUTS, *logits], output_names=[OUTPUT, *tree_inputs],
+                                        dynamic_shapes=shapes, verbose=False)
     finally:
         for logger, level in zip(noisy, levels):
             logger.setLevel(level)
     proto = program.model_proto
+    if trees is not None:
+        splice_trees(proto, trees)
     if metadata:
         onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto)
@@ -215,6 +217,9 @@ def export_checked(model: nn.Module, schema: Schema, rows: SplitTensors, path: P
                 "emm.dense_columns": ",".join(f.name for f in schema.dense),
                 "emm.schema_fingerprint": schema.fingerprint(), "emm.outputs": "logits (apply a sigmoid)",
                 "emm.sparse_out_of_range": "scored as the column's unseen index (its offset)"}
+    trees = [m.name for m in model.modules() if isinstance(m, TreeModel)]
+    if trees:
+        metadata["emm.trees"] = f"{','.join(trees)}: {TREES_AS}"
     opset = export_onnx(UnseenGuard(model, schema), path, (rows.sparse[:64], rows.dense[:64]), metadata=metadata)
     check = compare(model, onnx_session(path), rows.sparse, rows.dense)
     if not agrees(check):
@@ -226,6 +231,7 @@ def export_checked(model: nn.Module, schema: Schema, rows: SplitTensors, path: P
             "inputs": {INPUTS[0]: ["batch", schema.n_sparse, "int64"], INPUTS[1]: ["batch", schema.n_dense, "float32"]},
             "output": {OUTPUT: ["batch", len(tasks), "float32"]}, "tasks": list(tasks),
             "sparse_out_of_range": "unseen",  # UnseenGuard: scored as the column's unseen index
+            **({"trees": {"members": trees, "as": TREES_AS}} if trees else {}),
             "schema_fingerprint": schema.fingerprint(),
             "check": {"rows": len(rows), **check, "atol": LOGIT_ATOL, "rtol": RTOL, "probability_atol": TOLERANCE},
             "torch": torch.__version__, "onnxruntime": _onnx()[1].__version__}

@@ -345,8 +345,8 @@ def report(n: int, enc: float, med: dict[str, float], outputs: dict[str, Any], n
     if TREES in med:
         lib, walk = med[TREES], med[TREES_WALK]
         print(f"fused's tree members: {lib / med['fused torch']:.0%} of the fused model's torch time (scored by their "
-              f"library); by the torch walk (the ONNX graph, a bundle without the library) {walk / lib:.1f}x slower "
-              f"than by the library, {walk / med['fused onnx']:.0%} of the fused ONNX time")
+              f"library); by the torch walk (a bundle without the library) {walk / lib:.1f}x slower "
+              "than by the library")
     if "unpruned" in extra:
         fused, unpruned, trained, meta = extra["unpruned"]
         cost, full = model_cost(fused, *probe), model_cost(unpruned, *probe)

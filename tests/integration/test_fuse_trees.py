@@ -10,6 +10,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -22,6 +23,7 @@ from emm.errors import EMMError
 from emm.fusion.saved import FUSED_JSON, load_fused
 from emm.io import read_json, sha256_file, write_json
 from emm.models.pool import pool_digest, read_pool
+from emm.models.tree_onnx import DESCRIPTION as TREES_AS
 from emm.models.trees import TreeModel
 from emm.pipeline.decompose import fused_pool
 from emm.tracking.pyfunc import Scorer, write_bundle
@@ -121,6 +123,9 @@ def test_the_fused_model_with_a_tree_exports_to_onnx(fused_project):
     stage("export", fused_project, "--no-log")
     record = read_json(art(fused_project) / "export" / "export.json")
     assert record["check"]["bound_used"] <= 1 and record["check"]["rows"] > 100
+    assert record["trees"] == {"members": ["marital-lgbm"], "as": TREES_AS}
+    kinds = [n.op_type for n in onnx.load(str(art(fused_project) / "export" / "fused.onnx")).graph.node]
+    assert kinds.count("TreeEnsemble") == 1  # the tree as onnxruntime's own node, not the walk traced
 
 
 def test_a_changed_tree_file_is_refused_with_the_file_named(fused_project, census_small_data, tmp_path):
