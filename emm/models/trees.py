@@ -349,20 +349,6 @@ def load_tree(path: Path, fmt: str, schema: Schema, name: str, *, sha256: str | 
     return model
 
 
-def library_margins(path: Path, fmt: str, x: np.ndarray, features: list[str] | None) -> np.ndarray | None:
-    """The library's own raw scores of ``x`` (the booster's columns, float64), or None when the library is not
-    installed (XGBoost is optional: the JSON is read without it)."""
-    if fmt == "lightgbm":
-        import lightgbm as lgb
-
-        return lgb.Booster(model_file=str(path)).predict(x, raw_score=True)
-    try:
-        import xgboost as xgb
-    except ImportError:
-        return None
-    return xgb.Booster(model_file=str(path)).predict(xgb.DMatrix(x, feature_names=features), output_margin=True)
-
-
 @torch.no_grad()
 def check_tree(model: TreeModel, path: Path, sparse: Tensor, dense: Tensor) -> None:
     """Run the member on real rows and hold its logits against the library's own predictions of the same rows
@@ -372,11 +358,12 @@ def check_tree(model: TreeModel, path: Path, sparse: Tensor, dense: Tensor) -> N
         raise EMMError(f"pool model {model.name!r}: {path} gave {list(out.shape)} logits, "
                        f"{int((~torch.isfinite(out)).sum())} not finite, for {sparse.shape[0]} validation rows")
     x = model.inputs(sparse, dense).double().numpy()
-    raw = library_margins(Path(path), model.format, x, model.features if model.named else None)
-    if raw is None:
-        log.info("pool model %r: xgboost is not installed, so its logits were not compared with XGBoost's own",
-                 model.name)
+    scorer = model.native or NativeScorer.from_file(Path(path), model.format, model.features if model.named else None)
+    if not scorer.available:  # XGBoost is optional: its JSON is read without it
+        log.info("pool model %r: %s is not installed, so its logits were not compared with its own",
+                 model.name, model.format)
         return
+    raw = np.asarray(scorer.margins(x), dtype=np.float64).reshape(-1)
     ours, theirs = out[:, 0].double().numpy(), raw * model.sigmoid
     off = np.abs(ours - theirs) > TOLERANCE * np.maximum(1.0, np.abs(theirs))
     if off.any():
