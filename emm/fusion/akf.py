@@ -21,7 +21,8 @@ MTM (eqs. 4-6)
     components were trained on. V ends in a ReLU only when every component of the level ends in one
     (non-negative activations); otherwise (e.g. the signed embedding level) V is linear, because a
     ReLU would throw away half of the signal. Without MTM (ablations ``baseline``/``+pretrained``)
-    ``z^t = h^t`` and there is no fusion gate.
+    ``z^t = h^t`` and there is no fusion gate. A linear V is applied once, to ``sum_w c_w w``: the same ``z^t``
+    (V is affine and the ``c_w`` sum to 1, so gradients agree too) at half the cost of V on both members.
 
 Gate inputs ``g`` (what the caller passes; see ``emm.fusion.fused``)
     At level k >= 1 task t's gate input is its own input to the level, ``z^t`` of level k-1 (the
@@ -87,7 +88,10 @@ class MultiTaskMerge(nn.Module):
         queries = self.scoring.queries(self.q, own, pair)  # [B, 1 or 2, d]
         scores = (queries * keys).sum(-1) / math.sqrt(self.qkv_dim)  # [B, 2]
         c = torch.softmax(scores, dim=-1)
-        z = (c.unsqueeze(-1) * self.v(pair)).sum(dim=1)
+        if type(self.v[1]) is nn.Identity:  # V affine, c sums to 1: V(c-mix) is the c-mix of V, for half V's work
+            z = self.v(torch.einsum("bp,bpw->bw", c, pair))
+        else:
+            z = (c.unsqueeze(-1) * self.v(pair)).sum(dim=1)
         return z, c
 
 

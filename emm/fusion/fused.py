@@ -44,6 +44,8 @@ Pruned (``emm.fusion.prune``): the model ``fuse`` saves leaves out what adds exa
 tower whose last layer is exactly 0, and then possibly the whole AKF stack; donors no blend weighs) and computes
 AKF level 0 once for itself and the donors when those are the same modules. ``pruning`` says what; the config
 records it, and ``from_config`` rebuilds exactly that architecture. A pruned model scores; it is not trained.
+A whole model, in training, also computes AKF level 0 once for itself and the donors, for as long as the two are
+provably the same frozen modules (``emm.fusion.shared``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from emm.fusion.plan_parts import (check_levels, check_tasks, embedding_only_lev
                                    level_components)
 from emm.fusion.prune import Dropped, Pruning, apply_pruning
 from emm.fusion.recipes import ATTENTIONS, ENTRIES, FUSION_GATES, OUTPUTS, Attention, FusionGate
+from emm.fusion.shared import Level0Sharing
 from emm.models.embedding import FeatureEmbedding
 from emm.models.single_task import Tower
 from emm.models.trees import TreeModel
@@ -129,6 +132,7 @@ class FusedModel(nn.Module):
                                                    **joins).items():
             setattr(self, name, module)
         self.pruning = Pruning()  # nothing left out: ``emm.fusion.prune`` sets what a saved model leaves out
+        self.level0_sharing = Level0Sharing()  # level 0 computed once for itself and the donors while it may be
 
     def _level(self, plan: Plan, k: int, gate: FusionGate, attention: Attention) -> AKFLevel:
         """Plan level k fused: its components as the ablation wants them, gated on the previous level's output
@@ -148,7 +152,7 @@ class FusedModel(nn.Module):
         if not self.levels:  # pruned: no task keeps a residual, so no AKF work changes a score
             return self.output_head.logits(self, dense.new_zeros(dense.shape[0], len(self.task_names)), sparse, dense)
         inputs, gates = self.entry.start(self.embedding, self.replaces_level0, len(self.task_names), sparse, dense)
-        level0 = self.levels[0].raw_outputs(inputs) if self.pruning.shared_level0 else None
+        level0 = self.levels[0].raw_outputs(inputs) if self._shares_level0() else None
         zs: list[Tensor] = []
         for k, level in enumerate(self.levels):
             zs = level(inputs, gates, raw=level0 if k == 0 else None)
@@ -159,6 +163,13 @@ class FusedModel(nn.Module):
         if level0 is None:
             return self.output_head.logits(self, out, sparse, dense)
         return self.output_head.logits(self, out, sparse, dense, level0)  # a donor head (``prune.level0_shareable``)
+
+    def _shares_level0(self) -> bool:
+        """Whether the donors take AKF level 0's outputs this forward: for good in a pruned model that says so, and
+        in a whole one while the two are provably one frozen computation (``emm.fusion.shared``)."""
+        if not self.pruning.empty:
+            return self.pruning.shared_level0
+        return self.level0_sharing.holds(self)
 
     def donor_logits(self, sparse: Tensor, dense: Tensor) -> Tensor:
         """``[B, n_models]``: every donor's own logit (``output="donor_residual"`` or ``"cross_residual"`` only;
