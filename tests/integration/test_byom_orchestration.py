@@ -55,12 +55,15 @@ def tiny_params(base: dict, t, trees, artifacts: str | None = None) -> dict:
 
 
 def test_dvc_repro_fuses_a_mixed_pool(trained_rechub, outside, census_small_raw, user_code, tmp_path):
+    """``dvc repro evaluate``: raw rows to the registered fused model. Why not the stages after it (export,
+    compress): the Prefect test below runs them on this same mixed pool, and tests/integration/test_dvc.py
+    runs them under ``dvc repro``; here they would only add their time."""
     repo = dvc_project(tmp_path / "repo", census_small_raw)
     params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), trained_rechub, outside)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = dvc_env(PYTHONPATH=f"{repo}:{user_code}")
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = dvc(["repro"], repo, env=env, timeout=800)
+    done = dvc(["repro", "evaluate"], repo, env=env, timeout=800)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     for stage in ("pretrain", "decompose", "fuse", "evaluate"):
         assert f"Running stage '{stage}'" in done.stdout

@@ -34,7 +34,8 @@ from emm.train.compact import build_from_config
 from emm.train.predict import predict_proba
 from emm.weights import load_module
 from tests.conftest import write_head
-from tests.integration.test_mlflow_ui_promote import DATASET, MODEL, emm, tiny_registry  # noqa: F401 (fixture)
+from tests.integration.cli_here import run_cli
+from tests.integration.test_mlflow_ui_promote import DATASET, MODEL, tiny_registry  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # end to end through the CLI on a registry the CLI built
 BUDGET = 20_000
@@ -59,7 +60,7 @@ def compressed(tiny_registry):  # noqa: F811 (fixture)
     profile["compress"] = COMPRESS
     params = reg.project / "compress.yaml"
     params.write_text(yaml.safe_dump(profile))
-    said = " ".join(emm(["compress", DATASET, "--params", str(params)], reg.env, reg.project, timeout=600).split())
+    said = run_cli(["compress", DATASET, "--params", str(params)], reg.project)  # in process: see cli_here.py
     art = reg.project / "artifacts" / "tiny" / DATASET
     client = mlflow.MlflowClient(tracking_uri=reg.uri, registry_uri=reg.uri)
     return SimpleNamespace(reg=reg, params=params, said=said, art=art, record=read_json(art / "compact" / COMPACT_JSON),

@@ -20,6 +20,8 @@ def repo_copy(tmp_path, census_small_raw) -> Path:
     params["pretrain"]["train"].update(max_epochs=2, lr=0.005, batch_size=512)
     for spec in params["pretrain"]["pool"]["census-income"]:  # the default pool, small: networks and trees
         spec.update({"rounds": 30, "early_stop": 5} if spec["arch"] == "lightgbm" else {"hidden": [16, 8, 4]})
+    # fusion as short as pretraining: how many epochs the fused model trains (up to 30, by the pool) is not tested
+    params["fuse"]["train"].update(max_epochs=2, batch_size=512)
     params["tracking"]["log_models"] = False
     params["compress"].update(flops_per_row=20_000)  # the stage runs; its size and length are not what is tested
     params["compress"]["train"].update(max_epochs=2, batch_size=512)

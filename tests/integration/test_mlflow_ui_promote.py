@@ -66,6 +66,7 @@ def build_tiny_registry(project: Path, census_small_raw: Path) -> Registry:
     """``emm-census-income`` versions 1 (fusion seed 2026) and 2 (seed 2027, @challenger), built by the CLI in
     ``project``."""
     from emm.tracking.store import tracking_uri
+    from tests.integration.cli_here import run_cli
 
     venv_bin = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
@@ -77,13 +78,15 @@ def build_tiny_registry(project: Path, census_small_raw: Path) -> Registry:
     params2 = project / "tiny-seed2.yaml"
     params2.write_text(yaml.safe_dump(second))
     p1, p2 = ["--params", str(params)], ["--params", str(params2)]
-    emm(["ingest", DATASET, "--raw-dir", str(census_small_raw), *p1], env, project)
-    emm(["pretrain", DATASET, *p1], env, project)
-    emm(["decompose", DATASET, *p1], env, project)
-    emm(["fuse", DATASET, *p1], env, project)
-    assert "version 1 (alias challenger)" in emm(["evaluate", DATASET, *p1], env, project)
-    emm(["fuse", DATASET, *p2], env, project)
-    assert "version 2 (alias challenger)" in emm(["evaluate", DATASET, *p2], env, project)
+    # the CLI's own app in this process (tests.integration.cli_here: the stages' imports are paid once, not per
+    # call); `env` stays what a served or UI process of this registry gets
+    run_cli(["ingest", DATASET, "--raw-dir", str(census_small_raw), *p1], project)
+    run_cli(["pretrain", DATASET, *p1], project)
+    run_cli(["decompose", DATASET, *p1], project)
+    run_cli(["fuse", DATASET, *p1], project)
+    assert "version 1 (alias challenger)" in run_cli(["evaluate", DATASET, *p1], project)
+    run_cli(["fuse", DATASET, *p2], project)
+    assert "version 2 (alias challenger)" in run_cli(["evaluate", DATASET, *p2], project)
     store = project / "artifacts" / "tiny" / "mlruns"
     with pytest.MonkeyPatch.context() as mp:  # the CLI ran without MLFLOW_TRACKING_URI: so does this rule
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
