@@ -69,6 +69,7 @@ from emm.fusion.recipes import ATTENTIONS, ENTRIES, FUSION_GATES, OUTPUTS, Atten
 from emm.fusion.shared import Level0Sharing
 from emm.models.embedding import FeatureEmbedding
 from emm.models.single_task import Tower
+from emm.models.tree_native import traced
 from emm.models.trees import TreeModel
 
 FUSED_FORMAT = "emm.fused/2"
@@ -152,7 +153,7 @@ class FusedModel(nn.Module):
         if not self.levels:  # pruned: no task keeps a residual, so no AKF work changes a score
             return self.output_head.logits(self, dense.new_zeros(dense.shape[0], len(self.task_names)), sparse, dense)
         inputs, gates = self.entry.start(self.embedding, self.replaces_level0, len(self.task_names), sparse, dense)
-        level0 = self.levels[0].raw_outputs(inputs) if self._shares_level0() else None
+        level0 = self.levels[0].raw_outputs(inputs) if self._shares_level0(sparse, dense) else None
         zs: list[Tensor] = []
         for k, level in enumerate(self.levels):
             zs = level(inputs, gates, raw=level0 if k == 0 else None)
@@ -164,11 +165,15 @@ class FusedModel(nn.Module):
             return self.output_head.logits(self, out, sparse, dense)
         return self.output_head.logits(self, out, sparse, dense, level0)  # a donor head (``prune.level0_shareable``)
 
-    def _shares_level0(self) -> bool:
+    def _shares_level0(self, sparse: Tensor, dense: Tensor) -> bool:
         """Whether the donors take AKF level 0's outputs this forward: for good in a pruned model that says so, and
-        in a whole one while the two are provably one frozen computation (``emm.fusion.shared``)."""
+        in a whole one while the two are provably one frozen computation (``emm.fusion.shared``). Not while a whole
+        model is traced or exported: the proof reads tensor values, which a tracer cannot, and the unshared forward
+        is the same computation."""
         if not self.pruning.empty:
             return self.pruning.shared_level0
+        if traced(sparse, dense):
+            return False
         return self.level0_sharing.holds(self)
 
     def donor_logits(self, sparse: Tensor, dense: Tensor) -> Tensor:

@@ -166,3 +166,13 @@ def test_mtm_applies_a_linear_v_once_to_the_mix(value_relu, attention):
     assert rows[0] == (66 if value_relu else 33)  # a linear V: one row per batch row, not one per pair member
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)  # the same function: float64 rounding apart
+
+
+def test_a_whole_model_whose_level0_is_shared_still_exports(pool2: Pool) -> None:
+    """torch.export (what ONNX export and ``score_speed``'s unpruned side run) cannot read tensor values, which the
+    sharing proof does: while tracing, the whole model computes level 0 unshared, the same function."""
+    model = moved(pool2).eval()
+    x = batch(8, seed=3)
+    assert model.level0_sharing.holds(model)  # shared in eager mode
+    program = torch.export.export(model, x)
+    assert torch.allclose(program.module()(*x), model(*x), atol=ATOL)
