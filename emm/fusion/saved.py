@@ -20,6 +20,7 @@ tensors are not the ones its file gives (``check_output_files``), so what scores
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from emm.io import read_json, sha256_file
 from emm.models.pool import PortableSpec, build_member, member_spec
 from emm.models.single_task import ModelSpec
 from emm.models.tree_native import NativeScorer
-from emm.models.trees import load_tree
+from emm.models.trees import TreeModel, load_tree
 from emm.weights import load_module
 
 FUSED_JSON, FUSED_WEIGHTS = "fused.json", "fused.safetensors"
@@ -98,6 +99,14 @@ def save_output_files(model: FusedModel, source_dir: Path, folder: Path) -> None
         output_file(folder, member)
 
 
+def kept_trees(model: FusedModel) -> Iterator[tuple[dict[str, Any], TreeModel]]:
+    """Each tree member the model runs, with its module: a pruned one's blend weight is 0 everywhere, so it does
+    not run and nothing is attached to it."""
+    for j, member in enumerate(model.output_members):
+        if model.donor_names.index(member["name"]) in model.donors.kept:
+            yield member, model.donors.trees[j]
+
+
 def attach_output_files(model: FusedModel, folder: Path) -> None:
     """Each kept tree member scores from its native file in ``folder`` (its sha256 the recorded one) through its
     library where installed (``emm.models.tree_native``).
@@ -105,24 +114,19 @@ def attach_output_files(model: FusedModel, folder: Path) -> None:
     Why not ``check_output_files`` here: rebuilding every forest from its file to compare tensors costs seconds
     per booster, which a served bundle pays at every start. With the library the file is what scores, and the
     file is pinned; the tensors only score where the library is absent."""
-    for j, member in enumerate(model.output_members):
-        path = output_file(folder, member)  # every file the bundle lists, pruned or not, is the recorded one
-        if model.donor_names.index(member["name"]) in model.donors.kept:  # a pruned tree does not run
-            tree = model.donors.trees[j]
-            tree.native = NativeScorer.from_file(path, member["format"], tree.features if tree.named else None)
+    # every file the bundle lists, pruned or not, is the recorded one
+    paths = {member["name"]: output_file(folder, member) for member in model.output_members}
+    for member, tree in kept_trees(model):
+        tree.native = NativeScorer.from_file(paths[member["name"]], member["format"],
+                                             tree.features if tree.named else None)
 
 
 def check_output_files(model: FusedModel, folder: Path, schema: Schema) -> None:
     """Each kept tree member's loaded tensors (and layout) are those its native file in ``folder`` gives: the
     state dict cannot score another tree than the file it carries."""
-    if not model.output_members:
-        return
-    for j, member in enumerate(model.output_members):
-        loaded = model.donors.trees[j]
-        if model.donor_names.index(member["name"]) not in model.donors.kept:
-            continue  # pruned: its blend weight is 0 everywhere, it does not run
-        path = output_file(folder, member)
-        built = load_tree(path, member["format"], schema, member["name"], sha256=member["sha256"])
+    for member, loaded in kept_trees(model):
+        path = output_file(folder, member)  # its sha256 checked here, so load_tree need not hash it again
+        built = load_tree(path, member["format"], schema, member["name"])
         same = built.layout() == loaded.layout() and all(
             torch.equal(t, loaded.state_dict()[k]) for k, t in built.state_dict().items())
         if not same:

@@ -292,8 +292,10 @@ def plot_table1(rows: list[Row], tasks: list[str], path: Path, title: str) -> Pa
     return path
 
 
-def figure3_rows(results: list[dict[str, Any]], task_set: str, tasks: list[str]) -> list[Row]:
-    rows = [r for r in table1_rows(results, task_set, tasks) if r.kind not in ("pool", "tree") and r.name != BEST_DONOR]
+def figure3_rows(results: list[dict[str, Any]], task_set: str, tasks: list[str],
+                 scores: paired.Scores | None = None) -> list[Row]:
+    rows = [r for r in table1_rows(results, task_set, tasks, scores)
+            if r.kind not in ("pool", "tree") and r.name != BEST_DONOR]
     return [r for r in rows if r.cells]
 
 
@@ -307,14 +309,15 @@ def write_figure3(dataset: str, results: list[dict[str, Any]], task_sets: dict[s
     width = max(len(t) for t in task_sets.values())
     fig, axes = plt.subplots(len(task_sets), width, figsize=(3.6 * width, 3.4 * len(task_sets)), squeeze=False)
     for i, (ts, tasks) in enumerate(task_sets.items()):
-        rows = figure3_rows(results, ts, tasks)
+        scores = paired.collect(results, ts, tasks)  # read once: the rows and the paired CIs below
+        rows = figure3_rows(results, ts, tasks, scores)
         lines += [f"## {len(tasks)} tasks: {', '.join(tasks)}", "",
                   "| model | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
         for r in rows:
             lines.append(f"| {r.name} | " + " | ".join(r.cells[t].text() if t in r.cells else "—" for t in tasks)
                          + f" | {_fmt(_mean_over_tasks(r, tasks))} |")
         lines.append("")
-        pairs = paired.paired_rows(paired.collect(results, ts, tasks))
+        pairs = paired.paired_rows(scores)
         if pairs:  # the same bars as Table I's, on this task set's seeds and test rows
             lines += [("#" + line if line.startswith("## ") else line)
                       for line in paired.ci_section(pairs, tasks, DISPLAY)]
